@@ -1,0 +1,93 @@
+"""The base class every check family derives from.
+
+A check is framework-free: it receives an :class:`~callbacks.events.EventContext`, returns findings, and never
+mutates the model, optimizer, RNG state or checkpoint files. Its persistent state (what it recorded at earlier
+events) round-trips through :meth:`Check.state_dict` / :meth:`Check.load_state_dict` as plain picklable data,
+so it is saved and restored with trainer checkpoints.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict
+
+from callbacks.events import EventContext
+from callbacks.findings import Finding
+
+
+class CheckConfig(BaseModel):
+    """Options common to every check: ``enabled``. Unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    enabled: bool = True
+
+
+class Check:
+    """One family of checks. Subclasses set :attr:`name`, :attr:`Config`, and override ``on_<event>``.
+
+    ``on_<event>(ctx)`` returns an iterable of findings; the default returns none. Use :meth:`finding` to
+    build findings: it fills in the event, step and check name.
+    """
+
+    #: the key of this family in the recipe's ``checks:`` section
+    name: ClassVar[str] = ""
+    #: pydantic model of this family's options
+    Config: ClassVar[type[CheckConfig]] = CheckConfig
+
+    def __init__(self, config: CheckConfig | None = None, *, monitor_options: dict[str, Any] | None = None):
+        self.config = config if config is not None else self.Config()
+        #: options the engine passes to every check (e.g. ``declare_ties``)
+        self.monitor_options = dict(monitor_options or {})
+
+    # -- dispatch ---------------------------------------------------------------------------------------------
+    def run(self, ctx: EventContext) -> list[Finding]:
+        """Run this check's handler for ``ctx.event`` and return its findings."""
+        handler = getattr(self, f"on_{ctx.event}", None)
+        if handler is None:
+            return []
+        return list(handler(ctx) or ())
+
+    def on_init(self, ctx: EventContext) -> Iterable[Finding]:
+        """Model ready, before the first step."""
+        return ()
+
+    def on_step(self, ctx: EventContext) -> Iterable[Finding]:
+        """Around an optimizer step (``ctx.phase``)."""
+        return ()
+
+    def on_checkpoint(self, ctx: EventContext) -> Iterable[Finding]:
+        """A checkpoint was written or is about to be."""
+        return ()
+
+    def on_load(self, ctx: EventContext) -> Iterable[Finding]:
+        """State was loaded or is about to be."""
+        return ()
+
+    def on_merge(self, ctx: EventContext) -> Iterable[Finding]:
+        """Adapters were merged or unmerged."""
+        return ()
+
+    def on_end(self, ctx: EventContext) -> Iterable[Finding]:
+        """Training finished."""
+        return ()
+
+    # -- helpers ----------------------------------------------------------------------------------------------
+    def finding(self, code: str, ctx: EventContext, *, params: Iterable[str] = (), message: str, hint: str,
+                **details: Any) -> Finding:
+        """Build a :class:`Finding` at ``ctx``'s event and step, attributed to this check."""
+        return Finding.make(code, event=ctx.event, step=ctx.step, params=params, message=message, hint=hint,
+                            check=self.name, **details)
+
+    def report_section(self) -> dict[str, Any] | None:
+        """Extra JSON-ready data this check adds to the report (e.g. the tie map); ``None`` for nothing."""
+        return None
+
+    # -- state ------------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Picklable state recorded so far (restored on resume). Plain Python data only."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned."""

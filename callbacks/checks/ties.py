@@ -1,0 +1,238 @@
+"""Tie integrity: expected ties hold at init, recorded ties stay, checkpoints do not conflict with ties.
+
+Functions hold the logic (framework-free); :class:`TieCheck` is the thin stateful class the engine runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+from pydantic import Field, field_validator
+from torch import nn
+
+from callbacks.checks.base import Check, CheckConfig
+from callbacks.errors import ConfigError
+from callbacks.events import EventContext
+from callbacks.findings import Finding
+from callbacks.primitives.checkpoints import read_tensors
+from callbacks.primitives.naming import named_parameters_all, storage_key, user_name
+from callbacks.primitives.tiemap import ExpectedTie, TieMap, build_tie_map, hf_expected_ties, normalise_declared
+
+
+class TiesConfig(CheckConfig):
+    """Recipe section ``checks.ties``: ``declare`` (groups of names that must share one tensor), ``every_n_steps``."""
+
+    declare: list[list[str]] = Field(default_factory=list)
+    every_n_steps: int = Field(1, ge=1)
+
+    @field_validator("declare")
+    @classmethod
+    def _groups_have_two_names(cls, value: list[list[str]]) -> list[list[str]]:
+        for group in value:
+            if len(set(group)) < 2:
+                raise ValueError(f"each tie group needs at least two different names, got {group}")
+        return value
+
+
+HINTS = {
+    "config": ("the model's config promises this tie (tie_word_embeddings / _tied_weights_keys): call "
+               "model.tie_weights() after loading or replacing the head, or set tie_word_embeddings=False in "
+               "the config if separate weights are intended"),
+    "declared": ("re-tie after materialising or loading (to_empty() and load_state_dict(assign=True) give each "
+                 "name its own Parameter): assign the shared Parameter again, e.g. `model.output.weight = "
+                 "model.tok_embeddings.weight`"),
+    "recorded": ("something replaced one side of a tie during training (a new nn.Parameter, a "
+                 "load_state_dict(assign=True), a module swap); re-tie, or if intended, declare the model untied"),
+}
+
+
+def tie_values_equal(params: Sequence[torch.Tensor]) -> bool | None:
+    """Whether tensors hold equal values (None when they cannot be compared: meta, shape or dtype differ)."""
+    first = params[0]
+    if any(p.device.type == "meta" for p in params):
+        return None
+    for other in params[1:]:
+        if other.shape != first.shape or other.dtype != first.dtype:
+            return None
+        if not torch.equal(first.detach().cpu(), other.detach().cpu()):
+            return False
+    return True
+
+
+def raw_names(model: nn.Module) -> dict[str, str]:
+    """user name -> raw name (the first raw name seen), for fetching parameters again by name."""
+    out: dict[str, str] = {}
+    for raw, name, _ in named_parameters_all(model):
+        out.setdefault(name, raw)
+    return out
+
+
+def fetch(model: nn.Module, raw: str) -> torch.Tensor | None:
+    """The parameter under ``raw`` now, or None if that name no longer exists."""
+    try:
+        return model.get_parameter(raw)
+    except AttributeError:
+        return None
+
+
+def broken_ties(model: nn.Module, ties: Iterable[ExpectedTie], names: Mapping[str, str]) -> list[tuple[ExpectedTie, str]]:
+    """Ties whose parameters do not alias one tensor now, each with a description of what was found."""
+    out = []
+    for tie in ties:
+        params, missing = [], []
+        for name in tie.names:
+            param = fetch(model, names[name]) if name in names else None
+            (missing.append(name) if param is None else params.append(param))
+        if missing:
+            out.append((tie, f"no parameter named {', '.join(missing)} any more"))
+            continue
+        if len({storage_key(p) for p in params}) > 1:
+            equal = tie_values_equal(params)
+            state = {True: "equal values", False: "different values", None: "values not comparable"}[equal]
+            out.append((tie, f"they are {len(params)} separate tensors ({state})"))
+    return out
+
+
+def checkpoint_conflicts(tie_map: TieMap, state_dict: Mapping[str, Any]) -> list[tuple[tuple[str, ...], float]]:
+    """Tie groups for which ``state_dict`` holds two or more keys with different values, with the max diff."""
+    by_name: dict[str, list[torch.Tensor]] = {}
+    for key, value in state_dict.items():
+        if isinstance(value, torch.Tensor):
+            by_name.setdefault(user_name(key), []).append(value)
+    out = []
+    for group in tie_map.groups:
+        present = [(n, by_name[n][0]) for n in group.names if n in by_name]
+        if len(present) < 2:
+            continue
+        first = present[0][1].detach().to("cpu")
+        worst = 0.0
+        for _, other in present[1:]:
+            other = other.detach().to("cpu")
+            if other.shape != first.shape:
+                worst = float("inf")
+            elif not torch.equal(first, other):
+                worst = max(worst, (first.double() - other.double()).abs().max().item())
+        if worst > 0:
+            out.append((tuple(n for n, _ in present), worst))
+    return out
+
+
+def undeclared_groups(tie_map: TieMap, expected: Iterable[ExpectedTie]) -> list[tuple[str, ...]]:
+    """Tie groups not covered by expected ties (every name of the group must be in some expected tie of it)."""
+    expected = list(expected)
+    out = []
+    for group in tie_map.groups:
+        covered = set()
+        for tie in expected:
+            if set(tie.names) <= set(group.names):
+                covered |= set(tie.names)
+        if covered != set(group.names):
+            out.append(group.names)
+    return out
+
+
+class TieCheck(Check):
+    """TIE_BROKEN, TIE_CHECKPOINT_CONFLICT and TIE_UNDECLARED. Keeps the tie map for the report."""
+
+    name = "ties"
+    Config = TiesConfig
+
+    def __init__(self, config: TiesConfig | None = None, **kwargs: Any):
+        super().__init__(config, **kwargs)
+        self.tie_map: TieMap | None = None
+        self.expected: list[ExpectedTie] = []
+        self.names: dict[str, str] = {}
+        self.reported: set[tuple[str, ...]] = set()
+        self.declared = normalise_declared([*self.config.declare, *self.monitor_options.get("declare_ties", ())])
+
+    # -- events -----------------------------------------------------------------------------------------------
+    def on_init(self, ctx: EventContext) -> Iterable[Finding]:
+        model = ctx.model
+        self.tie_map = build_tie_map(model)
+        self.names = raw_names(model)
+        unknown = sorted({n for t in self.declared for n in t.names} - set(self.names))
+        if unknown:
+            raise ConfigError(f"declared tie names not in the model: {unknown}; the model's names look like "
+                              f"{list(self.names)[:5]}")
+        from_config = hf_expected_ties(model)
+        recorded = [ExpectedTie(names=g.names, source="recorded") for g in self.tie_map.groups]
+        # merge: one ExpectedTie per name set, the most specific source first
+        merged: dict[tuple[str, ...], ExpectedTie] = {}
+        for tie in [*from_config, *self.declared, *recorded, *self.expected]:
+            merged.setdefault(tie.names, tie)
+        self.expected = list(merged.values())
+        findings = list(self._broken(ctx))
+        for names in undeclared_groups(self.tie_map, [t for t in self.expected if t.source != "recorded"]):
+            findings.append(self.finding(
+                "TIE_UNDECLARED", ctx, params=names,
+                message=f"{len(names)} names share one tensor without any declaration",
+                hint="declare the tie (checks.ties.declare or declare_ties=...) so that breaking it is caught; "
+                     "count parameters with named_parameters(remove_duplicate=False) in mind"))
+        return findings
+
+    def on_step(self, ctx: EventContext) -> Iterable[Finding]:
+        if ctx.step is not None and ctx.step % self.config.every_n_steps:
+            return ()
+        return self._broken(ctx)
+
+    def on_checkpoint(self, ctx: EventContext) -> Iterable[Finding]:
+        return self._broken(ctx)
+
+    def on_end(self, ctx: EventContext) -> Iterable[Finding]:
+        return self._broken(ctx)
+
+    def on_merge(self, ctx: EventContext) -> Iterable[Finding]:
+        return self._broken(ctx)
+
+    def on_load(self, ctx: EventContext) -> Iterable[Finding]:
+        tie_map = build_tie_map(ctx.model)
+        state_dict = ctx.state_dict
+        if state_dict is None and ctx.checkpoint_dir:
+            tied = {n for g in tie_map.groups for n in g.names}
+            state_dict = {k: v for k, v in read_tensors(ctx.checkpoint_dir).items() if user_name(k) in tied}
+        if not state_dict:
+            return ()
+        source = ctx.checkpoint_dir or "the loaded state dict"
+        return [
+            self.finding(
+                "TIE_CHECKPOINT_CONFLICT", ctx, params=names,
+                message=f"{source} holds different values under {', '.join(names)} (max |diff| {diff:.3g}), which "
+                        "the model ties: loading keeps only one of them, silently",
+                hint="decide which value is right: untie the model before loading (clone the head), or drop "
+                     "one key from the checkpoint so the kept value is explicit",
+                source=source, max_abs_diff=diff)
+            for names, diff in checkpoint_conflicts(tie_map, state_dict)
+        ]
+
+    # -- logic ------------------------------------------------------------------------------------------------
+    def _broken(self, ctx: EventContext) -> list[Finding]:
+        if not self.expected:
+            return []
+        findings = []
+        now_broken = set()
+        for tie, what in broken_ties(ctx.model, self.expected, self.names):
+            now_broken.add(tie.names)
+            if tie.names in self.reported:
+                continue  # reported once until it holds again
+            findings.append(self.finding(
+                "TIE_BROKEN", ctx, params=tie.names,
+                message=f"{' and '.join(tie.names)} should share one tensor ({tie.source} tie) but {what}",
+                hint=HINTS[tie.source], source=tie.source))
+        self.reported = now_broken
+        return findings
+
+    def report_section(self) -> dict[str, Any] | None:
+        if self.tie_map is None:
+            return None
+        return {"tie_map": self.tie_map.to_dict(),
+                "expected": [{"names": list(t.names), "source": t.source} for t in self.expected]}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"expected": [[list(t.names), t.source] for t in self.expected],
+                "reported": [list(n) for n in sorted(self.reported)]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.expected = [ExpectedTie(names=tuple(n), source=s) for n, s in state.get("expected", [])]
+        self.reported = {tuple(n) for n in state.get("reported", [])}

@@ -1,0 +1,68 @@
+"""The named events the engine dispatches, and the context each check receives.
+
+Events and what integrations map to them:
+
+=============  ===================================================  =========================================
+event          when                                                  HF Trainer / Lightning hook
+=============  ===================================================  =========================================
+``init``       model ready, before the first step                    on_train_begin / on_fit_start
+``step``       phase ``before_optimizer``: gradients reduced, before  on_pre_optimizer_step (after clipping) /
+               ``optimizer.step``; phase ``after_optimizer``          on_before_optimizer_step (before clipping);
+                                                                     on_optimizer_step / on_train_batch_end
+                                                                     (only when the optimizer really stepped)
+``checkpoint`` a checkpoint was written (``checkpoint_dir``) or its   on_save / on_save_checkpoint
+               state dict is about to be (``state_dict``)
+``load``       state loaded or resumed                               on_train_begin when resumed /
+                                                                     on_load_checkpoint
+``merge``      adapters merged into or unmerged from base weights    Monitor.checked_merge
+``end``        training finished                                     on_train_end / on_fit_end
+=============  ===================================================  =========================================
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any, Literal
+
+EVENTS: tuple[str, ...] = ("init", "step", "checkpoint", "load", "merge", "end")
+
+StepPhase = Literal["before_optimizer", "after_optimizer"]
+STEP_PHASES: tuple[str, ...] = ("before_optimizer", "after_optimizer")
+
+
+@dataclasses.dataclass
+class EventContext:
+    """What a check receives at an event. Checks read it and never mutate what it points to.
+
+    Attributes:
+        event: one of :data:`EVENTS`.
+        model: the model as the trainer holds it (may be wrapped by DDP, compile, PEFT).
+        step: 1-based index of the optimizer step the event belongs to (0 before training, the number of
+            completed steps at ``checkpoint``/``end``/``load``).
+        phase: for ``step`` events, ``before_optimizer`` or ``after_optimizer``.
+        grads_clipped: for ``before_optimizer``: whether gradient clipping already ran (True under HF,
+            False under Lightning); recorded with gradient hashes.
+        optimizer: the optimizer, when the trainer exposes it.
+        state_dict: ``checkpoint``: the dict about to be saved; ``load``: the dict about to be / just loaded.
+        checkpoint_dir: ``checkpoint``/``load``: a folder or file written / read by the trainer.
+        trainer: which integration dispatched (``hf``, ``lightning``, ``accelerate``, ``custom``).
+        extra: anything else an integration knows (merge details, etc.).
+    """
+
+    event: str
+    model: Any
+    step: int | None = None
+    phase: StepPhase | None = None
+    grads_clipped: bool | None = None
+    optimizer: Any = None
+    state_dict: Mapping[str, Any] | None = None
+    checkpoint_dir: str | None = None
+    trainer: str = "custom"
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.event not in EVENTS:
+            raise ValueError(f"unknown event {self.event!r}; events are {EVENTS}")
+        if self.event == "step" and self.phase not in STEP_PHASES:
+            raise ValueError(f"a step event needs phase in {STEP_PHASES}, got {self.phase!r}")

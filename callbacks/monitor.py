@@ -1,0 +1,207 @@
+"""The engine: holds the enabled checks, dispatches named events to them, collects findings, applies the policy.
+
+Integrations (HF, Lightning, accelerate) own a :class:`Monitor` and call :meth:`Monitor.dispatch` from their
+hooks; custom loops call it directly.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import traceback
+import warnings
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+from callbacks.checks import REGISTRY, Check
+from callbacks.errors import ConfigError, IntegrityError
+from callbacks.events import EventContext
+from callbacks.findings import Finding
+from callbacks.recipe import IntegrityConfig, load_recipe, parse_integrity_section
+from callbacks.report import Report
+
+logger = logging.getLogger("callbacks")
+
+POLICIES = ("raise", "warn", "log")
+
+
+class IntegrityWarning(UserWarning):
+    """Category of the warnings issued under policy ``warn``."""
+
+
+def distributed_rank() -> int:
+    """This process's rank under torch.distributed (or the launcher's RANK), 0 otherwise."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
+    return int(os.environ.get("RANK", "0"))
+
+
+def validate_declare_ties(declare_ties: Any) -> list[list[str]]:
+    """``declare_ties`` as a list of name groups; anything else is a :class:`ConfigError` saying the fix."""
+    if declare_ties is None:
+        return []
+    if isinstance(declare_ties, (str, bytes)) or not isinstance(declare_ties, Iterable):
+        raise ConfigError(f"declare_ties must be a list of name groups like [('emb.weight', 'head.weight')], "
+                          f"got {declare_ties!r}")
+    groups = []
+    for group in declare_ties:
+        if isinstance(group, (str, bytes)) or not isinstance(group, Iterable):
+            raise ConfigError(f"declare_ties: each entry must be a tuple of parameter names, got {group!r}")
+        names = list(group)
+        if len(set(names)) < 2 or not all(isinstance(n, str) for n in names):
+            raise ConfigError(f"declare_ties: each group needs two or more different names (str), got {group!r}")
+        groups.append(names)
+    return groups
+
+
+class Monitor:
+    """Dispatches events to checks and keeps their findings.
+
+    Args:
+        policy: ``raise`` (raise :class:`IntegrityError` at the first event with error findings), ``warn``
+            (issue an :class:`IntegrityWarning` per finding) or ``log`` (log only).
+        declare_ties: groups of parameter names that must share one tensor.
+        checks: per-family options, as the recipe's ``checks:`` section (``{"hashes": {"every_n_steps": 1}}``).
+        report: path of the JSON report written at the end (and when raising), on rank 0.
+        extra_checks: additional :class:`~callbacks.checks.base.Check` instances (custom checks).
+        config: an already validated :class:`IntegrityConfig` (instead of policy/checks/report).
+    """
+
+    def __init__(
+        self,
+        policy: str = "raise",
+        declare_ties: Sequence[Sequence[str]] | None = None,
+        checks: Mapping[str, Any] | None = None,
+        report: str | os.PathLike[str] | None = None,
+        *,
+        extra_checks: Iterable[Check] = (),
+        config: IntegrityConfig | None = None,
+    ):
+        if config is None:
+            if checks is not None and not isinstance(checks, Mapping):
+                raise ConfigError(f"checks must be a mapping of check name to options, got {type(checks).__name__}")
+            section = {"policy": policy, "report": os.fspath(report) if report is not None else None,
+                       "checks": dict(checks or {})}
+            config = parse_integrity_section(section, source="arguments", prefix="")
+        self.config = config
+        self.declare_ties = validate_declare_ties(declare_ties)
+        options = {"declare_ties": self.declare_ties}
+        self.checks: list[Check] = []
+        for name, cls in REGISTRY.items():
+            check_config = getattr(config.checks, name)
+            if check_config.enabled:
+                self.checks.append(cls(check_config, monitor_options=options))
+        for check in extra_checks:
+            if not isinstance(check, Check):
+                raise ConfigError(f"extra_checks entries must be Check instances, got {type(check).__name__}")
+            self.checks.append(check)
+        self._findings: list[Finding] = []
+        self._summary_printed = False
+        self.rank = distributed_rank()
+
+    @classmethod
+    def from_recipe(cls, path: str | os.PathLike[str], **kwargs: Any) -> Monitor:
+        """A monitor configured by the ``integrity:`` section of the recipe at ``path``."""
+        return cls(config=load_recipe(path), **kwargs)
+
+    # -- properties -------------------------------------------------------------------------------------------
+    @property
+    def policy(self) -> str:
+        """``raise``, ``warn`` or ``log``."""
+        return self.config.policy
+
+    @property
+    def findings(self) -> list[Finding]:
+        """All findings so far, in the order found."""
+        return list(self._findings)
+
+    @property
+    def report(self) -> Report:
+        """A :class:`Report` of all findings so far and the checks' report sections."""
+        sections = {}
+        for check in self.checks:
+            section = check.report_section()
+            if section is not None:
+                sections[check.name or type(check).__name__] = section
+        return Report(findings=self.findings, sections=sections)
+
+    def check(self, name: str) -> Check | None:
+        """The enabled check of family ``name``, if any."""
+        return next((c for c in self.checks if c.name == name), None)
+
+    # -- dispatch ---------------------------------------------------------------------------------------------
+    def dispatch(self, event: str, model: Any, **context: Any) -> list[Finding]:
+        """Run every check on ``event`` and apply the policy. Returns this event's new findings.
+
+        ``context`` fills :class:`~callbacks.events.EventContext` (``step``, ``phase``, ``state_dict``, ...).
+        """
+        ctx = EventContext(event=event, model=model, **context)
+        new: list[Finding] = []
+        for check in self.checks:
+            try:
+                new.extend(check.run(ctx))
+            except Exception as err:  # noqa: BLE001 - a broken check must never kill training
+                new.append(Finding.make(
+                    "CHECK_FAILED", event=event, step=ctx.step, check=check.name,
+                    message=f"check {check.name or type(check).__name__!r} raised {type(err).__name__}: {err}",
+                    hint="training goes on without this check at this event; if the message names a "
+                         "configuration problem fix it, otherwise report it with the traceback in details",
+                    traceback=traceback.format_exc(limit=5)))
+        self._findings.extend(new)
+        self._apply_policy(new)
+        if event == "end":
+            self.finish()
+        return new
+
+    def _apply_policy(self, new: list[Finding]) -> None:
+        for finding in new:
+            level = {"error": logging.ERROR, "warning": logging.WARNING}.get(finding.severity, logging.INFO)
+            if self.policy == "warn" and finding.severity != "info":
+                warnings.warn(str(finding), IntegrityWarning, stacklevel=3)
+            else:
+                logger.log(level, "%s", finding)
+        errors = [f for f in new if f.severity == "error"]
+        if errors and not self._summary_printed:
+            self._summary_printed = True  # the first error gets the table at once; the end prints it again
+            self._emit(final=self.policy == "raise")
+        if errors and self.policy == "raise":
+            raise IntegrityError(errors)
+
+    def finish(self) -> Report:
+        """Print the summary table and write the JSON report (rank 0 only). Called at ``end``."""
+        self._emit(final=True)
+        return self.report
+
+    def _emit(self, final: bool) -> None:
+        if self.rank != 0:
+            return
+        report = self.report
+        print(str(report), file=sys.stdout, flush=True)
+        if final and self.config.report:
+            path = self.config.report
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            with open(path, "w", encoding="utf-8") as fh:
+                fh.write(report.to_json())
+
+    # -- merge ------------------------------------------------------------------------------------------------
+    def checked_merge(self, model: Any, **kwargs: Any) -> Any:
+        """Merge adapters (``merge_and_unload``) and run the merge checks; returns the merged model."""
+        from callbacks.checks.merge import checked_merge
+
+        return checked_merge(self, model, **kwargs)
+
+    # -- state ------------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Picklable state: findings so far and each check's state (saved with trainer checkpoints)."""
+        return {"findings": [f.to_dict() for f in self._findings],
+                "checks": {c.name: c.state_dict() for c in self.checks if c.name}}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict` (on resume)."""
+        self._findings = [Finding.from_dict(d) for d in state.get("findings", [])]
+        for check in self.checks:
+            if check.name in state.get("checks", {}):
+                check.load_state_dict(state["checks"][check.name])

@@ -1,0 +1,161 @@
+"""The tie map: which parameters share storage, under every name, and which ties are expected.
+
+A *tie group* is a set of parameter names that alias the same memory (one ``Parameter`` object registered
+under several names, or views of one storage with the same offset, shape and stride). Names are user names
+(see :mod:`callbacks.primitives.naming`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from torch import nn
+
+from callbacks.primitives.naming import named_parameters_all, storage_key, unwrap_model, user_name
+
+
+@dataclasses.dataclass(frozen=True)
+class TieGroup:
+    """Names (sorted) that alias one tensor; ``same_object`` when they are one ``Parameter`` object."""
+
+    names: tuple[str, ...]
+    shape: tuple[int, ...]
+    numel: int
+    same_object: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form."""
+        return {"names": list(self.names), "shape": list(self.shape), "numel": self.numel,
+                "same_object": self.same_object}
+
+
+@dataclasses.dataclass(frozen=True)
+class TieMap:
+    """Tie groups of a model, and its parameter counts with and without duplicates.
+
+    ``count_with_duplicates`` counts every name (what ``named_parameters(remove_duplicate=False)`` sums);
+    ``count_unique`` counts each tensor once (what ``model.parameters()`` sums). Their difference is the
+    "133 vs 134 parameters" confusion of tied models.
+    """
+
+    groups: tuple[TieGroup, ...]
+    names: tuple[str, ...]
+    tensors_with_duplicates: int
+    tensors_unique: int
+    count_with_duplicates: int
+    count_unique: int
+
+    def group_of(self, name: str) -> TieGroup | None:
+        """The tie group containing ``name``, if it is tied."""
+        for group in self.groups:
+            if name in group.names:
+                return group
+        return None
+
+    def shares(self, names: Iterable[str]) -> bool:
+        """Whether all ``names`` are in one tie group."""
+        names = list(names)
+        group = self.group_of(names[0]) if names else None
+        return group is not None and all(n in group.names for n in names)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form, for the report."""
+        return {
+            "groups": [g.to_dict() for g in self.groups],
+            "tensors_with_duplicates": self.tensors_with_duplicates,
+            "tensors_unique": self.tensors_unique,
+            "parameters_with_duplicates": self.count_with_duplicates,
+            "parameters_unique": self.count_unique,
+        }
+
+
+def build_tie_map(model: nn.Module) -> TieMap:
+    """Group ``model``'s parameters by the memory they alias. Reads identities and pointers only."""
+    by_key: dict[tuple[Any, ...], list[tuple[str, Any]]] = {}
+    all_names: list[str] = []
+    count_dup = 0
+    for _raw, name, param in named_parameters_all(model):
+        all_names.append(name)
+        count_dup += param.numel()
+        by_key.setdefault(storage_key(param), []).append((name, param))
+    groups = []
+    count_unique = 0
+    for members in by_key.values():
+        count_unique += members[0][1].numel()
+        names = tuple(sorted({n for n, _ in members}))
+        if len(names) < 2:
+            continue
+        first = members[0][1]
+        groups.append(TieGroup(names=names, shape=tuple(first.shape), numel=first.numel(),
+                               same_object=all(p is first for _, p in members)))
+    groups.sort(key=lambda g: g.names)
+    return TieMap(groups=tuple(groups), names=tuple(all_names), tensors_with_duplicates=len(all_names),
+                  tensors_unique=len(by_key), count_with_duplicates=count_dup, count_unique=count_unique)
+
+
+@dataclasses.dataclass(frozen=True)
+class ExpectedTie:
+    """Names (user names) that should share one tensor, and where that expectation comes from."""
+
+    names: tuple[str, ...]
+    source: str  # "config", "declared", "recorded"
+
+
+def _module_name(root: nn.Module, module: nn.Module | None) -> str | None:
+    if module is None:
+        return None
+    for name, sub in root.named_modules(remove_duplicate=False):
+        if sub is module:
+            return name
+    return None
+
+
+def hf_expected_ties(model: Any) -> list[ExpectedTie]:
+    """Ties an HF ``PreTrainedModel`` promises through its config.
+
+    transformers 5: ``get_expanded_tied_weights_keys(all_submodels=True)`` (the ``{target: source}`` dict that
+    ``tie_weights`` itself uses, re-reading ``tie_word_embeddings`` of every sub-config). transformers 4:
+    ``tie_word_embeddings`` of the text config and the list-form ``_tied_weights_keys``, tied to the input
+    embeddings. Models that are not HF models expect nothing.
+    """
+    inner = unwrap_model(model)
+    config = getattr(inner, "config", None)
+    if config is None or not hasattr(inner, "get_input_embeddings"):
+        return []
+    ties: dict[tuple[str, ...], ExpectedTie] = {}
+
+    def add(a: str, b: str) -> None:
+        names = tuple(sorted({user_name(a), user_name(b)}))
+        if len(names) == 2:
+            ties[names] = ExpectedTie(names=names, source="config")
+
+    expand = getattr(inner, "get_expanded_tied_weights_keys", None)
+    if callable(expand):
+        for target, source in expand(all_submodels=True).items():
+            add(target, source)
+        return list(ties.values())
+
+    # transformers 4.x
+    text_config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    if not getattr(text_config, "tie_word_embeddings", getattr(config, "tie_word_embeddings", False)):
+        return []
+    try:
+        in_emb, out_emb = inner.get_input_embeddings(), inner.get_output_embeddings()
+    except (NotImplementedError, AttributeError):
+        return []
+    in_name, out_name = _module_name(inner, in_emb), _module_name(inner, out_emb)
+    if in_name is not None and out_name is not None and in_name != out_name:
+        add(f"{in_name}.weight".lstrip("."), f"{out_name}.weight".lstrip("."))
+    return list(ties.values())
+
+
+def normalise_declared(groups: Sequence[Sequence[str]], source: str = "declared") -> list[ExpectedTie]:
+    """Declared groups (user or wrapper names) as :class:`ExpectedTie`, names mapped to user names."""
+    out = []
+    for group in groups:
+        names = tuple(sorted({user_name(n) for n in group}))
+        if len(names) >= 2:
+            out.append(ExpectedTie(names=names, source=source))
+    return out
