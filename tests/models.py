@@ -13,8 +13,8 @@ def tiny_gpt2(tie: bool = True, seed: int = 0, n_layer: int = 2):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(seed)
-    config = GPT2Config(vocab_size=VOCAB, n_positions=32, n_embd=32, n_layer=n_layer, n_head=2, bos_token_id=0, eos_token_id=0,
-                        tie_word_embeddings=tie)
+    config = GPT2Config(vocab_size=VOCAB, n_positions=32, n_embd=32, n_layer=n_layer, n_head=2,
+                        bos_token_id=0, eos_token_id=0, tie_word_embeddings=tie)
     return GPT2LMHeadModel(config)
 
 
