@@ -82,7 +82,7 @@ def format_table(rows: Sequence[dict[str, Any]], tie_map: dict[str, Any] | None 
         for r in rows
     ]
     for cells in table:
-        lines.append("  " + "  ".join(_cell(c, w).ljust(w) for c, w in zip(cells, widths)).rstrip())
+        lines.append("  " + "  ".join(_cell(c, w).ljust(w) for c, w in zip(cells, widths, strict=True)).rstrip())
     lines.append("  fixes:")
     for r in rows:
         lines.append(f"    {r['code']}: {r['fix']}")

@@ -77,7 +77,9 @@ def fetch(model: nn.Module, raw: str) -> torch.Tensor | None:
         return None
 
 
-def broken_ties(model: nn.Module, ties: Iterable[ExpectedTie], names: Mapping[str, str]) -> list[tuple[ExpectedTie, str]]:
+def broken_ties(
+    model: nn.Module, ties: Iterable[ExpectedTie], names: Mapping[str, str]
+) -> list[tuple[ExpectedTie, str]]:
     """Ties whose parameters do not alias one tensor now, each with a description of what was found."""
     out = []
     for tie in ties:
