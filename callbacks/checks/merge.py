@@ -149,6 +149,26 @@ def strided_sample(tensor: torch.Tensor, count: int) -> torch.Tensor:
 
 
 @dataclasses.dataclass
+class MergeRecord:
+    """What a merge that keeps the adapters (``merge_adapter``) leaves for the unmerge to be judged against."""
+
+    weights: dict[str, WeightSample] = dataclasses.field(default_factory=dict)
+    hashes: dict[str, int] = dataclasses.field(default_factory=dict)
+    probe: torch.Tensor | None = None
+    batch_key: tuple[int, ...] | None = None
+    adapters: tuple[str, ...] = ()
+
+    def add(self, obs: MergeObservation) -> None:
+        """Record a merge; the first merge's values stand (they are what the last unmerge must restore)."""
+        if not self.hashes:
+            self.probe, self.batch_key, self.adapters = obs.probe_before, obs.batch_key, obs.adapters
+        for name, value in obs.before.hashes.items():
+            self.hashes.setdefault(name, value)
+        for name, sample in obs.samples.items():
+            self.weights.setdefault(name, sample)
+
+
+@dataclasses.dataclass
 class MergeObservation:
     """Everything :func:`checked_merge` saw around one merge; the input of :func:`evaluate_merge`."""
 
@@ -162,6 +182,8 @@ class MergeObservation:
     probe_before: torch.Tensor | None = None
     probe_after: torch.Tensor | None = None
     probe_skipped: str | None = None
+    #: hashes of the probe batch's tensors: a recorded probe output is reused only for the same batch
+    batch_key: tuple[int, ...] | None = None
     error: BaseException | None = None
     #: merge: the target weights as they were (kept for a later unmerge); unmerge: the target weights now
     samples: dict[str, WeightSample] = dataclasses.field(default_factory=dict)
@@ -299,7 +321,7 @@ def _tie_problems(obs: MergeObservation, changed: set[str]) -> list[MergeProblem
             continue
         merged = [n for n in present if n in targets and n in changed]
         unmerged = [n for n in present if n not in targets]
-        if merged and unmerged:
+        if merged and unmerged and obs.kind == "merge":  # an unmerge moves both back: judged by its weights
             out.append(MergeProblem(
                 "TIE_BROKEN", tuple(present),
                 f"the tie of {_fmt(present)} now binds the merged weight {_fmt(merged)} to {_fmt(unmerged)}, which "
@@ -309,12 +331,14 @@ def _tie_problems(obs: MergeObservation, changed: set[str]) -> list[MergeProblem
     return out
 
 
-def evaluate_merge(obs: MergeObservation, config: MergeConfig,
-                   records: Mapping[str, WeightSample] | None = None) -> list[MergeProblem]:
+def evaluate_merge(obs: MergeObservation, config: MergeConfig, record: MergeRecord | None = None) -> list[MergeProblem]:
     """Findings of one observed merge or unmerge (framework-free).
 
-    ``records``: for an unmerge, the base weights recorded when the adapters were merged (by user name).
+    ``record``: for an unmerge, what the merge of the same adapters recorded (base weights, hashes, probe).
+    An unmerge is judged against the state before the merge: a parameter it changes back to its pre-merge
+    value is restored (a side effect of the merge, reported then), not a side effect of the unmerge.
     """
+    record = record or MergeRecord()
     problems: list[MergeProblem] = []
     changed = obs.changed()
     changed_set = set(changed)
@@ -326,6 +350,8 @@ def evaluate_merge(obs: MergeObservation, config: MergeConfig,
     for name in changed:
         if name in targets:
             continue
+        if obs.kind == "unmerge" and restored(obs, config, record, name):
+            continue  # back to its value before the merge (the merge's side effect was reported then)
         via, path = side_effect_path(obs, name)
         side_effects.append(name)
         problems.append(MergeProblem(
@@ -356,23 +382,33 @@ def evaluate_merge(obs: MergeObservation, config: MergeConfig,
 
     dtype = _dtype_of(obs)
     if obs.kind == "unmerge":
-        problems.extend(_unmerge_weight_problems(obs, config, records or {}, dtype))
+        problems.extend(_unmerge_weight_problems(obs, config, record, dtype))
 
-    # the probe: merged output vs adapter output (merge), unmerged-with-adapters vs merged (unmerge)
-    if obs.probe_before is not None and obs.probe_after is not None:
-        diff = output_difference(obs.probe_before, obs.probe_after)
+    # the probe: merged vs adapter model (merge); unmerged vs adapter model before the merge (unmerge), or vs
+    # the merged model when that merge was not recorded
+    reference = obs.probe_before
+    if (obs.kind == "unmerge" and record.probe is not None and record.batch_key == obs.batch_key
+            and record.adapters == obs.adapters):
+        reference = record.probe
+    if reference is not None and obs.probe_after is not None:
+        diff = output_difference(reference, obs.probe_after)
         tol = output_tolerance(config, dtype)
         nonfinite_out = diff["nonfinite_other"] > 0 or diff["nonfinite_reference"] > 0
-        if nonfinite_out or diff["relative"] > tol:
-            problems.append(_probe_problem(obs, diff, tol, dtype, side_effects, nonfinite, changed))
+        weight_problem = next((i for i, p in enumerate(problems) if p.details.get("cause") in
+                               ("nonfinite", "unmerge_weights")), None)
+        if weight_problem is not None:  # the weights at fault are reported: add what the probe saw to that
+            problem = problems[weight_problem]
+            problems[weight_problem] = dataclasses.replace(problem, details={**problem.details, "probe": diff})
+        elif nonfinite_out or diff["relative"] > tol:
+            problems.append(_probe_problem(obs, diff, tol, dtype, side_effects, changed))
     return problems + _tie_problems(obs, changed_set)
 
 
 def _probe_problem(obs: MergeObservation, diff: dict[str, Any], tol: float, dtype: torch.dtype | None,
-                   side_effects: list[str], nonfinite: list[str], changed: list[str]) -> MergeProblem:
+                   side_effects: list[str], changed: list[str]) -> MergeProblem:
     details = {**diff, "tolerance": tol, "dtype": str(dtype), "method": obs.method, "adapters": list(obs.adapters)}
     if obs.kind == "unmerge":
-        what = "the unmerged model (adapters active) and the merged model"
+        what = "the unmerged model (adapters active) and the adapter model before the merge"
     elif obs.targets:
         what = "the merged model and the adapter model"
     else:
@@ -382,9 +418,7 @@ def _probe_problem(obs: MergeObservation, diff: dict[str, Any], tol: float, dtyp
                 else f"max relative difference {diff['relative']:.3g} > tolerance {tol:.3g} ({dtype})")
     message = f"{what} give different outputs on the probe batch after {obs.method}(): {measured}"
     doubles = double_merged(obs)
-    if nonfinite:
-        params, cause, hint = tuple(nonfinite), "nonfinite", HINTS["nonfinite"]
-    elif side_effects:
+    if side_effects:
         params, cause, hint = tuple(side_effects), "side_effect", HINTS["side_effect_tie"]
         message += f"; caused by the change of {_fmt(side_effects)} (see MERGE_SIDE_EFFECT)"
     elif doubles and obs.kind == "merge":
@@ -402,29 +436,48 @@ def _probe_problem(obs: MergeObservation, diff: dict[str, Any], tol: float, dtyp
     return MergeProblem(code, params, message, hint, details)
 
 
-def _unmerge_weight_problems(obs: MergeObservation, config: MergeConfig, records: Mapping[str, WeightSample],
+def restore_error(obs: MergeObservation, config: MergeConfig, record: MergeRecord, name: str) -> float | None:
+    """How far an unmerge left ``name`` from its value before the merge (relative to the weight's magnitude).
+
+    0.0 when bitwise restored, ``inf`` for a changed shape or NaN, None when the merge recorded no sample of it.
+    """
+    before, now = record.weights.get(name), obs.samples.get(name)
+    if before is None or now is None:
+        return None
+    if before.hash == now.hash:
+        return 0.0
+    ref, cur = before.sample.double(), now.sample.double()
+    if ref.shape != cur.shape:
+        return float("inf")
+    if not ref.numel():
+        return 0.0
+    # rounding W + BA and then (W + BA) - BA errs by an ulp of the larger of the two magnitudes
+    scale = ref.abs().max().item()
+    merged = obs.samples_merged.get(name)
+    if merged is not None and merged.sample.shape == ref.shape:
+        scale = max(scale, merged.sample.double().abs().max().item())
+    relative = (ref - cur).abs().max().item() / max(scale, 1e-12)
+    return relative if relative == relative else float("inf")
+
+
+def restored(obs: MergeObservation, config: MergeConfig, record: MergeRecord, name: str) -> bool:
+    """Whether an unmerge brought ``name`` back to its value before the merge (bitwise, or within tolerance)."""
+    if record.hashes.get(name) == obs.after.hashes.get(name):
+        return True
+    error = restore_error(obs, config, record, name)
+    return error is not None and error <= weight_tolerance(config, record.weights[name].dtype)
+
+
+def _unmerge_weight_problems(obs: MergeObservation, config: MergeConfig, record: MergeRecord,
                              dtype: torch.dtype | None) -> list[MergeProblem]:
     wrong: dict[str, float] = {}
     unrecorded = []
     for name in sorted(obs.target_params):
-        record, now = records.get(name), obs.samples.get(name)
-        if record is None or now is None:
+        error = restore_error(obs, config, record, name)
+        if error is None:
             unrecorded.append(name)
-            continue
-        if record.hash == now.hash:
-            continue  # bitwise restored
-        ref, cur = record.sample.double(), now.sample.double()
-        if ref.shape != cur.shape:
-            wrong[name] = float("inf")
-            continue
-        # rounding W + BA and then (W + BA) - BA errs by an ulp of the larger of the two magnitudes
-        merged = obs.samples_merged.get(name)
-        scale = ref.abs().max().item() if ref.numel() else 0.0
-        if merged is not None and merged.sample.shape == ref.shape and merged.sample.numel():
-            scale = max(scale, merged.sample.double().abs().max().item())
-        relative = (ref - cur).abs().max().item() / max(scale, 1e-12) if ref.numel() else 0.0
-        if not relative <= weight_tolerance(config, record.dtype):  # NaN counts as wrong
-            wrong[name] = relative
+        elif error > weight_tolerance(config, record.weights[name].dtype):
+            wrong[name] = error
     if not wrong:
         return []
     worst = max(wrong.values())
@@ -433,8 +486,8 @@ def _unmerge_weight_problems(obs: MergeObservation, config: MergeConfig, records
         "UNMERGE_MISMATCH", tuple(wrong),
         f"{obs.method}() did not restore the base weights {_fmt(wrong)}: max difference {worst:.3g} (relative to "
         f"the weights' magnitude) from their values before the merge (tolerance {tol:.3g}, {dtype})",
-        HINTS["unmerge_weights"], {"relative": wrong, "tolerance": tol, "not_recorded": unrecorded,
-                                   "method": obs.method})]
+        HINTS["unmerge_weights"], {"cause": "unmerge_weights", "relative": wrong, "tolerance": tol,
+                                   "not_recorded": unrecorded, "method": obs.method})]
 
 
 # -- the check -----------------------------------------------------------------------------------------------------
@@ -452,20 +505,19 @@ class MergeCheck(Check):
 
     def __init__(self, config: MergeConfig | None = None, **kwargs: Any):
         super().__init__(config, **kwargs)
-        #: user name -> the base weight before a merge_adapter, until its unmerge
-        self.records: dict[str, WeightSample] = {}
+        #: the state before a merge_adapter, until its unmerge
+        self.record = MergeRecord()
         self.merges: list[dict[str, Any]] = []
 
     def on_merge(self, ctx: EventContext) -> Iterable[Finding]:
         obs = ctx.extra.get("merge")
         if not isinstance(obs, MergeObservation):
             return ()
-        problems = evaluate_merge(obs, self.config, self.records)
-        if obs.kind == "merge" and obs.error is None:
-            self.records.update(obs.samples)
-        elif obs.kind == "unmerge":
-            for name in obs.target_params:
-                self.records.pop(name, None)
+        problems = evaluate_merge(obs, self.config, self.record)
+        if obs.kind == "merge" and obs.error is None and obs.method != "merge_and_unload":
+            self.record.add(obs)
+        elif obs.kind == "unmerge" and obs.error is None:
+            self.record = MergeRecord()
         self.merges.append({"method": obs.method, "library": obs.library, "adapters": list(obs.adapters),
                             "layers": len(obs.targets), "changed": len(obs.changed()),
                             "probe": obs.probe_skipped or "compared", "findings": [p.code for p in problems]})
@@ -689,12 +741,15 @@ def run_checked_merge(monitor: Any, model: Any, library: str, method: str, call:
         adapters, targets = discover_targets(library, model, kind, arguments)
         before = snapshot_parameters(model, config.backend)
         target_names = {p for t in targets for p in t.params}
+        target_memory = {before.memory[n] for n in target_names if n in before.memory}
+        # targets and the names sharing their memory (tied): what an unmerge must bring back
+        sampled = target_names | {n for n, m in before.memory.items() if m in target_memory}
         samples: dict[str, WeightSample] = {}
         samples_merged: dict[str, WeightSample] = {}
         if kind == "merge" and method != "merge_and_unload":
-            samples = _samples(model, target_names, before, config.unmerge_sample)
+            samples = _samples(model, sampled, before, config.unmerge_sample)
         elif kind == "unmerge":
-            samples_merged = _samples(model, target_names, before, config.unmerge_sample)
+            samples_merged = _samples(model, sampled, before, config.unmerge_sample)
 
         batch, probe_before, probe_skipped = None, None, None
         if config.probe:
@@ -704,6 +759,10 @@ def run_checked_merge(monitor: Any, model: Any, library: str, method: str, call:
                     probe_before = run_probe(model, batch)
             except ProbeUnavailable as err:
                 batch, probe_skipped = None, f"no probe: {err}"
+        batch_key = None
+        if batch is not None:
+            tensors = [v for _, v in sorted(batch.items()) if isinstance(v, torch.Tensor)]
+            batch_key = tuple(hash_tensors(tensors, backend=config.backend))
         else:
             probe_skipped = "probe disabled (checks.merge.probe: false)"
 
@@ -718,7 +777,7 @@ def run_checked_merge(monitor: Any, model: Any, library: str, method: str, call:
         changed = [n for n, h in before.hashes.items() if after.hashes.get(n, h) != h]
         nonfinite_after = _nonfinite(merged, changed)
         if kind == "unmerge":
-            samples = _samples(merged, target_names, after, config.unmerge_sample)
+            samples = _samples(merged, sampled, after, config.unmerge_sample)
         probe_after = None
         if batch is not None and error is None:
             # the merged model stands alone: the adapters library keeps the adapter, so it is switched off
@@ -733,6 +792,7 @@ def run_checked_merge(monitor: Any, model: Any, library: str, method: str, call:
         obs = MergeObservation(
             library=library, method=method, kind=kind, adapters=tuple(adapters), targets=targets, before=before,
             after=after, probe_before=probe_before, probe_after=probe_after, probe_skipped=probe_skipped,
+            batch_key=batch_key,
             error=error, samples=samples, samples_merged=samples_merged, nonfinite_after=nonfinite_after,
             ties_covered=covered)
         try:
@@ -864,7 +924,7 @@ def install_merge_watch(monitor: Any, model: Any, *, force: bool = False,
 
 __all__ = [
     "MERGE_METHODS", "OUTPUT_TOLERANCE", "WEIGHT_TOLERANCE", "MergeCheck", "MergeConfig", "MergeMethodWrapper",
-    "MergeObservation", "MergeProblem", "MergeTarget", "MergeWatch", "ParamSnapshot", "WeightSample",
+    "MergeObservation", "MergeProblem", "MergeRecord", "MergeTarget", "MergeWatch", "ParamSnapshot", "WeightSample",
     "checked_merge", "detect_library", "discover_targets", "evaluate_merge", "install_merge_watch",
     "mergeable_models", "original_method", "run_checked_merge", "snapshot_parameters",
 ]
