@@ -2,23 +2,19 @@
 
 from __future__ import annotations
 
-import os
+import copy
 import random
 import warnings
 
 import numpy as np
 import pytest
 import torch
+from models import LinguaLM, tiny_bert_mlm, tiny_gemma2
+from peft import LoraConfig, get_peft_model
 from torch import nn
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-peft = pytest.importorskip("peft")
-from peft import LoraConfig, get_peft_model  # noqa: E402
-
-from callbacks import ConfigError, IntegrityError, Monitor  # noqa: E402
-from callbacks.checks.merge import checked_merge, install_merge_watch  # noqa: E402
-from tests.models import LinguaLM, tiny_bert_mlm, tiny_gemma2  # noqa: E402
+from callbacks import ConfigError, IntegrityError, Monitor
+from callbacks.checks.merge import checked_merge, install_merge_watch
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
 
@@ -425,8 +421,6 @@ def test_watch_finds_the_peft_model_inside_a_container_and_does_not_check_twice(
 
 
 def test_a_copy_of_a_watched_model_merges_on_its_own_unchecked():
-    import copy
-
     pm = lora(tiny_gemma2(tie=False), ["q_proj"])
     mon = Monitor(policy="log", checks={"merge": {"watch": True}})
     handle = install_merge_watch(mon, pm)
