@@ -234,6 +234,9 @@ HINTS = {
                      "target_modules)"),
     "nonfinite": ("the adapter holds NaN/Inf: merge with safe_merge=True (it refuses to write NaN), and find why "
                   "the adapter diverged (GRAD_NONFINITE / ADAPTER_INIT_WRONG findings, lower the learning rate)"),
+    "formula": ("the merged weights do not compute what the adapter computed, far beyond rounding for this dtype: "
+                "the library's merge formula differs from its forward for this adapter type; keep the adapter "
+                "unmerged for inference and report it to the adapter library"),
     "numeric": ("the merged weights lose precision: merge on float32 weights (model.float() before merging, cast "
                 "afterwards), or raise checks.merge.tolerance if this difference is acceptable for the dtype"),
     "partial": ("the merge raised midway and left some layers merged: reload the base model, fix the error "
@@ -430,7 +433,12 @@ def _probe_problem(obs: MergeObservation, diff: dict[str, Any], tol: float, dtyp
         message += f"; no base weight changed: {obs.method}() merged nothing of adapter {_fmt(obs.adapters)}"
     else:
         params = tuple(n for n in changed if n in obs.target_params)
-        cause, hint = "numeric", HINTS["numeric" if obs.kind == "merge" else "unmerge_weights"]
+        if obs.kind == "unmerge":
+            cause, hint = "numeric", HINTS["unmerge_weights"]
+        elif dtype in (torch.float32, torch.float64) and diff["relative"] > OUTPUT_TOLERANCE[dtype]:
+            cause, hint = "formula", HINTS["formula"]  # full precision: rounding cannot explain it
+        else:
+            cause, hint = "numeric", HINTS["numeric"]
     details["cause"] = cause
     code = "MERGE_MISMATCH" if obs.kind == "merge" else "UNMERGE_MISMATCH"
     return MergeProblem(code, params, message, hint, details)
