@@ -99,17 +99,25 @@ class ParamSnapshot:
     memory: dict[str, tuple[Any, ...]]  # (device, storage pointer): views of one buffer share it
     dtypes: dict[str, torch.dtype]
     ties: TieMap
+    #: the parameters themselves (for sampling and NaN counts right after the snapshot; not compared)
+    tensors: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict, compare=False, repr=False)
 
 
-def snapshot_parameters(model: nn.Module, backend: str = "auto") -> ParamSnapshot:
-    """Hash every parameter of ``model`` once per tensor (tied names share one hash)."""
+def snapshot_parameters(model: nn.Module, backend: str = "auto", skip: set[int] | None = None) -> ParamSnapshot:
+    """Hash every parameter of ``model`` once per tensor (tied names share one hash).
+
+    ``skip``: ids of parameters left out (adapter weights that ``merge_and_unload`` removes: nothing after the
+    merge could be compared with them).
+    """
     storage: dict[str, tuple[Any, ...]] = {}
     memory: dict[str, tuple[Any, ...]] = {}
     dtypes: dict[str, torch.dtype] = {}
+    tensors: dict[str, torch.Tensor] = {}
     unique: dict[tuple[Any, ...], torch.Tensor] = {}
     for _raw, name, param in named_parameters_all(model):
-        if name in storage:
+        if name in storage or (skip and id(param) in skip):
             continue
+        tensors[name] = param
         key = storage_key(param)
         storage[name] = key
         dtypes[name] = param.dtype
@@ -120,7 +128,8 @@ def snapshot_parameters(model: nn.Module, backend: str = "auto") -> ParamSnapsho
     values = hash_tensors([unique[k].detach() for k in keys], backend=backend) if keys else []
     by_key = dict(zip(keys, values, strict=True))
     hashes = {name: by_key.get(key, -1) for name, key in storage.items()}
-    return ParamSnapshot(hashes=hashes, storage=storage, memory=memory, dtypes=dtypes, ties=build_tie_map(model))
+    return ParamSnapshot(hashes=hashes, storage=storage, memory=memory, dtypes=dtypes, ties=build_tie_map(model),
+                         tensors=tensors)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -590,6 +599,17 @@ def _base_params(raw: str, layer: nn.Module, attr: str | None) -> tuple[str, ...
     return tuple(sorted({user_name(f"{path}.{pname}".lstrip(".")) for pname, _ in params}))
 
 
+def unloaded_parameters(library: str, model: nn.Module) -> set[int]:
+    """ids of the adapter weights an unload removes (every tuner-layer parameter that is not a base weight)."""
+    if library != "peft":
+        return set()
+    out: set[int] = set()
+    for _raw, layer in _peft_layers(model):
+        base = {id(p) for p in layer.get_base_layer().parameters()}
+        out |= {id(p) for p in layer.parameters()} - base
+    return out
+
+
 def _as_list(names: Any) -> list[str] | None:
     if names is None:
         return None
@@ -644,7 +664,10 @@ def probe_adapters(library: str, model: nn.Module, adapters: Sequence[str] | Non
     """
     saved: list[tuple[Any, str, Any]] = []
     try:
-        if library == "peft" and adapters is not None:
+        model_active = getattr(model, "active_adapters", None) if library == "peft" else None
+        if isinstance(model_active, (list, tuple, str)) and _as_list(model_active) == _as_list(adapters):
+            pass  # already the active set (PEFT keeps its layers in step with the model's active adapters)
+        elif library == "peft" and adapters is not None:
             for _raw, layer in _peft_layers(model):
                 if list(layer.active_adapters) != list(adapters):
                     saved.append((layer, "_active_adapter", layer.__dict__.get("_active_adapter", _MISSING)))
@@ -747,7 +770,8 @@ def run_checked_merge(monitor: Any, model: Any, library: str, method: str, call:
         config: MergeConfig = check.config
         arguments = _bind(call, args, kwargs)
         adapters, targets = discover_targets(library, model, kind, arguments)
-        before = snapshot_parameters(model, config.backend)
+        skip = unloaded_parameters(library, model) if method == "merge_and_unload" else None
+        before = snapshot_parameters(model, config.backend, skip)
         target_names = {p for t in targets for p in t.params}
         target_memory = {before.memory[n] for n in target_names if n in before.memory}
         # targets and the names sharing their memory (tied): what an unmerge must bring back
@@ -755,9 +779,9 @@ def run_checked_merge(monitor: Any, model: Any, library: str, method: str, call:
         samples: dict[str, WeightSample] = {}
         samples_merged: dict[str, WeightSample] = {}
         if kind == "merge" and method != "merge_and_unload":
-            samples = _samples(model, sampled, before, config.unmerge_sample)
+            samples = _samples(sampled, before, config.unmerge_sample)
         elif kind == "unmerge":
-            samples_merged = _samples(model, sampled, before, config.unmerge_sample)
+            samples_merged = _samples(sampled, before, config.unmerge_sample)
 
         batch, probe_before, probe_skipped = None, None, None
         if config.probe:
@@ -783,14 +807,14 @@ def run_checked_merge(monitor: Any, model: Any, library: str, method: str, call:
         merged = result if isinstance(result, nn.Module) else model
         after = snapshot_parameters(merged, config.backend)
         changed = [n for n, h in before.hashes.items() if after.hashes.get(n, h) != h]
-        nonfinite_after = _nonfinite(merged, changed)
+        nonfinite_after = _nonfinite(after, changed)
         if kind == "unmerge":
-            samples = _samples(merged, sampled, after, config.unmerge_sample)
+            samples = _samples(sampled, after, config.unmerge_sample)
         probe_after = None
         if batch is not None and error is None:
             # the merged model stands alone: the adapters library keeps the adapter, so it is switched off
             after_adapters = None if (library == "adapters" and kind == "merge") else adapters
-            with probe_adapters(library, merged, after_adapters):
+            with probe_adapters(detect_library(merged) or "none", merged, after_adapters):
                 probe_after = run_probe(merged, batch)
 
         covered: frozenset[tuple[str, ...]] = frozenset()
@@ -817,24 +841,17 @@ def run_checked_merge(monitor: Any, model: Any, library: str, method: str, call:
         _IN_CHECKED_MERGE.reset(token)
 
 
-def _named_tensors(model: nn.Module, names: set[str]) -> dict[str, torch.Tensor]:
-    out: dict[str, torch.Tensor] = {}
-    for _raw, name, param in named_parameters_all(model):
-        if name in names and name not in out:
-            out[name] = param
-    return out
-
-
-def _samples(model: nn.Module, names: set[str], snapshot: ParamSnapshot, count: int) -> dict[str, WeightSample]:
+def _samples(names: set[str], snapshot: ParamSnapshot, count: int) -> dict[str, WeightSample]:
     return {name: WeightSample(hash=snapshot.hashes[name], sample=strided_sample(param, count), dtype=param.dtype)
-            for name, param in _named_tensors(model, names).items() if param.device.type != "meta"}
+            for name, param in snapshot.tensors.items() if name in names and param.device.type != "meta"}
 
 
-def _nonfinite(model: nn.Module, names: Iterable[str]) -> dict[str, int]:
+def _nonfinite(snapshot: ParamSnapshot, names: Iterable[str]) -> dict[str, int]:
     """NaN/Inf counts of the (changed) parameters ``names`` that are floating point."""
     out = {}
-    for name, param in _named_tensors(model, set(names)).items():
-        if param.is_floating_point() and param.device.type != "meta":
+    for name in names:
+        param = snapshot.tensors.get(name)
+        if param is not None and param.is_floating_point() and param.device.type != "meta":
             out[name] = int((~torch.isfinite(param.detach())).sum())
     return out
 
