@@ -194,6 +194,19 @@ def test_dora_merge_is_clean():
     assert mon.check("merge").merges[0]["changed"] == 6
 
 
+def test_dora_adapters_merged_together_with_a_lora_are_clean():
+    pm = lora(tiny_gemma2(tie=False), ["q_proj", "v_proj"], use_dora=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm.add_adapter("second", LoraConfig(r=4, target_modules=["q_proj", "o_proj"], init_lora_weights=False,
+                                            use_dora=True))
+        pm.add_adapter("third", LoraConfig(r=4, target_modules=["v_proj"], init_lora_weights=False))
+    mon = Monitor(policy="raise")
+    mon.checked_merge(pm, adapter_names=["default", "second", "third"])
+    assert mon.findings == []
+    assert mon.check("merge").merges[0]["changed"] == 6
+
+
 def test_several_adapters_merged_together_are_probed_together():
     pm = lora(tiny_gemma2(tie=False), ["q_proj", "v_proj"])
     with warnings.catch_warnings():
@@ -430,3 +443,13 @@ def test_a_copy_of_a_watched_model_merges_on_its_own_unchecked():
     assert all(torch.equal(p, original[n]) for n, p in pm.named_parameters())
     assert mon.check("merge").merges == []
     handle.remove()
+
+
+def test_recipe_merge_section(tmp_path):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("integrity:\n  policy: log\n  checks:\n    merge: {tolerance: 1.0e-3, watch: true}\n")
+    mon = Monitor.from_recipe(recipe)
+    assert mon.check("merge").config.watch and mon.check("merge").config.tolerance == 1e-3
+    recipe.write_text("integrity:\n  checks:\n    merge: {wach: true}\n")
+    with pytest.raises(ConfigError, match="checks.merge"):
+        Monitor.from_recipe(recipe)
