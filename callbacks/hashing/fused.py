@@ -4,7 +4,7 @@ Layout. The host builds, once per *layout* (the tensors' data pointers, dtypes a
 the tensors' device and keeps them in a small LRU cache; any change of a ``data_ptr`` (FSDP resharding, a
 resize, a new gradient buffer) is a new layout and rebuilds them:
 
-- the tensor table, one row per tensor: address, element count, element width in bytes, and the five stat masks
+- the tensor table, one row per tensor: address, element count, element width in bytes, and the six stat masks
   of :func:`callbacks.hashing.spec.stat_masks`;
 - the chunk table, one row per chunk of ``chunk`` elements: (tensor row, first element).
 
@@ -44,7 +44,7 @@ DEFAULT_BLOCK = 2048
 #: how many layouts keep their tables cached (gradients, parameters, a few more)
 LAYOUT_CACHE_SIZE = 8
 #: columns of the tensor table
-_TABLE_COLUMNS = 8
+_TABLE_COLUMNS = 9
 #: element widths the kernel handles, as bits of the WIDTHS constexpr
 _WIDTH_BITS = {1: 1, 2: 2, 4: 4, 8: 8, 16: 16}
 
@@ -60,15 +60,15 @@ def _mix(z):
 
 
 @triton.jit
-def _flags(w, m0, v0, m1, v1, nzm):
+def _flags(w, m0, v0, m1, v1, nzm, zv):
     """Per-word NaN/Inf and non-zero flags (spec.stat_masks)."""
     nonfinite = ((w & m0) == v0) | ((w & m1) == v1)
-    nonzero = (w & nzm) != 0
+    nonzero = (w & nzm) != zv
     return nonfinite, nonzero
 
 
 @triton.jit
-def _block(base, off, lanes, key, limit, acc, nf, nz, m0, v0, m1, v1, nzm,
+def _block(base, off, lanes, key, limit, acc, nf, nz, m0, v0, m1, v1, nzm, zv,
            WIDTH: tl.constexpr, MASKED: tl.constexpr):
     """Hash one block of elements ``off + lanes`` (position keys ``key``) and accumulate into (acc, nf, nz)."""
     offs = off + lanes  # int64 element indices
@@ -88,8 +88,8 @@ def _block(base, off, lanes, key, limit, acc, nf, nz, m0, v0, m1, v1, nzm,
         contrib += _mix((wa >> 32) ^ (k4 + 0x9E3779B97F4A7C15))
         contrib += _mix((wb & 0xFFFFFFFF) ^ (k4 + 0x3C6EF372FE94F82A))  # 2 * KEY mod 2**64
         contrib += _mix((wb >> 32) ^ (k4 + 0xDAA66D2C7DDF743F))  # 3 * KEY mod 2**64
-        fa, za = _flags(wa, m0, v0, m1, v1, nzm)
-        fb, zb = _flags(wb, m0, v0, m1, v1, nzm)
+        fa, za = _flags(wa, m0, v0, m1, v1, nzm, zv)
+        fb, zb = _flags(wb, m0, v0, m1, v1, nzm, zv)
         nonfinite = fa | fb
         nonzero = za | zb
     else:
@@ -104,7 +104,7 @@ def _block(base, off, lanes, key, limit, acc, nf, nz, m0, v0, m1, v1, nzm,
         else:
             w = w.to(tl.uint64)  # the loaded pointer types are unsigned: zero extension
             contrib = _mix(w ^ key)
-        nonfinite, nonzero = _flags(w, m0, v0, m1, v1, nzm)
+        nonfinite, nonzero = _flags(w, m0, v0, m1, v1, nzm, zv)
     if MASKED:
         contrib = tl.where(mask, contrib, 0)
         nonfinite = nonfinite & mask
@@ -113,7 +113,7 @@ def _block(base, off, lanes, key, limit, acc, nf, nz, m0, v0, m1, v1, nzm,
 
 
 @triton.jit
-def _span(addr, start, stop, lanes, lane_keys, acc, nf, nz, m0, v0, m1, v1, nzm,
+def _span(addr, start, stop, lanes, lane_keys, acc, nf, nz, m0, v0, m1, v1, nzm, zv,
           WIDTH: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr):
     """Hash elements [start, stop) of one tensor whose elements are WIDTH bytes wide."""
     if WIDTH == 1:
@@ -131,11 +131,11 @@ def _span(addr, start, stop, lanes, lane_keys, acc, nf, nz, m0, v0, m1, v1, nzm,
     key = start.to(tl.uint64) * 0x9E3779B97F4A7C15 + lane_keys
     step = tl.full([], BLOCK, tl.uint64) * 0x9E3779B97F4A7C15
     for off in range(start, full_stop, BLOCK):
-        acc, nf, nz = _block(base, off, lanes, key, stop, acc, nf, nz, m0, v0, m1, v1, nzm,
+        acc, nf, nz = _block(base, off, lanes, key, stop, acc, nf, nz, m0, v0, m1, v1, nzm, zv,
                              WIDTH=WIDTH, MASKED=False)
         key += step
     if full_stop < stop:
-        acc, nf, nz = _block(base, full_stop, lanes, key, stop, acc, nf, nz, m0, v0, m1, v1, nzm,
+        acc, nf, nz = _block(base, full_stop, lanes, key, stop, acc, nf, nz, m0, v0, m1, v1, nzm, zv,
                              WIDTH=WIDTH, MASKED=True)
     return acc, nf, nz
 
@@ -147,7 +147,7 @@ def _hash_kernel(table_ptr, chunk_ptr, out_ptr,
     pid = tl.program_id(0).to(tl.int64)
     row = tl.load(chunk_ptr + 2 * pid)
     start = tl.load(chunk_ptr + 2 * pid + 1)
-    entry = table_ptr + row * 8
+    entry = table_ptr + row * 9
     addr = tl.load(entry)
     numel = tl.load(entry + 1)
     width = tl.load(entry + 2)
@@ -156,6 +156,7 @@ def _hash_kernel(table_ptr, chunk_ptr, out_ptr,
     m1 = tl.load(entry + 5).to(tl.uint64, bitcast=True)
     v1 = tl.load(entry + 6).to(tl.uint64, bitcast=True)
     nzm = tl.load(entry + 7).to(tl.uint64, bitcast=True)
+    zv = tl.load(entry + 8).to(tl.uint64, bitcast=True)
     start = tl.multiple_of(start, BLOCK)  # chunks start at multiples of CHUNK, a multiple of BLOCK
     stop = tl.minimum(start + CHUNK, numel)
 
@@ -167,23 +168,23 @@ def _hash_kernel(table_ptr, chunk_ptr, out_ptr,
     # WIDTHS (constexpr) lists the widths present: a bf16-only model compiles one branch
     if (WIDTHS & 1) != 0:
         if width == 1:
-            acc, nf, nz = _span(addr, start, stop, lanes, lane_keys, acc, nf, nz, m0, v0, m1, v1, nzm,
+            acc, nf, nz = _span(addr, start, stop, lanes, lane_keys, acc, nf, nz, m0, v0, m1, v1, nzm, zv,
                                 WIDTH=1, BLOCK=BLOCK, ALIGNED=ALIGNED)
     if (WIDTHS & 2) != 0:
         if width == 2:
-            acc, nf, nz = _span(addr, start, stop, lanes, lane_keys, acc, nf, nz, m0, v0, m1, v1, nzm,
+            acc, nf, nz = _span(addr, start, stop, lanes, lane_keys, acc, nf, nz, m0, v0, m1, v1, nzm, zv,
                                 WIDTH=2, BLOCK=BLOCK, ALIGNED=ALIGNED)
     if (WIDTHS & 4) != 0:
         if width == 4:
-            acc, nf, nz = _span(addr, start, stop, lanes, lane_keys, acc, nf, nz, m0, v0, m1, v1, nzm,
+            acc, nf, nz = _span(addr, start, stop, lanes, lane_keys, acc, nf, nz, m0, v0, m1, v1, nzm, zv,
                                 WIDTH=4, BLOCK=BLOCK, ALIGNED=ALIGNED)
     if (WIDTHS & 8) != 0:
         if width == 8:
-            acc, nf, nz = _span(addr, start, stop, lanes, lane_keys, acc, nf, nz, m0, v0, m1, v1, nzm,
+            acc, nf, nz = _span(addr, start, stop, lanes, lane_keys, acc, nf, nz, m0, v0, m1, v1, nzm, zv,
                                 WIDTH=8, BLOCK=BLOCK, ALIGNED=ALIGNED)
     if (WIDTHS & 16) != 0:
         if width == 16:
-            acc, nf, nz = _span(addr, start, stop, lanes, lane_keys, acc, nf, nz, m0, v0, m1, v1, nzm,
+            acc, nf, nz = _span(addr, start, stop, lanes, lane_keys, acc, nf, nz, m0, v0, m1, v1, nzm, zv,
                                 WIDTH=16, BLOCK=BLOCK, ALIGNED=ALIGNED)
     total = tl.sum(acc, axis=0)  # uint64 addition wraps
     out = out_ptr + row * 3
@@ -196,7 +197,7 @@ def _hash_kernel(table_ptr, chunk_ptr, out_ptr,
 class _Plan:
     """Device tables for one layout."""
 
-    table: torch.Tensor  # (n_tensors, 8) int64
+    table: torch.Tensor  # (n_tensors, 9) int64
     chunks: torch.Tensor  # (n_chunks, 2) int64
     headers: torch.Tensor  # (n_tensors,) int64
     n_chunks: int

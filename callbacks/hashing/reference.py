@@ -141,7 +141,7 @@ def _element_words(flat: torch.Tensor) -> torch.Tensor:
 def _count(tensor: torch.Tensor, which: str) -> int:
     """Count elements that are NaN/Inf (``which="nonfinite"``) or non-zero, on the bits (spec.stat_masks)."""
     flat = _flat(tensor)
-    m0, v0, m1, v1, nz = (to_signed(x) for x in stat_masks(tensor.dtype))
+    m0, v0, m1, v1, nz, zv = (to_signed(x) for x in stat_masks(tensor.dtype))
     if which == "nonfinite" and m0 == 0 and m1 == 0:
         return 0
     total = 0
@@ -150,7 +150,7 @@ def _count(tensor: torch.Tensor, which: str) -> int:
         if which == "nonfinite":
             hit = ((w & m0) == v0) | ((w & m1) == v1)
         else:
-            hit = (w & nz) != 0
+            hit = (w & nz) != zv
         if hit.dim() == 2:
             hit = hit.any(dim=1)
         total += int(hit.sum().item())
