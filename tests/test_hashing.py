@@ -158,15 +158,18 @@ def _special_values(dtype: torch.dtype) -> torch.Tensor:
 def test_counts_match_torch_on_the_values(dtype):
     t = _special_values(dtype)
     values = t if (dtype.is_complex or spec.element_size(dtype) > 1) else t.float()
-    assert reference.nonfinite_count(t) == int((~torch.isfinite(values)).sum())
-    assert reference.nonzero_count(t) == int(torch.count_nonzero(values))
+    nonfinite, nonzero = int((~torch.isfinite(values)).sum()), int(torch.count_nonzero(values))
+    assert (reference.count_bits(t, "nonfinite"), reference.count_bits(t, "nonzero")) == (nonfinite, nonzero)
+    assert (reference.nonfinite_count(t), reference.nonzero_count(t)) == (nonfinite, nonzero)
+    assert 0 < nonfinite < nonzero < t.numel() or dtype == getattr(torch, "float8_e8m0fnu", None)
 
 
-def test_counts_of_integer_and_bool_dtypes():
-    t = torch.tensor([0, 1, -1, 0, 5], dtype=torch.int64)
+@pytest.mark.parametrize("dtype", [d for d in DTYPES if not (d.is_floating_point or d.is_complex)], ids=str)
+def test_counts_of_integer_and_bool_dtypes(dtype):
+    t = torch.tensor([0, 1, 1, 0, 1], dtype=torch.uint8).view(torch.bool).to(dtype) if dtype != torch.bool else None
+    t = torch.tensor([False, True, True, False, True]) if t is None else t
+    assert (reference.count_bits(t, "nonfinite"), reference.count_bits(t, "nonzero")) == (0, 3)
     assert (reference.nonfinite_count(t), reference.nonzero_count(t)) == (0, 3)
-    b = torch.tensor([True, False, True])
-    assert (reference.nonfinite_count(b), reference.nonzero_count(b)) == (0, 2)
 
 
 def test_dispatch_torch_backend_and_auto_on_cpu():

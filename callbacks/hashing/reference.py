@@ -26,10 +26,12 @@ from callbacks.hashing.spec import (
     to_unsigned,
 )
 
-#: units hashed per chunk: small enough for the temporaries to stay in cache on CPU
+#: units hashed per chunk on CPU: small enough for the temporaries to stay in cache
 CHUNK_UNITS = 1 << 16
-#: elements classified per chunk by the NaN/Inf and non-zero counts
-STAT_CHUNK = 1 << 18
+#: units hashed per chunk on accelerators: large enough that kernel launches do not dominate
+DEVICE_CHUNK_UNITS = 1 << 24
+#: elements classified per chunk by the bitwise NaN/Inf and non-zero counts
+STAT_CHUNK = 1 << 16
 
 _KEY = to_signed(KEY_MULT)
 _MIX = to_signed(MIX_MULT)
@@ -90,7 +92,7 @@ def unit_sum_tensor(tensor: torch.Tensor) -> torch.Tensor:
     total = torch.zeros((), dtype=torch.int64, device=words.device)
     if n == 0:
         return total
-    length = min(CHUNK_UNITS, n)
+    length = min(CHUNK_UNITS if words.device.type == "cpu" else DEVICE_CHUNK_UNITS, n)
     keys = _lane_keys(words.device, length)
     z_buf = torch.empty(length, dtype=torch.int64, device=words.device)
     scratch = torch.empty_like(z_buf)
@@ -138,8 +140,11 @@ def _element_words(flat: torch.Tensor) -> torch.Tensor:
     return flat.view(view).to(torch.int64) & ((1 << (8 * size)) - 1)
 
 
-def _count(tensor: torch.Tensor, which: str) -> int:
-    """Count elements that are NaN/Inf (``which="nonfinite"``) or non-zero, on the bits (spec.stat_masks)."""
+def count_bits(tensor: torch.Tensor, which: str) -> int:
+    """Count elements that are NaN/Inf (``which="nonfinite"``) or non-zero, on the bits (spec.stat_masks).
+
+    Defined for every dtype; equals torch's value-based counts wherever torch has them (tested).
+    """
     flat = _flat(tensor)
     m0, v0, m1, v1, nz, zv = (to_signed(x) for x in stat_masks(tensor.dtype))
     if which == "nonfinite" and m0 == 0 and m1 == 0:
@@ -148,7 +153,9 @@ def _count(tensor: torch.Tensor, which: str) -> int:
     for start in range(0, flat.numel(), STAT_CHUNK):
         w = _element_words(flat[start:start + STAT_CHUNK])
         if which == "nonfinite":
-            hit = ((w & m0) == v0) | ((w & m1) == v1)
+            hit = (w & m0) == v0
+            if m1:
+                hit |= (w & m1) == v1
         else:
             hit = (w & nz) != zv
         if hit.dim() == 2:
@@ -157,17 +164,27 @@ def _count(tensor: torch.Tensor, which: str) -> int:
     return total
 
 
+#: dtypes whose torch.isfinite / torch.count_nonzero exist on every device and equal :func:`count_bits`
+_TORCH_FLOATS = {torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.complex64, torch.complex128}
+_TORCH_COUNTABLE = _TORCH_FLOATS | {torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64}
+
+
 def nonfinite_count(tensor: torch.Tensor) -> int:
     """Number of NaN/Inf elements (0 for integer and bool dtypes); same as ``~torch.isfinite`` of the values."""
-    return _count(tensor, "nonfinite")
+    if tensor.dtype in _TORCH_FLOATS:
+        return tensor.numel() - int(torch.isfinite(tensor.detach()).sum().item())
+    return count_bits(tensor, "nonfinite")
 
 
 def nonzero_count(tensor: torch.Tensor) -> int:
     """Number of non-zero elements (``-0.0`` is zero, NaN is not); same as ``torch.count_nonzero`` of the values."""
-    return _count(tensor, "nonzero")
+    if tensor.dtype in _TORCH_COUNTABLE:
+        return int(torch.count_nonzero(tensor.detach()).item())
+    return count_bits(tensor, "nonzero")
 
 
 __all__ = [
+    "count_bits",
     "element_size",
     "finalize_tensor",
     "hash_tensor",
