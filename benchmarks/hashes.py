@@ -96,11 +96,11 @@ def gpu_section(args) -> None:
     if args.smoke:
         device = torch.device("cpu")
         shapes = llama_shapes(layers=2, hidden=64, intermediate=172, vocab=128)
-        copy_bytes, chunk, block = 1 << 20, 256, 64
+        copy_bytes, chunk, rows = 1 << 20, 256, 8
     else:
         device = torch.device("cuda")
         shapes = llama_shapes(layers=2 if args.small else 32)
-        copy_bytes, chunk, block = 1 << 31, fused.DEFAULT_CHUNK, fused.DEFAULT_BLOCK
+        copy_bytes, chunk, rows = 1 << 31, fused.DEFAULT_CHUNK, fused.DEFAULT_ROWS
     gen = torch.Generator(device=device).manual_seed(0)
     tensors = [torch.randn(s, generator=gen, device=device, dtype=torch.bfloat16) for _, s in shapes]
     size = nbytes(tensors)
@@ -116,9 +116,9 @@ def gpu_section(args) -> None:
         rows.append((name, data_bytes / seconds, note))
         return seconds
 
-    fused_call = lambda: fused.fused_hash_table(tensors, chunk=chunk, block=block)  # noqa: E731
+    fused_call = lambda: fused.fused_hash_table(tensors, chunk=chunk, rows=rows)  # noqa: E731
     fused_s = run("fused Triton kernel (1 launch)", fused_call)
-    got = fused.fused_hash_with_stats(tensors, chunk=chunk, block=block).hashes
+    got = fused.fused_hash_with_stats(tensors, chunk=chunk, rows=rows).hashes
     # host-side cost per call with the layout cached (launch is asynchronous; no synchronisation inside)
     host = []
     for _ in range(max(3, repeats)):

@@ -9,12 +9,21 @@ resize, a new gradient buffer) is a new layout and rebuilds them:
 - the chunk table, one row per chunk of ``chunk`` elements: (tensor row, first element).
 
 One program hashes one chunk: it casts the address loaded from the table to a pointer of the element width
-(64-bit offsets; ``tl.multiple_of`` when every address is 16-byte aligned), streams the chunk in blocks (full
-blocks unmasked, the tail masked), sums the unit contributions with wrapping uint64 adds and counts the flags,
-then adds the three per-chunk partials into the tensor's row of the output with integer atomics. Integer
-addition is associative, so the result does not depend on chunking, block size or the order of the atomics:
-the kernel equals the torch reference bit for bit. Finalisation (``mix(sum XOR header)``) is a handful of
-vectorised torch operations over the per-tensor sums with cached headers; one device-to-host copy returns all.
+(64-bit offsets; ``tl.multiple_of`` when every address is 16-byte aligned), streams the chunk ``ROWS`` rows of
+16 bytes at a time (one 16-byte vector load per row and thread; full iterations unmasked, the tail masked),
+sums the unit contributions of each row inside its thread with wrapping uint64 adds and counts the flags, then
+adds the three per-chunk partials into the tensor's row of the output with integer atomics. Integer addition
+is associative, so the result does not depend on chunking, ROWS or the order of the atomics: the kernel equals
+the torch reference bit for bit.
+
+Cost (static, from the SASS that ``triton.compile`` emits for sm_90 on a machine without a GPU; not measured):
+bf16 with the defaults compiles to 16-byte ``LDG.E.128`` loads, 59 registers, no spills, and about 20 integer
+instructions per element in the main loop (the 64-bit multiply-xorshift mix, the position key, two 32-bit
+classifications). That is near the SM's issue rate at HBM3 speed, so the spec's per-unit mix, not memory,
+may bound the kernel on bf16; measure with ``benchmarks/hashes.py`` on a GPU.
+
+Finalisation (``mix(sum XOR header)``) is a handful of vectorised torch operations over the per-tensor sums with
+cached headers; one device-to-host copy returns all.
 
 Extra device memory is O(number of tensors + number of chunks); gradients are never copied or concatenated
 (non-contiguous tensors are made contiguous first: the hash is defined on the contiguous bytes).
@@ -37,10 +46,10 @@ import triton.language as tl
 from callbacks.hashing import reference
 from callbacks.hashing.spec import element_size, stat_masks, to_signed
 
-#: elements per chunk (one program); a multiple of every BLOCK
+#: elements per chunk (one program); a multiple of 16 * ROWS (the items of one iteration at 1 byte per item)
 DEFAULT_CHUNK = 1 << 15
-#: elements per block (one iteration of a program's loop)
-DEFAULT_BLOCK = 2048
+#: rows of 16 bytes per iteration of a program's loop (one row per thread per load, 16-byte vector loads)
+DEFAULT_ROWS = 512
 #: how many layouts keep their tables cached (gradients, parameters, a few more)
 LAYOUT_CACHE_SIZE = 8
 #: columns of the tensor table
@@ -60,62 +69,66 @@ def _mix(z):
 
 
 @triton.jit
-def _flags(w, m0, v0, m1, v1, nzm, zv):
-    """Per-word NaN/Inf and non-zero flags (spec.stat_masks)."""
-    nonfinite = ((w & m0) == v0) | ((w & m1) == v1)
+def _flags(w, m0, v0, m1, v1, nzm, zv, HAS_M1: tl.constexpr):
+    """Per-word NaN/Inf and non-zero flags (spec.stat_masks), in the masks' integer type.
+
+    Elements of up to 4 bytes are classified in 32-bit arithmetic (half the instructions of 64-bit compares:
+    the kernel is close to integer-bound on bf16), and 1- and 2-byte dtypes never use the second mask pair.
+    """
+    nonfinite = (w & m0) == v0
+    if HAS_M1:
+        nonfinite = nonfinite | ((w & m1) == v1)
     nonzero = (w & nzm) != zv
     return nonfinite, nonzero
 
 
 @triton.jit
-def _block(base, off, lanes, key, limit, acc, nf, nz, m0, v0, m1, v1, nzm, zv,
-           WIDTH: tl.constexpr, MASKED: tl.constexpr):
-    """Hash one block of elements ``off + lanes`` (position keys ``key``) and accumulate into (acc, nf, nz)."""
-    offs = off + lanes  # int64 element indices
+def _rows(base, off, rows, cols, rowkey, colkey, limit, acc, nf, nz, m0, v0, m1, v1, nzm, zv,
+          ITEM: tl.constexpr, VEC: tl.constexpr, PAIRED: tl.constexpr, MASKED: tl.constexpr):
+    """Hash items ``off + [ROWS, VEC]`` (16 bytes per row, held by one thread) into per-row accumulators.
+
+    An item is an element, or an 8-byte word of a 16-byte element (``PAIRED``: one element per row). Item ``i``
+    holds units ``i`` (items of up to 4 bytes) or ``2i`` and ``2i + 1`` (8-byte items); its key is ``i * KEY``,
+    ``rowkey[:, None] + colkey[None, :]`` (wrapping). Summing each row inside its thread keeps one accumulator per
+    16 bytes instead of one per element (registers, hence occupancy, hence bytes in flight).
+    """
+    items = off + rows[:, None] * VEC + cols[None, :]  # int64 item indices
+    key = rowkey[:, None] + colkey[None, :]
     if MASKED:
-        mask = offs < limit
-    if WIDTH == 16:
-        if MASKED:
-            wa = tl.load(base + 2 * offs, mask=mask, other=0)
-            wb = tl.load(base + 2 * offs + 1, mask=mask, other=0)
-        else:
-            wa = tl.load(base + 2 * offs)
-            wb = tl.load(base + 2 * offs + 1)
-        wa = wa.to(tl.uint64, bitcast=True)
-        wb = wb.to(tl.uint64, bitcast=True)
-        k4 = key << 2  # unit j = 4e + i
-        contrib = _mix((wa & 0xFFFFFFFF) ^ k4)
-        contrib += _mix((wa >> 32) ^ (k4 + 0x9E3779B97F4A7C15))
-        contrib += _mix((wb & 0xFFFFFFFF) ^ (k4 + 0x3C6EF372FE94F82A))  # 2 * KEY mod 2**64
-        contrib += _mix((wb >> 32) ^ (k4 + 0xDAA66D2C7DDF743F))  # 3 * KEY mod 2**64
-        fa, za = _flags(wa, m0, v0, m1, v1, nzm, zv)
-        fb, zb = _flags(wb, m0, v0, m1, v1, nzm, zv)
-        nonfinite = fa | fb
-        nonzero = za | zb
+        mask = items < limit
+        w = tl.load(base + items, mask=mask, other=0)
     else:
-        if MASKED:
-            w = tl.load(base + offs, mask=mask, other=0)
-        else:
-            w = tl.load(base + offs)
-        if WIDTH == 8:
-            w = w.to(tl.uint64, bitcast=True)
-            k2 = key << 1  # unit j = 2e + i
-            contrib = _mix((w & 0xFFFFFFFF) ^ k2) + _mix((w >> 32) ^ (k2 + 0x9E3779B97F4A7C15))
-        else:
-            w = w.to(tl.uint64)  # the loaded pointer types are unsigned: zero extension
-            contrib = _mix(w ^ key)
-        nonfinite, nonzero = _flags(w, m0, v0, m1, v1, nzm, zv)
+        w = tl.load(base + items)
+    if ITEM == 8:
+        w = w.to(tl.uint64, bitcast=True)
+        k2 = key << 1  # units 2i and 2i + 1
+        contrib = _mix((w & 0xFFFFFFFF) ^ k2) + _mix((w >> 32) ^ (k2 + 0x9E3779B97F4A7C15))
+        nonfinite, nonzero = _flags(w, m0, v0, m1, v1, nzm, zv, HAS_M1=True)
+    else:
+        w = w.to(tl.uint32)  # the loaded pointer types are unsigned: zero extension
+        contrib = _mix(w.to(tl.uint64) ^ key)
+        nonfinite, nonzero = _flags(w, m0.to(tl.uint32), v0.to(tl.uint32), m1.to(tl.uint32), v1.to(tl.uint32),
+                                    nzm.to(tl.uint32), zv.to(tl.uint32), HAS_M1=ITEM == 4)
     if MASKED:
         contrib = tl.where(mask, contrib, 0)
         nonfinite = nonfinite & mask
         nonzero = nonzero & mask
-    return acc + contrib, nf + nonfinite.to(tl.int32), nz + nonzero.to(tl.int32)
+    if PAIRED:  # one element per row: flagged when either word is
+        f = tl.max(nonfinite.to(tl.int32), axis=1)
+        z = tl.max(nonzero.to(tl.int32), axis=1)
+    else:
+        f = tl.sum(nonfinite.to(tl.int32), axis=1)
+        z = tl.sum(nonzero.to(tl.int32), axis=1)
+    return acc + tl.sum(contrib, axis=1), nf + f, nz + z
 
 
 @triton.jit
-def _span(addr, start, stop, lanes, lane_keys, acc, nf, nz, m0, v0, m1, v1, nzm, zv,
-          WIDTH: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr):
-    """Hash elements [start, stop) of one tensor whose elements are WIDTH bytes wide."""
+def _span(addr, start, stop, m0, v0, m1, v1, nzm, zv,
+          WIDTH: tl.constexpr, ROWS: tl.constexpr, ALIGNED: tl.constexpr):
+    """Hash elements [start, stop) of one tensor of WIDTH-byte elements, ROWS rows of 16 bytes per iteration.
+
+    Returns the chunk's (unit sum, NaN/Inf count, non-zero count) as scalars.
+    """
     if WIDTH == 1:
         base = addr.to(tl.pointer_type(tl.uint8))
     elif WIDTH == 2:
@@ -126,23 +139,34 @@ def _span(addr, start, stop, lanes, lane_keys, acc, nf, nz, m0, v0, m1, v1, nzm,
         base = addr.to(tl.pointer_type(tl.int64))
     if ALIGNED:
         base = tl.multiple_of(base, 16)
-    full_stop = start + ((stop - start) // BLOCK) * BLOCK
-    # position key of element e is e * KEY (wrapping): start * KEY + lane * KEY, then + BLOCK * KEY per block
-    key = start.to(tl.uint64) * 0x9E3779B97F4A7C15 + lane_keys
-    step = tl.full([], BLOCK, tl.uint64) * 0x9E3779B97F4A7C15
-    for off in range(start, full_stop, BLOCK):
-        acc, nf, nz = _block(base, off, lanes, key, stop, acc, nf, nz, m0, v0, m1, v1, nzm, zv,
-                             WIDTH=WIDTH, MASKED=False)
-        key += step
+    ITEM: tl.constexpr = 8 if WIDTH == 16 else WIDTH
+    VEC: tl.constexpr = 16 // ITEM  # items per row
+    if WIDTH == 16:  # items are 8-byte words: two per element
+        start = 2 * start
+        stop = 2 * stop
+    rows = tl.arange(0, ROWS).to(tl.int64)
+    cols = tl.arange(0, VEC).to(tl.int64)
+    colkey = cols.to(tl.uint64) * 0x9E3779B97F4A7C15
+    acc = tl.zeros([ROWS], dtype=tl.uint64)
+    nf = tl.zeros([ROWS], dtype=tl.int32)
+    nz = tl.zeros([ROWS], dtype=tl.int32)
+    full_stop = start + ((stop - start) // (ROWS * VEC)) * (ROWS * VEC)
+    # the key of item i is i * KEY (wrapping): per row (start + row * VEC) * KEY, + ROWS * VEC * KEY per iteration
+    rowkey = (start + rows * VEC).to(tl.uint64) * 0x9E3779B97F4A7C15
+    step = tl.full([], ROWS * VEC, tl.uint64) * 0x9E3779B97F4A7C15
+    for off in range(start, full_stop, ROWS * VEC):
+        acc, nf, nz = _rows(base, off, rows, cols, rowkey, colkey, stop, acc, nf, nz, m0, v0, m1, v1, nzm, zv,
+                            ITEM=ITEM, VEC=VEC, PAIRED=WIDTH == 16, MASKED=False)
+        rowkey += step
     if full_stop < stop:
-        acc, nf, nz = _block(base, full_stop, lanes, key, stop, acc, nf, nz, m0, v0, m1, v1, nzm, zv,
-                             WIDTH=WIDTH, MASKED=True)
-    return acc, nf, nz
+        acc, nf, nz = _rows(base, full_stop, rows, cols, rowkey, colkey, stop, acc, nf, nz, m0, v0, m1, v1, nzm, zv,
+                            ITEM=ITEM, VEC=VEC, PAIRED=WIDTH == 16, MASKED=True)
+    return tl.sum(acc, axis=0), tl.sum(nf, axis=0), tl.sum(nz, axis=0)  # uint64 addition wraps
 
 
 @triton.jit
 def _hash_kernel(table_ptr, chunk_ptr, out_ptr,
-                 CHUNK: tl.constexpr, BLOCK: tl.constexpr, WIDTHS: tl.constexpr, ALIGNED: tl.constexpr):
+                 CHUNK: tl.constexpr, ROWS: tl.constexpr, WIDTHS: tl.constexpr, ALIGNED: tl.constexpr):
     """One program per chunk: hash it and add (unit sum, NaN/Inf count, non-zero count) into its tensor's row."""
     pid = tl.program_id(0).to(tl.int64)
     row = tl.load(chunk_ptr + 2 * pid)
@@ -157,40 +181,37 @@ def _hash_kernel(table_ptr, chunk_ptr, out_ptr,
     v1 = tl.load(entry + 6).to(tl.uint64, bitcast=True)
     nzm = tl.load(entry + 7).to(tl.uint64, bitcast=True)
     zv = tl.load(entry + 8).to(tl.uint64, bitcast=True)
-    start = tl.multiple_of(start, BLOCK)  # chunks start at multiples of CHUNK, a multiple of BLOCK
+    start = tl.multiple_of(start, 16)  # chunks start at multiples of CHUNK, a multiple of 16 * ROWS
     stop = tl.minimum(start + CHUNK, numel)
 
-    lanes = tl.arange(0, BLOCK).to(tl.int64)
-    lane_keys = lanes.to(tl.uint64) * 0x9E3779B97F4A7C15
-    acc = tl.zeros([BLOCK], dtype=tl.uint64)
-    nf = tl.zeros([BLOCK], dtype=tl.int32)
-    nz = tl.zeros([BLOCK], dtype=tl.int32)
+    total = tl.full([], 0, tl.uint64)
+    nonfinite = tl.full([], 0, tl.int32)
+    nonzero = tl.full([], 0, tl.int32)
     # WIDTHS (constexpr) lists the widths present: a bf16-only model compiles one branch
     if (WIDTHS & 1) != 0:
         if width == 1:
-            acc, nf, nz = _span(addr, start, stop, lanes, lane_keys, acc, nf, nz, m0, v0, m1, v1, nzm, zv,
-                                WIDTH=1, BLOCK=BLOCK, ALIGNED=ALIGNED)
+            total, nonfinite, nonzero = _span(addr, start, stop, m0, v0, m1, v1, nzm, zv,
+                                              WIDTH=1, ROWS=ROWS, ALIGNED=ALIGNED)
     if (WIDTHS & 2) != 0:
         if width == 2:
-            acc, nf, nz = _span(addr, start, stop, lanes, lane_keys, acc, nf, nz, m0, v0, m1, v1, nzm, zv,
-                                WIDTH=2, BLOCK=BLOCK, ALIGNED=ALIGNED)
+            total, nonfinite, nonzero = _span(addr, start, stop, m0, v0, m1, v1, nzm, zv,
+                                              WIDTH=2, ROWS=ROWS, ALIGNED=ALIGNED)
     if (WIDTHS & 4) != 0:
         if width == 4:
-            acc, nf, nz = _span(addr, start, stop, lanes, lane_keys, acc, nf, nz, m0, v0, m1, v1, nzm, zv,
-                                WIDTH=4, BLOCK=BLOCK, ALIGNED=ALIGNED)
+            total, nonfinite, nonzero = _span(addr, start, stop, m0, v0, m1, v1, nzm, zv,
+                                              WIDTH=4, ROWS=ROWS, ALIGNED=ALIGNED)
     if (WIDTHS & 8) != 0:
         if width == 8:
-            acc, nf, nz = _span(addr, start, stop, lanes, lane_keys, acc, nf, nz, m0, v0, m1, v1, nzm, zv,
-                                WIDTH=8, BLOCK=BLOCK, ALIGNED=ALIGNED)
+            total, nonfinite, nonzero = _span(addr, start, stop, m0, v0, m1, v1, nzm, zv,
+                                              WIDTH=8, ROWS=ROWS, ALIGNED=ALIGNED)
     if (WIDTHS & 16) != 0:
         if width == 16:
-            acc, nf, nz = _span(addr, start, stop, lanes, lane_keys, acc, nf, nz, m0, v0, m1, v1, nzm, zv,
-                                WIDTH=16, BLOCK=BLOCK, ALIGNED=ALIGNED)
-    total = tl.sum(acc, axis=0)  # uint64 addition wraps
+            total, nonfinite, nonzero = _span(addr, start, stop, m0, v0, m1, v1, nzm, zv,
+                                              WIDTH=16, ROWS=ROWS, ALIGNED=ALIGNED)
     out = out_ptr + row * 3
     tl.atomic_add(out, total.to(tl.int64, bitcast=True))
-    tl.atomic_add(out + 1, tl.sum(nf, axis=0).to(tl.int64))
-    tl.atomic_add(out + 2, tl.sum(nz, axis=0).to(tl.int64))
+    tl.atomic_add(out + 1, nonfinite.to(tl.int64))
+    tl.atomic_add(out + 2, nonzero.to(tl.int64))
 
 
 @dataclasses.dataclass
@@ -222,9 +243,12 @@ def _build_plan(tensors: Sequence[torch.Tensor], chunk: int, device: torch.devic
         if width not in _WIDTH_BITS:
             raise ValueError(f"the fused hash has no path for {width}-byte dtype {t.dtype}")
         widths |= _WIDTH_BITS[width]
+        masks = stat_masks(t.dtype)
+        if width <= 2 and masks[2] != 0:  # the kernel's 1- and 2-byte paths never read the second mask pair
+            raise ValueError(f"the fused hash assumes one NaN/Inf mask for {t.dtype}")
         addr = t.data_ptr()
         aligned = aligned and (addr % 16 == 0 or t.numel() == 0)
-        rows.append([addr, t.numel(), width, *(to_signed(m) for m in stat_masks(t.dtype))])
+        rows.append([addr, t.numel(), width, *(to_signed(m) for m in masks)])
     table = torch.tensor(rows, dtype=torch.int64).reshape(-1, _TABLE_COLUMNS)
     per_tensor = (table[:, 1] + chunk - 1) // chunk
     n_chunks = int(per_tensor.sum())
@@ -265,7 +289,7 @@ def clear_cache() -> None:
 def fused_hash_table(
     tensors: Sequence[torch.Tensor],
     chunk: int = DEFAULT_CHUNK,
-    block: int = DEFAULT_BLOCK,
+    rows: int = DEFAULT_ROWS,
     num_warps: int = 8,
 ) -> torch.Tensor:
     """(n, 3) int64 tensor on the tensors' device: hash bits (as int64), NaN/Inf count, non-zero count.
@@ -280,8 +304,8 @@ def fused_hash_table(
         raise ValueError("fused hash: all tensors must be on one device")
     if device.type != "cuda" and not INTERPRET:
         raise RuntimeError("the fused hash kernel needs CUDA tensors (or TRITON_INTERPRET=1 on CPU)")
-    if chunk % block or block & (block - 1):
-        raise ValueError("chunk must be a multiple of block, and block a power of two")
+    if rows & (rows - 1) or chunk % (16 * rows):
+        raise ValueError("rows must be a power of two and chunk a multiple of 16 * rows")
     # the hash is defined on contiguous bytes; keep the copies alive until the kernel has run
     tensors = [t if t.is_contiguous() else t.contiguous() for t in tensors]
     plan = _plan_for(tensors, chunk)
@@ -289,7 +313,7 @@ def fused_hash_table(
     if plan.n_chunks:
         _hash_kernel[(plan.n_chunks,)](
             plan.table, plan.chunks, out,
-            CHUNK=chunk, BLOCK=block, WIDTHS=plan.widths, ALIGNED=plan.aligned,
+            CHUNK=chunk, ROWS=rows, WIDTHS=plan.widths, ALIGNED=plan.aligned,
             num_warps=num_warps,
         )
     out[:, 0] = reference.finalize_tensor(out[:, 0].clone(), plan.headers)
@@ -308,4 +332,4 @@ def fused_hash_with_stats(tensors: Sequence[torch.Tensor], **kwargs):
     )
 
 
-__all__ = ["DEFAULT_BLOCK", "DEFAULT_CHUNK", "INTERPRET", "clear_cache", "fused_hash_table", "fused_hash_with_stats"]
+__all__ = ["DEFAULT_ROWS", "DEFAULT_CHUNK", "INTERPRET", "clear_cache", "fused_hash_table", "fused_hash_with_stats"]
