@@ -67,3 +67,19 @@ def test_hf_trainer_under_torchrun(tmp_path):
     assert [f["code"] for f in timeout["findings"]] == ["CHECK_FAILED"]
     assert "within 3s" in timeout["findings"][0]["message"]
     assert timeout["waited_s"] < 20
+
+
+def test_lightning_ddp_strategy(tmp_path):
+    """Lightning re-runs the script for rank 1 itself (``strategy="ddp"``, 2 CPU devices); hashes are taken in
+    on_before_optimizer_step (after DDP's all-reduce, before clipping) and after the optimizer stepped."""
+    launch([os.path.join(HERE, "dist_scripts", "lightning_replicas.py")], tmp_path)
+    target = "model.layers.1.1.weight"
+    for rank in (0, 1):
+        healthy = load(tmp_path, "healthy", rank)
+        assert problems(healthy) == []
+        assert healthy["section"]["replicas"] == "compared across 2 ranks"
+        assert problems(load(tmp_path, "grad", rank)) == [
+            ("GRAD_REPLICA_MISMATCH", "step", 2, (target,), (0, 1)),
+            ("PARAM_REPLICA_MISMATCH", "step", 2, (target,), (0, 1)),
+        ]
+        assert problems(load(tmp_path, "param", rank)) == [("PARAM_REPLICA_MISMATCH", "step", 2, (target,), (0, 1))]
