@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import pickle
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -267,14 +265,22 @@ def test_ledger_diff_bad_input_and_cli(tmp_path):
     shorter.write_text("\n".join(a.read_text().splitlines()[:-2]) + "\n")
     code, text = diff_ledgers(a, shorter)
     assert code == 1 and "step 3" in text
-    try:
-        import callbacks.cli  # noqa: F401
-    except ImportError:
-        pytest.skip("callbacks.cli not on this branch yet")
-    run = subprocess.run([sys.executable, "-m", "callbacks", "diff", str(a), str(a)], capture_output=True,
-                         text=True, timeout=60)
-    assert run.returncode == 0, run.stderr
-    assert "identical" in run.stdout
+
+
+def test_cli_diff_exit_codes(tmp_path, capsys):
+    """``python -m callbacks diff A B`` (the CLI's main, in process): 0 identical, 1 diverged, 2 bad input."""
+    from callbacks.cli import main
+
+    a, b, c = tmp_path / "a.jsonl", tmp_path / "b.jsonl", tmp_path / "c.jsonl"
+    ledger_run(a)
+    ledger_run(b)
+    ledger_run(c, lr=2e-2)
+    capsys.readouterr()
+    assert main(["diff", str(a), str(b)]) == 0
+    assert "identical" in capsys.readouterr().out
+    assert main(["diff", str(a), str(c)]) == 1
+    assert "ledgers differ first at step 1" in capsys.readouterr().out
+    assert main(["diff", str(a), str(tmp_path / "missing.jsonl")]) == 2
 
 
 # -- conformance: read-only, cheap defaults, picklable state ---------------------------------------------------

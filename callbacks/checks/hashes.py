@@ -492,11 +492,14 @@ class HashCheck(Check):
                 "ledger": self.config.ledger}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"frozen_baseline": {n: list(v) for n, v in self.frozen_baseline.items()},
+        # hashes as hex strings: HF writes this state into trainer_state.json, and JSON readers other than
+        # Python's lose precision on integers beyond 2**53
+        return {"frozen_baseline": {n: [hex64(h), s] for n, (h, s) in self.frozen_baseline.items()},
                 "frozen_verified_step": self.frozen_verified_step,
                 "reported": {c: sorted(n) for c, n in self.reported.items()}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.frozen_baseline = {n: list(v) for n, v in state.get("frozen_baseline", {}).items()}
+        self.frozen_baseline = {n: [None if h is None else int(h, 16), int(s)]
+                                for n, (h, s) in state.get("frozen_baseline", {}).items()}
         self.frozen_verified_step = int(state.get("frozen_verified_step", 0))
         self.reported = {c: set(n) for c, n in state.get("reported", {}).items()}
