@@ -5,9 +5,10 @@ Codes: ``FROZEN_CHANGED``, ``GRAD_NONFINITE``, ``GRAD_REPLICA_MISMATCH``, ``PARA
 
 What runs when (the defaults keep a single-process CPU step cheap):
 
-* every step, before the optimizer: ``GRAD_NONFINITE`` from one ``torch._foreach_norm(grads, inf)`` per
-  device/dtype (max |g| is NaN/Inf exactly when some element is, and never overflows); tensors are named only
-  when that flags something. Under the fused Triton backend the counts come from the hashing pass itself.
+* every step, before the optimizer: ``GRAD_NONFINITE`` from one ``torch._foreach_norm`` over the gradients
+  of the optimizer's parameters and a single ``isfinite`` sync; tensors are counted and named only when that
+  flags something. Under the fused Triton backend the counts come from the hashing pass itself. The optimizer's
+  parameters are also scanned for newly frozen ones (an id-set comparison; no walk of the module tree).
 * gradients (before the optimizer) and trainable parameters (after it) are hashed every ``every_n_steps`` only
   when something consumes the hashes: replicas under torch.distributed with world size > 1, or a ledger.
 * frozen parameters (``requires_grad=False``) are hashed when first seen frozen (at init, or before the step
@@ -129,27 +130,42 @@ def hash_or_none(tensors: Sequence[torch.Tensor | None], backend: str) -> list[i
     return out
 
 
-def nonfinite_counts(named_grads: Sequence[tuple[str, torch.Tensor]]) -> dict[str, int]:
-    """name -> number of NaN/Inf elements, for gradients that hold any (empty when all are finite).
+def nonfinite_counts(grads: Sequence[torch.Tensor]) -> dict[int, int]:
+    """index -> number of NaN/Inf elements, for the gradients that hold any (empty when all are finite).
 
-    Cheap path: one ``torch._foreach_norm(..., inf)`` per device and dtype; the max |g| is non-finite exactly
-    when an element is (NaN propagates, and a max cannot overflow). Only flagged tensors are counted exactly.
+    Cheap path: one ``torch._foreach_norm`` over the list and one ``isfinite`` of the stacked norms (a single
+    host sync). A 2-norm is non-finite when an element is (NaN and Inf propagate); a finite tensor whose norm
+    overflows is flagged too, so flagged tensors are counted exactly and only those with a real NaN/Inf are kept.
     """
-    groups: dict[tuple[str, torch.dtype], list[tuple[str, torch.Tensor]]] = {}
-    for name, grad in named_grads:
-        grad = local_tensor(grad)
-        if grad.is_floating_point() or grad.is_complex():
-            groups.setdefault((str(grad.device), grad.dtype), []).append((name, grad))
-    out: dict[str, int] = {}
-    for members in groups.values():
-        grads = [g for _, g in members]
-        norms = torch.stack(torch._foreach_norm(grads, float("inf")))
-        if bool(torch.isfinite(norms).all()):
-            continue
-        for (name, grad), finite in zip(members, torch.isfinite(norms).tolist(), strict=True):
-            if not finite:
-                out[name] = int((~torch.isfinite(grad.detach())).sum().item())
+    if not grads:
+        return {}
+    norms = torch._foreach_norm(list(grads))
+    try:
+        flags = torch.isfinite(torch.stack(norms)).tolist()
+    except RuntimeError:  # norms on several devices: one sync per device
+        flags = [bool(torch.isfinite(n)) for n in norms]
+    out: dict[int, int] = {}
+    for i, finite in enumerate(flags):
+        if not finite:
+            count = int((~torch.isfinite(grads[i].detach())).sum().item())
+            if count:
+                out[i] = count
     return out
+
+
+def optimizer_parameters(optimizer: Any) -> list[torch.Tensor] | None:
+    """The parameters an optimizer updates (its param groups), or None when there is no optimizer to read.
+
+    Reading the param groups is much cheaper than walking the module tree every step, and they are exactly the
+    tensors whose gradients the step consumes and the tensors the step can move.
+    """
+    groups = getattr(optimizer, "param_groups", None)
+    if not groups:
+        return None
+    try:
+        return [p for group in groups for p in group["params"]]
+    except (TypeError, KeyError):
+        return None
 
 
 def loss_scaled(ctx: EventContext) -> bool:
@@ -180,6 +196,8 @@ class HashCheck(Check):
         self.rank, self.world_size = 0, 1
         self.ledger: LedgerWriter | None = None
         self.resumed = False
+        #: ids of the frozen parameters seen at the last step (new ones get a baseline)
+        self._frozen_seen: set[int] = set()
 
     # -- helpers ----------------------------------------------------------------------------------------------
     @property
@@ -303,20 +321,17 @@ class HashCheck(Check):
 
     def _before_optimizer(self, ctx: EventContext) -> list[Finding]:
         findings: list[Finding] = []
-        params = named_unique_parameters(ctx.model)
+        hash_due = self._hash_due(ctx.step)
+        opt_params = optimizer_parameters(ctx.optimizer)
+        # walking the module tree costs more than the rest of a tiny step: only where names are needed
+        params = named_unique_parameters(ctx.model) if hash_due or opt_params is None else None
+        candidates = opt_params if opt_params is not None else [p for _, p in params]
         if self.config.frozen:
-            # parameters frozen since the last look get their baseline now, before this step can move them
-            new = [(n, p) for n, p in params if not p.requires_grad and n not in self.frozen_baseline]
-            for n in [n for n in self.frozen_baseline if n not in {m for m, p in params if not p.requires_grad}]:
-                del self.frozen_baseline[n]  # unfrozen on purpose (or gone): no longer promised constant
-            if new:
-                values = hash_or_none([p for _, p in new], self.config.backend)
-                for (n, _), value in zip(new, values, strict=True):
-                    self.frozen_baseline[n] = [value, (ctx.step or 1) - 1]  # as of after the previous step
-        names = [n for n, _ in params]
-        grads = [p.grad for _, p in params]
+            self._baseline_newly_frozen(ctx, candidates)
         stats_nonfinite: dict[str, int] | None = None
-        if self._hash_due(ctx.step):
+        if hash_due:
+            names = [n for n, _ in params]
+            grads = [p.grad for _, p in params]
             present = [i for i, g in enumerate(grads) if hashable(g)]
             local = [local_tensor(grads[i]) for i in present]
 
@@ -341,10 +356,36 @@ class HashCheck(Check):
                 self.ledger.write(ctx.step, "grad", names, hashes, clipped=ctx.grads_clipped)
         if self.config.nonfinite:
             if stats_nonfinite is None:
-                stats_nonfinite = nonfinite_counts([(n, g) for n, g in zip(names, grads, strict=True)
-                                                    if hashable(g)])
+                with_grad = [p for p in candidates if hashable(p.grad)]
+                flagged = nonfinite_counts([local_tensor(p.grad) for p in with_grad])
+                stats_nonfinite = {}
+                if flagged:
+                    name_of = self._names_by_id(ctx.model)
+                    stats_nonfinite = {name_of.get(id(with_grad[i]), f"<unnamed #{i}>"): c for i, c in flagged.items()}
             findings += self._nonfinite_findings(ctx, stats_nonfinite)
         return findings
+
+    @staticmethod
+    def _names_by_id(model: Any) -> dict[int, str]:
+        return {id(p): n for n, p in named_unique_parameters(model)}
+
+    def _baseline_newly_frozen(self, ctx: EventContext, candidates: Sequence[torch.Tensor]) -> None:
+        """Frozen parameters not seen frozen before get their baseline now, before this step can move them.
+
+        ``candidates`` are the optimizer's parameters when known (a frozen one there is exactly what a step can
+        still move); the set comparison is cheap, names are looked up only when something new is frozen.
+        """
+        frozen_now = {id(p) for p in candidates if not p.requires_grad}
+        if not frozen_now or frozen_now <= self._frozen_seen:
+            self._frozen_seen = frozen_now
+            return
+        self._frozen_seen = frozen_now
+        new = [(n, p) for n, p in named_unique_parameters(ctx.model)
+               if id(p) in frozen_now and n not in self.frozen_baseline]
+        if new:
+            values = hash_or_none([p for _, p in new], self.config.backend)
+            for (n, _), value in zip(new, values, strict=True):
+                self.frozen_baseline[n] = [value, (ctx.step or 1) - 1]  # as of after the previous step
 
     def _nonfinite_findings(self, ctx: EventContext, counts: dict[str, int]) -> list[Finding]:
         new = self._new_only("GRAD_NONFINITE", counts)
@@ -415,6 +456,9 @@ class HashCheck(Check):
         A baseline ``[hash, k]`` holds the value as of after step ``k``; a change is named with the steps it
         happened in (``k+1 .. now``, narrowed by the last verification). Each parameter is reported once.
         """
+        if record_new:  # ``current`` lists every frozen parameter: the others were unfrozen on purpose or are gone
+            for name in [n for n in self.frozen_baseline if n not in current]:
+                del self.frozen_baseline[name]
         changed, since = [], {}
         last = self.frozen_verified_step
         now = ctx.step or 0

@@ -1,0 +1,95 @@
+"""Overhead of the hashes check on a tiny HF Trainer step on CPU (single process), measured in one run.
+
+Configurations, interleaved over several rounds (median of per-round ratios, so drifts of a shared machine
+cancel out): no callback; IntegrityCallback with only ``hashes`` at its defaults (GRAD_NONFINITE scan every
+step, frozen re-hash every 50 steps, no gradient/parameter hashing in one process); ``hashes`` with a ledger
+(every gradient and trainable parameter hashed every step by the torch reference). The model is tiny GPT-2
+(2 layers, hidden 32, vocab 64) with its embeddings and first block frozen, as in a partial fine-tune.
+
+    PYTHONPATH=. python benchmarks/hash_checks_overhead.py [--steps 100] [--rounds 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import torch  # noqa: E402
+from models import TokenDataset, tiny_gpt2  # noqa: E402
+from transformers import Trainer, TrainerCallback, TrainingArguments  # noqa: E402
+
+from callbacks.hf import IntegrityCallback  # noqa: E402
+
+ONLY_HASHES = {name: {"enabled": False} for name in ("ties", "adapter_init", "saved_state", "merge")}
+
+
+class StepTimer(TrainerCallback):
+    """Wall time from on_step_begin to on_step_end, summed over steps after the first few."""
+
+    def __init__(self, warmup: int = 5):
+        self.warmup, self.total, self._start, self.steps = warmup, 0.0, 0.0, 0
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._start = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step > self.warmup:
+            self.total += time.perf_counter() - self._start
+            self.steps += 1
+
+
+def model():
+    m = tiny_gpt2(tie=True)
+    m.transformer.wte.requires_grad_(False)
+    m.transformer.wpe.requires_grad_(False)
+    m.transformer.h[0].requires_grad_(False)
+    return m
+
+
+def step_time(config: str, steps: int, out: str) -> float:
+    timer = StepTimer()
+    callbacks: list[TrainerCallback] = [timer]
+    if config == "hashes defaults":
+        callbacks.insert(0, IntegrityCallback(policy="log", checks=ONLY_HASHES))
+    elif config == "hashes + ledger":
+        checks = {**ONLY_HASHES, "hashes": {"ledger": os.path.join(out, "ledger.jsonl")}}
+        callbacks.insert(0, IntegrityCallback(policy="log", checks=checks))
+    elif config == "all checks defaults":
+        callbacks.insert(0, IntegrityCallback(policy="log"))
+    args = TrainingArguments(output_dir=out, max_steps=steps, per_device_train_batch_size=4, save_strategy="no",
+                             report_to=[], logging_steps=10**6, use_cpu=True, disable_tqdm=True, learning_rate=1e-3)
+    Trainer(model=model(), args=args, train_dataset=TokenDataset(n=64), callbacks=callbacks).train()
+    return timer.total / timer.steps
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--rounds", type=int, default=5)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    configs = ["none", "hashes defaults", "hashes + ledger", "all checks defaults"]
+    times: dict[str, list[float]] = {c: [] for c in configs}
+    with tempfile.TemporaryDirectory() as out:
+        for _ in range(args.rounds):
+            for config in configs:
+                times[config].append(step_time(config, args.steps, out))
+    base = times["none"]
+    print(f"tiny GPT-2 (2 layers, hidden 32, vocab 64; embeddings and block 0 frozen), CPU, 1 thread, "
+          f"{args.steps} steps x {args.rounds} rounds")
+    print(f"{'configuration':22s} {'median step (ms)':>17s} {'ratio to none':>14s}")
+    for config in configs:
+        ratio = statistics.median(t / b for t, b in zip(times[config], base, strict=True))
+        print(f"{config:22s} {statistics.median(times[config]) * 1e3:17.3f} {ratio:14.3f}")
+
+
+if __name__ == "__main__":
+    main()
