@@ -1,10 +1,13 @@
 """Overhead of the hashes check on a tiny HF Trainer step on CPU (single process), measured in one run.
 
-Configurations, interleaved over several rounds (median of per-round ratios, so drifts of a shared machine
-cancel out): no callback; IntegrityCallback with only ``hashes`` at its defaults (GRAD_NONFINITE scan every
-step, frozen re-hash every 50 steps, no gradient/parameter hashing in one process); ``hashes`` with a ledger
-(every gradient and trainable parameter hashed every step by the torch reference). The model is tiny GPT-2
-(2 layers, hidden 32, vocab 64) with its embeddings and first block frozen, as in a partial fine-tune.
+The overhead is the time spent inside the callback's dispatches during the training steps, divided by the rest
+of the step, measured in the same run (robust on a shared machine, where end-to-end timings of separate runs
+drift by more than the effect; the end-to-end ratio to a run without the callback is printed too, as the
+median over interleaved rounds). Configurations: no callback; IntegrityCallback with only ``hashes`` at its
+defaults (GRAD_NONFINITE scan every step, frozen re-hash every 50 steps, no gradient/parameter hashing in one
+process); ``hashes`` with a ledger (every gradient and trainable parameter hashed every step by the torch
+reference); every check at its defaults. The model is tiny GPT-2 (2 layers, hidden 32, vocab 64) with its
+embeddings and first block frozen, as in a partial fine-tune.
 
     PYTHONPATH=. python benchmarks/hash_checks_overhead.py [--steps 100] [--rounds 5]
 """
@@ -31,6 +34,22 @@ from callbacks.hf import IntegrityCallback  # noqa: E402
 ONLY_HASHES = {name: {"enabled": False} for name in ("ties", "adapter_init", "saved_state", "merge")}
 
 
+class TimedDispatch:
+    """Wraps a monitor's dispatch and sums the time spent in step events after the warm-up steps."""
+
+    def __init__(self, monitor, warmup: int = 5):
+        self.inner, self.warmup, self.total = monitor.dispatch, warmup, 0.0
+        monitor.dispatch = self
+
+    def __call__(self, event, model, **context):
+        start = time.perf_counter()
+        try:
+            return self.inner(event, model, **context)
+        finally:
+            if event == "step" and context.get("step", 0) > self.warmup:
+                self.total += time.perf_counter() - start
+
+
 class StepTimer(TrainerCallback):
     """Wall time from on_step_begin to on_step_end, summed over steps after the first few."""
 
@@ -54,7 +73,8 @@ def model():
     return m
 
 
-def step_time(config: str, steps: int, out: str) -> float:
+def step_time(config: str, steps: int, out: str) -> tuple[float, float]:
+    """(mean step time, mean time inside the callback's step dispatches) in seconds."""
     timer = StepTimer()
     callbacks: list[TrainerCallback] = [timer]
     if config == "hashes defaults":
@@ -66,8 +86,9 @@ def step_time(config: str, steps: int, out: str) -> float:
         callbacks.insert(0, IntegrityCallback(policy="log"))
     args = TrainingArguments(output_dir=out, max_steps=steps, per_device_train_batch_size=4, save_strategy="no",
                              report_to=[], logging_steps=10**6, use_cpu=True, disable_tqdm=True, learning_rate=1e-3)
+    timed = TimedDispatch(callbacks[0].monitor) if len(callbacks) > 1 else None
     Trainer(model=model(), args=args, train_dataset=TokenDataset(n=64), callbacks=callbacks).train()
-    return timer.total / timer.steps
+    return timer.total / timer.steps, (timed.total / timer.steps if timed else 0.0)
 
 
 def main() -> None:
@@ -77,18 +98,25 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     configs = ["none", "hashes defaults", "hashes + ledger", "all checks defaults"]
-    times: dict[str, list[float]] = {c: [] for c in configs}
+    step: dict[str, list[float]] = {c: [] for c in configs}
+    inside: dict[str, list[float]] = {c: [] for c in configs}
     with tempfile.TemporaryDirectory() as out:
         for _ in range(args.rounds):
             for config in configs:
-                times[config].append(step_time(config, args.steps, out))
-    base = times["none"]
+                total, in_callback = step_time(config, args.steps, out)
+                step[config].append(total)
+                inside[config].append(in_callback)
     print(f"tiny GPT-2 (2 layers, hidden 32, vocab 64; embeddings and block 0 frozen), CPU, 1 thread, "
           f"{args.steps} steps x {args.rounds} rounds")
-    print(f"{'configuration':22s} {'median step (ms)':>17s} {'ratio to none':>14s}")
+    print(f"{'configuration':22s} {'step (ms)':>10s} {'in callback (us/step)':>22s} {'overhead':>9s} "
+          f"{'end-to-end ratio':>17s}")
     for config in configs:
-        ratio = statistics.median(t / b for t, b in zip(times[config], base, strict=True))
-        print(f"{config:22s} {statistics.median(times[config]) * 1e3:17.3f} {ratio:14.3f}")
+        median_step = statistics.median(step[config])
+        median_inside = statistics.median(inside[config])
+        overhead = statistics.median(i / (t - i) for t, i in zip(step[config], inside[config], strict=True))
+        ratio = statistics.median(t / b for t, b in zip(step[config], step["none"], strict=True))
+        print(f"{config:22s} {median_step * 1e3:10.3f} {median_inside * 1e6:22.1f} {overhead * 100:8.2f}% "
+              f"{ratio:17.3f}")
 
 
 if __name__ == "__main__":

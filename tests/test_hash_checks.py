@@ -324,3 +324,41 @@ def test_defaults_hash_nothing_per_step_in_one_process(monkeypatch):
     model.emb.requires_grad_(False)
     train(model, Monitor(policy="log"), steps=3)
     assert calls == [1, 1]  # emb.weight at init and at end
+
+
+LEDGER_RECIPE = """
+seed: 0
+model:
+  config: GPT2Config
+  args: {vocab_size: 256, n_positions: 32, n_embd: 32, n_layer: 2, n_head: 2}
+data: {source: synthetic, seq_len: 16, rows: 16}
+trainer:
+  type: hf
+  output_dir: OUT
+  args: {max_steps: 3, per_device_train_batch_size: 4, learning_rate: LR, save_steps: 100}
+integrity:
+  policy: log
+  checks:
+    hashes: {ledger: LEDGER}
+"""
+
+
+def test_recipe_runs_give_identical_ledgers_and_a_changed_learning_rate_diverges(tmp_path, capsys):
+    """``python -m callbacks run`` twice on one seeded recipe: identical ledgers (diff exit 0); the same recipe
+    with another learning rate first differs in the parameters after step 1 (diff exit 1)."""
+    from callbacks.cli import main
+
+    ledgers = []
+    for name, lr in (("a", "1.0e-3"), ("b", "1.0e-3"), ("c", "2.0e-3")):
+        path = tmp_path / f"{name}.yaml"
+        ledger = tmp_path / f"{name}.jsonl"
+        path.write_text(LEDGER_RECIPE.replace("OUT", str(tmp_path / name)).replace("LR", lr)
+                        .replace("LEDGER", str(ledger)))
+        assert main(["run", str(path)]) == 0
+        ledgers.append(str(ledger))
+    capsys.readouterr()
+    assert main(["diff", ledgers[0], ledgers[1]]) == 0
+    assert "identical: 7 records, steps 0..3" in capsys.readouterr().out
+    assert main(["diff", ledgers[0], ledgers[2]]) == 1
+    out = capsys.readouterr().out
+    assert "first at step 1, trainable parameters (after the optimizer step)" in out

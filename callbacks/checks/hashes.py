@@ -196,6 +196,8 @@ class HashCheck(Check):
         self.rank, self.world_size = 0, 1
         self.ledger: LedgerWriter | None = None
         self.resumed = False
+        #: whether parameters are sharded (DTensor local shards are hashed; replicas are not compared)
+        self.sharded = False
         #: ids of the frozen parameters seen at the last step (new ones get a baseline)
         self._frozen_seen: set[int] = set()
 
@@ -284,8 +286,9 @@ class HashCheck(Check):
         params = named_unique_parameters(ctx.model)
         self.rank, self.world_size = distributed_world()
         findings: list[Finding] = []
+        self.sharded = self.world_size > 1 and is_sharded(ctx.model, params)
         if self.config.replicas and self.world_size > 1 and self.group is None:
-            if is_sharded(ctx.model, params):
+            if self.sharded:
                 self.replicas_note = "parameters are sharded (FSDP): shards differ by design and are not compared"
             else:
                 self.group = ReplicaGroup(self.config.timeout_s)
@@ -356,12 +359,16 @@ class HashCheck(Check):
                 self.ledger.write(ctx.step, "grad", names, hashes, clipped=ctx.grads_clipped)
         if self.config.nonfinite:
             if stats_nonfinite is None:
-                with_grad = [p for p in candidates if hashable(p.grad)]
-                flagged = nonfinite_counts([local_tensor(p.grad) for p in with_grad])
+                with_grad = [p for p in candidates if p.grad is not None]
+                grads = [p.grad for p in with_grad]
+                if self.sharded:
+                    grads = [local_tensor(g) for g in grads]
+                flagged = nonfinite_counts([g for g in grads if g.device.type != "meta"])
                 stats_nonfinite = {}
                 if flagged:
                     name_of = self._names_by_id(ctx.model)
-                    stats_nonfinite = {name_of.get(id(with_grad[i]), f"<unnamed #{i}>"): c for i, c in flagged.items()}
+                    stats_nonfinite = {name_of.get(id(with_grad[i]), f"<unnamed #{i}>"): c
+                                       for i, c in flagged.items()}
             findings += self._nonfinite_findings(ctx, stats_nonfinite)
         return findings
 
