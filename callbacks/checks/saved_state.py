@@ -219,20 +219,11 @@ def framework_of(model: Any, trainer: str) -> str:
 
 
 # -- values ---------------------------------------------------------------------------------------------------
-def _digests(tensors: list[torch.Tensor]) -> list[Any]:
-    """Per-tensor fingerprints to compare; the project's 64-bit hash when available, else the bytes themselves."""
-    try:
-        from callbacks.hashing import hash_tensors
-    except ImportError:
-        return [t.detach().reshape(-1).contiguous().cpu() for t in tensors]
-    return list(hash_tensors([t.detach().contiguous() for t in tensors], backend="torch"))
+def _digests(tensors: list[torch.Tensor]) -> list[int]:
+    """Per-tensor 64-bit hashes (:func:`callbacks.hashing.hash_tensors`; equal bytes hash equal on any device)."""
+    from callbacks.hashing import hash_tensors
 
-
-def _same(a: Any, b: Any) -> bool:
-    if isinstance(a, torch.Tensor):
-        return a.dtype == b.dtype and a.shape == b.shape and (
-            a.numel() == 0 or torch.equal(a.view(torch.uint8), b.view(torch.uint8)))
-    return a == b
+    return list(hash_tensors([t.detach() for t in tensors], backend="auto"))
 
 
 def value_mismatches(pairs: Sequence[tuple[str, torch.Tensor, torch.Tensor]]) -> list[tuple[str, str]]:
@@ -252,7 +243,7 @@ def value_mismatches(pairs: Sequence[tuple[str, torch.Tensor, torch.Tensor]]) ->
         live_list.append(live.detach().to(saved.dtype))
     if names:
         for name, a, b in zip(names, _digests(saved_list), _digests(live_list), strict=True):
-            if not _same(a, b):
+            if a != b:
                 out.append((name, "saved bytes differ from the live parameter's (after the cast to the saved "
                                   "dtype)"))
     return out
