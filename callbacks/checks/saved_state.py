@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -33,9 +33,11 @@ from callbacks.primitives.checkpoints import CheckpointListing, CheckpointReadEr
 from callbacks.primitives.naming import named_parameters_all, storage_key
 from callbacks.primitives.saved_names import (
     MODULES_TO_SAVE,
+    SavedIndex,
+    SavedKey,
     adapter_names,
     find_peft_model,
-    match_saved_keys,
+    live_key,
     owner_module,
     saved_name,
 )
@@ -48,13 +50,29 @@ class SavedStateConfig(CheckConfig):
     verify_values: bool = False
 
 
-# -- trainable tensors ----------------------------------------------------------------------------------------
+# -- live parameters ------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class LiveParam:
+    """A live parameter under one of its names: raw (as the model names it), user name, saved key, tensor."""
+
+    raw: str
+    name: str
+    key: SavedKey
+    tensor: torch.Tensor
+
+
+def live_params(model: nn.Module, adapters: Sequence[str] = ()) -> list[LiveParam]:
+    """Every parameter under every name (tied duplicates included) with its (adapter tag, saved name)."""
+    return [LiveParam(raw=raw, name=name, key=live_key(raw, adapters), tensor=param)
+            for raw, name, param in named_parameters_all(model)]
+
+
 @dataclasses.dataclass
 class TrainableTensor:
-    """One trainable tensor: its user names (aliases included, first = the name reported) and saved names."""
+    """One trainable tensor: its user names (aliases included, first = the name reported) and saved keys."""
 
     names: tuple[str, ...]
-    saved_names: tuple[str, ...]
+    keys: tuple[SavedKey, ...]
     tensor: torch.Tensor
 
     @property
@@ -63,27 +81,18 @@ class TrainableTensor:
         return self.names[0]
 
 
-def trainable_tensors(model: nn.Module, adapters: Sequence[str] = ()) -> list[TrainableTensor]:
+def trainable_tensors(params: Iterable[LiveParam]) -> list[TrainableTensor]:
     """Every tensor with ``requires_grad=True``, once per storage, with all the names it is registered under."""
-    by_key: dict[Any, tuple[list[str], list[str], torch.Tensor]] = {}
-    for raw, name, param in named_parameters_all(model):
-        if not param.requires_grad:
+    by_storage: dict[Any, tuple[list[str], list[SavedKey], torch.Tensor]] = {}
+    for item in params:
+        if not item.tensor.requires_grad:
             continue
-        names, saved, _ = by_key.setdefault(storage_key(param), ([], [], param))
-        if name not in names:
-            names.append(name)
-        key = saved_name(raw, adapters)
-        if key not in saved:
-            saved.append(key)
-    return [TrainableTensor(tuple(n), tuple(s), t) for n, s, t in by_key.values()]
-
-
-def live_by_saved_name(model: nn.Module, adapters: Sequence[str] = ()) -> dict[str, torch.Tensor]:
-    """Saved name -> live parameter, for every parameter (frozen ones too)."""
-    out: dict[str, torch.Tensor] = {}
-    for raw, _, param in named_parameters_all(model):
-        out.setdefault(saved_name(raw, adapters), param)
-    return out
+        names, keys, _ = by_storage.setdefault(storage_key(item.tensor), ([], [], item.tensor))
+        if item.name not in names:
+            names.append(item.name)
+        if item.key not in keys:
+            keys.append(item.key)
+    return [TrainableTensor(tuple(n), tuple(k), t) for n, k, t in by_storage.values()]
 
 
 def expected_partners(model: nn.Module, declared: Iterable[Sequence[str]] = (),
@@ -115,49 +124,50 @@ class Unsaved:
     tie_partner: str | None = None
 
 
-def unsaved_trainables(trainables: Iterable[TrainableTensor], saved: Iterable[str],
-                       live: Mapping[str, torch.Tensor], partners: Mapping[str, set[str]]) -> list[Unsaved]:
-    """Trainable tensors none of whose saved names is in ``saved``.
+def unsaved_trainables(trainables: Iterable[TrainableTensor], saved: SavedIndex,
+                       live: Mapping[SavedKey, LiveParam], partners: Mapping[str, set[str]]) -> list[Unsaved]:
+    """Trainable tensors none of whose saved keys is in the checkpoint.
 
     A tensor dropped as the tied duplicate of a saved partner counts as saved only if the live tensors share
     storage or are bitwise equal now (at save time); otherwise it is reported with that partner.
     """
-    saved = set(saved)
     out = []
     for item in trainables:
-        if saved.intersection(item.saved_names):
+        if any(saved.lookup(key) is not None for key in item.keys):
             continue
-        partner_saved = sorted({p for n in item.saved_names for p in partners.get(n, ())} & saved)
+        partner_saved = sorted({(tag, p) for tag, name in item.keys for p in partners.get(name, ())
+                                if saved.lookup((tag, p)) is not None})
         partner_ok = False
         for partner in partner_saved:
             other = live.get(partner)
-            if other is not None and (storage_key(other) == storage_key(item.tensor)
-                                      or bitwise_equal(other, item.tensor)):
+            if other is not None and (storage_key(other.tensor) == storage_key(item.tensor)
+                                      or bitwise_equal(other.tensor, item.tensor)):
                 partner_ok = True
                 break
         if not partner_ok:
-            out.append(Unsaved(item, partner_saved[0] if partner_saved else None))
+            out.append(Unsaved(item, partner_saved[0][1] if partner_saved else None))
     return out
 
 
 # -- what will be saved ---------------------------------------------------------------------------------------
-def keys_to_be_saved(model: nn.Module) -> tuple[list[str], str]:
-    """Keys the framework will save for ``model``, and where they came from.
+def keys_to_be_saved(model: nn.Module) -> tuple[dict[str, list[str]], str]:
+    """Keys the framework will save for ``model`` (group -> keys), and where they came from.
 
-    PEFT: ``get_peft_model_state_dict`` for every adapter (what ``save_pretrained`` writes); otherwise the
-    model's own ``state_dict()`` (hooks included; it returns references, no copies).
+    PEFT: ``get_peft_model_state_dict`` for every adapter, grouped by adapter name (what ``save_pretrained``
+    writes, without adapter names in the keys); otherwise the model's own ``state_dict()`` (hooks
+    included; it returns references, no copies).
     """
     peft_model = find_peft_model(model)
     if peft_model is not None:
         from peft import get_peft_model_state_dict
 
-        keys: list[str] = []
+        groups: dict[str, list[str]] = {}
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # PEFT warns about config lookups for save_embedding_layers
             for adapter in peft_model.peft_config:
-                keys.extend(get_peft_model_state_dict(peft_model, adapter_name=adapter))
-        return keys, "PEFT's get_peft_model_state_dict (what save_pretrained writes)"
-    return list(model.state_dict().keys()), "the model's state_dict()"
+                groups.setdefault(adapter, []).extend(get_peft_model_state_dict(peft_model, adapter_name=adapter))
+        return groups, "PEFT's get_peft_model_state_dict (what save_pretrained writes)"
+    return {"": list(model.state_dict().keys())}, "the model's state_dict()"
 
 
 # -- fixes ----------------------------------------------------------------------------------------------------
@@ -249,6 +259,43 @@ def value_mismatches(pairs: Sequence[tuple[str, torch.Tensor, torch.Tensor]]) ->
     return out
 
 
+# -- matching a checkpoint to the model ----------------------------------------------------------------------
+@dataclasses.dataclass
+class SavedMatch:
+    """A checkpoint's keys (``saved``) next to the live model's parameters (``params``, ``live`` by saved key)."""
+
+    adapters: tuple[str, ...]
+    params: list[LiveParam]
+    live: dict[SavedKey, LiveParam]
+    saved: SavedIndex
+
+
+def match_checkpoint(model: nn.Module, groups: Mapping[str, Iterable[str]]) -> SavedMatch:
+    """Match a checkpoint's keys (group -> keys) to ``model``'s parameters."""
+    adapters = adapter_names(model)
+    params = live_params(model, adapters)
+    live: dict[SavedKey, LiveParam] = {}
+    for item in params:
+        live.setdefault(item.key, item)
+    saved = SavedIndex(groups, {name for _, name in live}, adapters)
+    return SavedMatch(adapters=adapters, params=params, live=live, saved=saved)
+
+
+def _read_group_tensors(listing: CheckpointListing) -> dict[tuple[str, str], torch.Tensor]:
+    """(group, key) -> tensor for every tensor of the listing (file by file; DCP folders are not read)."""
+    out: dict[tuple[str, str], torch.Tensor] = {}
+    for group, entries in listing.groups.items():
+        by_file: dict[str, list[str]] = {}
+        for key, entry in entries.items():
+            by_file.setdefault(entry.file, []).append(key)
+        for file, keys in by_file.items():
+            if os.path.basename(file) == ".metadata":
+                continue
+            for key, value in read_tensors(file, keys).items():
+                out[(group, key)] = value
+    return out
+
+
 # -- the check ------------------------------------------------------------------------------------------------
 @dataclasses.dataclass
 class _PendingStateDict:
@@ -282,34 +329,32 @@ class SavedStateCheck(Check):
     # -- events -----------------------------------------------------------------------------------------------
     def on_init(self, ctx: EventContext) -> Iterable[Finding]:
         model = ctx.model
-        adapters = adapter_names(model)
-        keys, source = keys_to_be_saved(model)
-        return self._coverage(ctx, keys, source=source, files=[], adapters=adapters,
-                              framework=framework_of(model, ctx.trainer), when="will be saved")
+        groups, source = keys_to_be_saved(model)
+        return self._coverage(ctx, groups, source=source, files=[], framework=framework_of(model, ctx.trainer),
+                              when="will be saved")
 
     def on_checkpoint(self, ctx: EventContext) -> Iterable[Finding]:
-        model = ctx.model
-        adapters = adapter_names(model)
-        framework = framework_of(model, ctx.trainer)
+        framework = framework_of(ctx.model, ctx.trainer)
         findings: list[Finding] = []
         if ctx.state_dict is not None:
-            keys = [k for k, v in ctx.state_dict.items() if isinstance(v, torch.Tensor)]
             source = "the checkpoint's state_dict"
-            unsaved = self._coverage(ctx, keys, source=source, files=[], adapters=adapters, framework=framework,
+            state = ctx.state_dict
+            keys = [k for k, v in state.items() if isinstance(v, torch.Tensor)]
+            unsaved = self._coverage(ctx, {"": keys}, source=source, files=[], framework=framework,
                                      when="is saved")
             findings.extend(unsaved)
             if self.config.verify_values:
-                findings.extend(self._verify(ctx, dict(ctx.state_dict), keys, adapters, source))
-            checkpoint = ctx.extra.get("checkpoint")
+                findings.extend(self._verify(ctx, {"": keys}, lambda group, key: state.get(key), source=source,
+                                             files=[]))
             self._pending = _PendingStateDict(
-                step=ctx.step, checkpoint=checkpoint, state_dict=ctx.state_dict,
+                step=ctx.step, checkpoint=ctx.extra.get("checkpoint"), state_dict=state,
                 reported={n for f in unsaved for n in f.params}, framework=framework)
         if ctx.checkpoint_dir:
-            findings.extend(self._check_files(ctx, ctx.checkpoint_dir, adapters, framework))
+            findings.extend(self._check_files(ctx, ctx.checkpoint_dir, framework))
         return findings
 
     # -- logic ------------------------------------------------------------------------------------------------
-    def _check_files(self, ctx: EventContext, path: str, adapters: Sequence[str], framework: str) -> list[Finding]:
+    def _check_files(self, ctx: EventContext, path: str, framework: str) -> list[Finding]:
         listing = list_checkpoint(path)
         if listing.errors:
             return [self._unreadable(ctx, err, listing) for err in listing.errors]
@@ -321,10 +366,16 @@ class SavedStateCheck(Check):
                 hint="point checkpoint_dir at the folder or file the trainer wrote; formats this check does not "
                      "read (DeepSpeed zero shards, GGUF) cannot be proven complete",
                 file=path, reason="no weight files")]
-        findings = self._coverage(ctx, listing.keys, source=path, files=listing.files, adapters=adapters,
-                                  framework=framework, when="was written")
+        groups = {group: list(entries) for group, entries in listing.groups.items()}
+        findings = self._coverage(ctx, groups, source=path, files=listing.files, framework=framework,
+                                  when="was written")
         if self.config.verify_values:
-            findings.extend(self._verify_files(ctx, listing, adapters))
+            try:
+                values = _read_group_tensors(listing)
+            except CheckpointReadError as err:
+                return [*findings, self._unreadable(ctx, err, listing)]
+            findings.extend(self._verify(ctx, groups, lambda group, key: values.get((group, key)), source=path,
+                                         files=listing.files))
         return findings
 
     def _unreadable(self, ctx: EventContext, err: CheckpointReadError, listing: CheckpointListing) -> Finding:
@@ -336,17 +387,16 @@ class SavedStateCheck(Check):
                  "raced): write the checkpoint again and check free disk space before relying on it",
             file=err.path, reason=err.reason, files=listing.files, checkpoint=listing.path)
 
-    def _coverage(self, ctx: EventContext, keys: Sequence[str], *, source: str, files: list[str],
-                  adapters: Sequence[str], framework: str, when: str) -> list[Finding]:
+    def _coverage(self, ctx: EventContext, groups: Mapping[str, Sequence[str]], *, source: str, files: list[str],
+                  framework: str, when: str) -> list[Finding]:
         model = ctx.model
-        trainables = trainable_tensors(model, adapters)
-        live = live_by_saved_name(model, adapters)
-        prefix, mapping = match_saved_keys(keys, live, adapters)
-        partners = expected_partners(model, self.monitor_options.get("declare_ties", ()), adapters)
-        unsaved = unsaved_trainables(trainables, mapping, live, partners)
+        match = match_checkpoint(model, groups)
+        partners = expected_partners(model, self.monitor_options.get("declare_ties", ()), match.adapters)
+        trainables = trainable_tensors(match.params)
+        unsaved = unsaved_trainables(trainables, match.saved, match.live, partners)
         self.history.append({"event": ctx.event, "step": ctx.step, "source": source, "files": list(files),
-                             "trainable": len(trainables), "keys": len(keys), "prefix": prefix,
-                             "unsaved": [u.tensor.name for u in unsaved]})
+                             "trainable": len(trainables), "keys": sum(len(k) for k in groups.values()),
+                             "prefixes": match.saved.prefixes, "unsaved": [u.tensor.name for u in unsaved]})
         findings = []
         for item in unsaved:
             t = item.tensor
@@ -363,31 +413,23 @@ class SavedStateCheck(Check):
                 framework=framework))
         return findings
 
-    def _verify(self, ctx: EventContext, saved: Mapping[str, torch.Tensor], keys: Sequence[str],
-                adapters: Sequence[str], source: str, files: Sequence[str] = ()) -> list[Finding]:
-        live = live_by_saved_name(ctx.model, adapters)
-        _, mapping = match_saved_keys(keys, live, adapters)
-        pairs = [(name, saved[key], live[name]) for name, key in mapping.items()
-                 if name in live and isinstance(saved.get(key), torch.Tensor)]
-        names = {saved_name(raw, adapters): user for raw, user, _ in named_parameters_all(ctx.model)}
+    def _verify(self, ctx: EventContext, groups: Mapping[str, Sequence[str]],
+                value_of: Callable[[str, str], Any], *, source: str, files: Sequence[str]) -> list[Finding]:
+        match = match_checkpoint(ctx.model, groups)
+        pairs = []
+        for key, item in match.live.items():
+            found = match.saved.lookup(key)
+            saved = value_of(*found) if found is not None else None
+            if isinstance(saved, torch.Tensor):
+                pairs.append((item.name, saved, item.tensor))
         return [self.finding(
-            "SAVED_VALUE_MISMATCH", ctx, params=(names.get(name, name),),
-            message=f"{names.get(name, name)}: {why} in {source}",
+            "SAVED_VALUE_MISMATCH", ctx, params=(name,),
+            message=f"{name}: {why} in {source}",
             hint="something changed the tensor between the save and now, or the save wrote a stale copy (a state "
                  "dict built before the last step, an EMA or offloaded copy): save from the live model after the "
                  "optimizer step",
             files=list(files), source=source)
             for name, why in value_mismatches(pairs)]
-
-    def _verify_files(self, ctx: EventContext, listing: CheckpointListing, adapters: Sequence[str]) -> list[Finding]:
-        live = live_by_saved_name(ctx.model, adapters)
-        _, mapping = match_saved_keys(listing.keys, live, adapters)
-        wanted = [key for name, key in mapping.items() if name in live]
-        try:
-            saved = read_tensors(listing.path, wanted)
-        except CheckpointReadError as err:
-            return [self._unreadable(ctx, err, listing)]
-        return self._verify(ctx, saved, listing.keys, adapters, listing.path, listing.files)
 
     def _recheck_pending(self, ctx: EventContext) -> list[Finding]:
         pending, self._pending = self._pending, None
@@ -397,10 +439,9 @@ class SavedStateCheck(Check):
         if isinstance(pending.checkpoint, Mapping) and isinstance(pending.checkpoint.get("state_dict"), Mapping):
             state = pending.checkpoint["state_dict"]
         keys = [k for k, v in state.items() if isinstance(v, torch.Tensor)]
-        adapters = adapter_names(ctx.model)
         later = EventContext(event="checkpoint", model=ctx.model, step=pending.step, trainer=ctx.trainer)
-        findings = self._coverage(later, keys, source="the checkpoint's state_dict after on_save_checkpoint",
-                                  files=[], adapters=adapters, framework=pending.framework, when="was saved")
+        findings = self._coverage(later, {"": keys}, source="the checkpoint's state_dict after "
+                                  "on_save_checkpoint", files=[], framework=pending.framework, when="was saved")
         return [f for f in findings if not set(f.params) <= pending.reported]
 
     def report_section(self) -> dict[str, Any] | None:

@@ -82,8 +82,9 @@ class CheckpointListing:
         path: the file or folder asked for.
         files: every file read (weight files, indexes, DCP metadata), in reading order.
         tensors: key as written -> :class:`SavedTensor` (for DCP and nested torch files, keys are dotted paths).
-        groups: sub-checkpoints the keys came from (``""`` for the folder itself, an adapter name for a PEFT
-            sub-folder), each with its keys; keys of different groups may repeat.
+        groups: sub-checkpoints the keys came from (``""`` for the folder itself, the sub-folder or file stem for
+            PEFT adapter sub-folders and accelerate's extra models), each key -> :class:`SavedTensor`; keys of
+            different groups may repeat (every PEFT adapter saves ``...lora_A.weight``).
         errors: one :class:`CheckpointReadError` per unreadable file; keys of such files are missing.
         formats: the formats met (``safetensors``, ``safetensors-index``, ``torch``, ``lightning``, ``dcp``).
     """
@@ -91,7 +92,7 @@ class CheckpointListing:
     path: str
     files: list[str] = dataclasses.field(default_factory=list)
     tensors: dict[str, SavedTensor] = dataclasses.field(default_factory=dict)
-    groups: dict[str, list[str]] = dataclasses.field(default_factory=dict)
+    groups: dict[str, dict[str, SavedTensor]] = dataclasses.field(default_factory=dict)
     errors: list[CheckpointReadError] = dataclasses.field(default_factory=list)
     formats: list[str] = dataclasses.field(default_factory=list)
 
@@ -102,10 +103,10 @@ class CheckpointListing:
 
     def add(self, group: str, entries: Iterable[SavedTensor]) -> None:
         """Record tensors of one sub-checkpoint."""
-        keys = self.groups.setdefault(group, [])
+        keys = self.groups.setdefault(group, {})
         for entry in entries:
             self.tensors.setdefault(entry.key, entry)
-            keys.append(entry.key)
+            keys[entry.key] = entry
 
 
 # -- safetensors ----------------------------------------------------------------------------------------------

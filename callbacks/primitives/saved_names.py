@@ -16,7 +16,7 @@ A checkpoint may nest the model's keys under a prefix (accelerate FSDP's DCP ``m
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from torch import nn
@@ -80,6 +80,12 @@ def saved_name(name: str, adapters: Iterable[str] = ()) -> str:
     return ".".join(out)
 
 
+def adapter_of(name: str, adapters: Iterable[str]) -> str | None:
+    """The PEFT adapter a live name belongs to (its first path segment that is an adapter name), or None."""
+    adapters = set(adapters)
+    return next((part for part in name.split(".") if part in adapters), None) if adapters else None
+
+
 def live_saved_names(model: nn.Module, adapters: Iterable[str] = ()) -> dict[str, str]:
     """Every live parameter's saved name -> its user name (duplicates of tied tensors included)."""
     adapters = tuple(adapters)
@@ -98,25 +104,85 @@ def _prefixes(keys: Iterable[str]) -> list[str]:
     return sorted(found, key=len)
 
 
-def match_saved_keys(keys: Iterable[str], live: Iterable[str], adapters: Iterable[str] = ()) -> tuple[
-        str, dict[str, str]]:
-    """The prefix under which ``keys`` name the model's parameters, and saved name -> key under it.
+def choose_prefix(keys: Iterable[str], live: Iterable[str], adapters: Iterable[str] = ()) -> str:
+    """The prefix under which ``keys`` name the model's parameters (``""`` or a first segment like ``model.``).
 
-    ``live`` are the live parameters' saved names (:func:`live_saved_names`). The prefix (``""`` or a first
-    path segment such as ``model.``) is the one whose keys name the most live parameters; ties go to the
-    shorter prefix.
+    ``live`` are the live parameters' saved names. The prefix whose keys name the most live parameters wins;
+    ties go to the shorter prefix.
     """
     keys, live_set, adapters = list(keys), set(live), tuple(adapters)
-    best_prefix, best_map, best_hits = "", {}, -1
+    best_prefix, best_hits = "", -1
     for prefix in _prefixes(keys):
-        mapping: dict[str, str] = {}
-        for key in keys:
-            if key.startswith(prefix):
-                mapping.setdefault(saved_name(key[len(prefix):], adapters), key)
-        hits = len(live_set.intersection(mapping))
+        names = {saved_name(k[len(prefix):], adapters) for k in keys if k.startswith(prefix)}
+        hits = len(live_set & names)
         if hits > best_hits:
-            best_prefix, best_map, best_hits = prefix, mapping, hits
-    return best_prefix, best_map
+            best_prefix, best_hits = prefix, hits
+    return best_prefix
+
+
+#: a parameter's identity in a checkpoint: (adapter tag, saved name). The tag is the PEFT adapter the tensor
+#: belongs to ("" for parameters of no adapter), because every adapter saves ``...lora_A.weight`` alike.
+SavedKey = tuple[str, str]
+
+#: PEFT's ``save_pretrained`` writes adapter ``default`` into the folder itself, others into ``<folder>/<name>``
+DEFAULT_ADAPTER = "default"
+
+
+def live_key(raw: str, adapters: Sequence[str]) -> SavedKey:
+    """The (adapter tag, saved name) of a live parameter name."""
+    return adapter_of(raw, adapters) or "", saved_name(raw, adapters)
+
+
+def checkpoint_key(key: str, group: str, adapters: Sequence[str]) -> SavedKey:
+    """The (adapter tag, saved name) of a checkpoint key read from sub-checkpoint ``group``.
+
+    The tag is the adapter named inside the key (full state dicts keep ``.lora_A.<adapter>.``), else the
+    sub-folder's adapter (PEFT writes adapter ``x`` to ``<folder>/x`` without its name in the keys), else
+    ``default`` for the folder itself when the model has that adapter.
+    """
+    tag = adapter_of(key, adapters)
+    if tag is None:
+        if group in adapters:
+            tag = group
+        elif group == "" and DEFAULT_ADAPTER in adapters:
+            tag = DEFAULT_ADAPTER
+        else:
+            tag = ""
+    return tag, saved_name(key, adapters)
+
+
+class SavedIndex:
+    """The keys of a checkpoint (group -> keys) indexed by :data:`SavedKey`, after stripping the chosen prefix.
+
+    ``lookup((tag, name))`` finds the key that saves a live parameter: the same tag and name, or for a
+    parameter of no adapter (tag ``""``) the name under any tag (PEFT files tag every root key ``default``).
+    """
+
+    def __init__(self, groups: Mapping[str, Iterable[str]], live_names: Iterable[str], adapters: Sequence[str]):
+        self.adapters = tuple(adapters)
+        live_names = set(live_names)
+        self.exact: dict[SavedKey, tuple[str, str]] = {}
+        self.by_name: dict[str, tuple[str, str]] = {}
+        self.prefixes: dict[str, str] = {}
+        for group, keys in groups.items():
+            keys = list(keys)
+            prefix = self.prefixes[group] = choose_prefix(keys, live_names, self.adapters)
+            for key in keys:
+                if not key.startswith(prefix):
+                    continue
+                tag, name = checkpoint_key(key[len(prefix):], group, self.adapters)
+                self.exact.setdefault((tag, name), (group, key))
+                self.by_name.setdefault(name, (group, key))
+
+    def lookup(self, key: SavedKey) -> tuple[str, str] | None:
+        """``(group, checkpoint key)`` saving the live parameter ``key``, or None."""
+        found = self.exact.get(key)
+        if found is None and key[0] == "":
+            found = self.by_name.get(key[1])
+        return found
+
+    def __len__(self) -> int:
+        return len(self.exact)
 
 
 def owner_module(name: str) -> tuple[str, str]:
