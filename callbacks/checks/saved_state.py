@@ -259,6 +259,13 @@ def value_mismatches(pairs: Sequence[tuple[str, torch.Tensor, torch.Tensor]]) ->
     return out
 
 
+def _rank() -> int:
+    """This process's torch.distributed rank (0 when not distributed)."""
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else int(os.environ.get("RANK", "0"))
+
+
 # -- matching a checkpoint to the model ----------------------------------------------------------------------
 @dataclasses.dataclass
 class SavedMatch:
@@ -355,6 +362,8 @@ class SavedStateCheck(Check):
 
     # -- logic ------------------------------------------------------------------------------------------------
     def _check_files(self, ctx: EventContext, path: str, framework: str) -> list[Finding]:
+        if not os.path.exists(path) and _rank() != 0:
+            return []  # HF fires on_save on every rank but only the main process writes (local disks differ)
         listing = list_checkpoint(path)
         if listing.errors:
             return [self._unreadable(ctx, err, listing) for err in listing.errors]

@@ -15,6 +15,7 @@ A checkpoint may nest the model's keys under a prefix (accelerate FSDP's DCP ``m
 
 from __future__ import annotations
 
+import functools
 import sys
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -60,6 +61,12 @@ def saved_name(name: str, adapters: Iterable[str] = ()) -> str:
 
     ``adapters`` are the PEFT adapter names whose path segments are removed (PEFT removes ``.<adapter>``).
     """
+    return _saved_name(name, tuple(adapters))
+
+
+@functools.lru_cache(maxsize=1 << 17)
+def _saved_name(name: str, adapters: tuple[str, ...]) -> str:
+    # cached: every checkpoint event maps the same few thousand names again
     name = user_name(name)
     adapters = set(adapters)
     if not adapters and f".{MODULES_TO_SAVE}." not in name:
