@@ -44,10 +44,15 @@ class AdapterInitConfig(CheckConfig):
     ``max(1, max |logit|)``. ``dead_after_steps``: K, the steps within which every trainable adapter parameter
     must get a non-zero gradient. ``modules``: hand-written adapters, ``{module name pattern: role}`` with roles
     ``zero`` (up / B: all zero), ``random`` (down / A: finite, not all zero), ``norm`` (LayerNorm: weight 1, bias
-    0), ``ones`` (scales: all one), ``any`` (only finite / trainable / alive).
+    0), ``ones`` (scales: all one), ``any`` (only finite / trainable / alive). ``fresh``: whether the adapters
+    are freshly initialised, so that their values must match the init contract and the probe applies; ``None``
+    (auto) means fresh unless a ``load`` event (resume) came first. Set ``false`` when training continues from a
+    saved adapter (``PeftModel.from_pretrained(..., is_trainable=True)``): non-finite values, dtype, device,
+    trainability and dead adapters are still checked.
     """
 
     probe: bool = True
+    fresh: bool | None = None
     tolerance: float = Field(1.0e-6, ge=0)
     dead_after_steps: int = Field(3, ge=1)
     modules: dict[str, str] = Field(default_factory=dict)
@@ -332,8 +337,9 @@ def product_violation(unit: AdapterUnit, roles: tuple[str, str]) -> Violation | 
     return Violation(unit, b, "product B·A not zero", "B·A = 0 (orthogonal init)", f"max |B·A| {worst:.4g}")
 
 
-def audit_units(units: Sequence[AdapterUnit]) -> list[Violation]:
-    """Every init-contract violation of ``units``: non-floating dtype, device, non-finite, then the contract."""
+def audit_units(units: Sequence[AdapterUnit], fresh: bool = True) -> list[Violation]:
+    """Every init-contract violation of ``units``: non-floating dtype, device, non-finite, then (for ``fresh``
+    adapters) the values their method's contract promises."""
     out: list[Violation] = []
     for unit in units:
         device = base_device(unit)
@@ -358,6 +364,8 @@ def audit_units(units: Sequence[AdapterUnit]) -> list[Violation]:
                 out.append(Violation(unit, part, "non-finite", "finite values",
                                      f"{bad} of {t.numel()} values are NaN/Inf"))
                 bad_parts.add(id(part))
+        if not fresh:
+            continue
         contract = init_contract(unit)
         for rule in contract.rules:
             part = unit.part(rule.role)
@@ -590,7 +598,18 @@ class AdapterInitCheck(Check):
         self.nonzero: set[str] = set()
         self.flagged: set[str] = set()
         self.done = False
+        self.loaded = False
         self.summary: dict[str, Any] = {}
+
+    @property
+    def fresh(self) -> bool:
+        """Whether adapters are judged as freshly initialised (config ``fresh``, else: no load event seen)."""
+        return self.config.fresh if self.config.fresh is not None else not self.loaded
+
+    def on_load(self, ctx: EventContext) -> Iterable[Finding]:
+        """A resume: the adapters hold trained values, so init contracts no longer apply."""
+        self.loaded = True
+        return []
 
     def units(self, model: nn.Module) -> list[AdapterUnit]:
         """Discovered adapter units of ``model`` (cached per model object)."""
@@ -614,7 +633,7 @@ class AdapterInitCheck(Check):
 
     def _init_findings(self, ctx: EventContext, units: Sequence[AdapterUnit]) -> list[Finding]:
         groups: dict[tuple[str, str, str], list[Violation]] = {}
-        for v in audit_units(units):
+        for v in audit_units(units, fresh=self.fresh):
             groups.setdefault((v.unit.adapter, v.part.role, v.problem), []).append(v)
         findings = []
         for (adapter, role, problem), vs in groups.items():
@@ -658,7 +677,7 @@ class AdapterInitCheck(Check):
         return findings
 
     def _identity_findings(self, ctx: EventContext, units: Sequence[AdapterUnit]) -> list[Finding]:
-        if not self.config.probe:
+        if not self.config.probe or not self.fresh:
             return []
         probed = [u for u in units if u.active and u.library in ("peft", "adapters")]
         if not probed:
@@ -753,7 +772,7 @@ class AdapterInitCheck(Check):
     def state_dict(self) -> dict[str, Any]:
         """Step bookkeeping of the dead-adapter check (plain data)."""
         return {"first_step": self.first_step, "nonzero": sorted(self.nonzero), "flagged": sorted(self.flagged),
-                "done": self.done}
+                "done": self.done, "loaded": self.loaded}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict`."""
@@ -761,3 +780,4 @@ class AdapterInitCheck(Check):
         self.nonzero = set(state.get("nonzero", ()))
         self.flagged = set(state.get("flagged", ()))
         self.done = bool(state.get("done", False))
+        self.loaded = bool(state.get("loaded", self.loaded))

@@ -328,7 +328,7 @@ def _custom_units(model: nn.Module, modules: Mapping[str, str], taken: set[int])
     units = []
     for parent, parts in grouped.items():
         units.append(AdapterUnit(
-            library="custom", method="custom", adapter=user_name(parent) or "<root>", layer=user_name(parent),
+            library="custom", method="custom", adapter="custom", layer=user_name(parent),
             module=named[parent], parts=parts, config={"roles": role_of[parent]}, active=True, base=None))
     return units
 
