@@ -117,7 +117,7 @@ class Finding:
         """Build a finding whose severity defaults to the code's own."""
         return cls(
             code=code,
-            severity=severity or CODES[code].severity,
+            severity=severity or (CODES[code].severity if code in CODES else "error"),
             event=event,
             step=step,
             params=tuple(params),

@@ -201,7 +201,9 @@ class Monitor:
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore :meth:`state_dict` (on resume)."""
-        self._findings = [Finding.from_dict(d) for d in state.get("findings", [])]
+        restored = [Finding.from_dict(d) for d in state.get("findings", [])]
+        # trainers may restore callback state after running load checks (Lightning does): keep both
+        self._findings = restored + [f for f in self._findings if f not in restored]
         for check in self.checks:
             if check.name in state.get("checks", {}):
                 check.load_state_dict(state["checks"][check.name])

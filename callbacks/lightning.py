@@ -1,0 +1,122 @@
+"""Lightning integration: a ``Callback`` whose hooks become events, nothing more.
+
+Works with ``pytorch_lightning`` and, where installed, ``lightning.pytorch``: the class is built for each
+framework that is importable (``IntegrityCallback`` is the ``pytorch_lightning`` one when both are there;
+``callbacks.lightning.lightning_pytorch_callback()`` gives the other).
+
+================================  =====================================================================
+hook                              event
+================================  =====================================================================
+``on_load_checkpoint``            ``load`` with the checkpoint's ``state_dict``
+``on_fit_start``                  ``init`` (ties of a model built in ``configure_model`` are visible here)
+``on_before_optimizer_step``      ``step`` / ``before_optimizer`` (Lightning calls it before clipping)
+``on_train_batch_end``            ``step`` / ``after_optimizer``, only when the optimizer really stepped
+                                  (it also fires on gradient-accumulation batches)
+``on_save_checkpoint``            ``checkpoint`` with the dict's ``state_dict`` (before it is written)
+``on_fit_end``                    ``end``
+================================  =====================================================================
+
+The monitor's state is saved in the checkpoint under a per-instance ``state_key`` and restored on resume.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+from typing import Any
+
+from callbacks.integration import MonitorOwner
+
+
+def _make_callback_class(base: type) -> type:
+    """The integrity callback class for one Lightning package's ``Callback`` base."""
+
+    class IntegrityCallback(MonitorOwner, base):
+        """Runs the integrity checks inside a Lightning ``Trainer``: ``Trainer(callbacks=[IntegrityCallback()])``.
+
+        Arguments are :class:`~callbacks.integration.MonitorOwner`'s (``policy``, ``declare_ties``,
+        ``checks``, ``report``).
+        """
+
+        def __init__(self, *args: Any, **kwargs: Any):
+            MonitorOwner.__init__(self, *args, **kwargs)
+            base.__init__(self)
+            self._last_stepped = None
+
+        @property
+        def state_key(self) -> str:
+            """Per-instance key: two integrity callbacks configured differently keep separate state."""
+            identity = json.dumps([self.monitor.config.model_dump(mode="json"), self.monitor.declare_ties])
+            return self._generate_state_key(config=hashlib.sha1(identity.encode()).hexdigest()[:12])
+
+        def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
+            """A checkpoint is being restored: check its state dict against the model's ties."""
+            self.monitor.dispatch("load", pl_module, step=checkpoint.get("global_step"),
+                                  state_dict=checkpoint.get("state_dict"), trainer="lightning")
+
+        def on_fit_start(self, trainer, pl_module) -> None:
+            """The model is set up (after ``configure_model``) and any checkpoint restored."""
+            self._last_stepped = trainer.global_step
+            self.monitor.dispatch("init", pl_module, step=trainer.global_step,
+                                  optimizer=_first_optimizer(trainer), trainer="lightning")
+
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+            """Gradients accumulated (and reduced); clipping has not run yet."""
+            self.monitor.dispatch("step", pl_module, step=trainer.global_step + 1, phase="before_optimizer",
+                                  grads_clipped=False, optimizer=optimizer, trainer="lightning")
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            """After a batch: an ``after_optimizer`` step event only when ``global_step`` advanced."""
+            if self._last_stepped is not None and trainer.global_step == self._last_stepped:
+                return  # an accumulation batch: no optimizer step happened
+            self._last_stepped = trainer.global_step
+            self.monitor.dispatch("step", pl_module, step=trainer.global_step, phase="after_optimizer",
+                                  optimizer=_first_optimizer(trainer), trainer="lightning")
+
+        def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
+            """The checkpoint dict is built; its ``state_dict`` is what will be written."""
+            self.monitor.dispatch("checkpoint", pl_module, step=trainer.global_step,
+                                  state_dict=checkpoint.get("state_dict"), trainer="lightning")
+
+        def on_fit_end(self, trainer, pl_module) -> None:
+            """Training finished: last checks, summary table and report."""
+            self.monitor.dispatch("end", pl_module, step=trainer.global_step, trainer="lightning")
+
+        def state_dict(self) -> dict[str, Any]:
+            """Saved into Lightning checkpoints under :attr:`state_key`."""
+            return self.monitor.state_dict()
+
+        def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+            """Restored from a Lightning checkpoint on resume."""
+            self.monitor.load_state_dict(state_dict)
+
+    IntegrityCallback.__module__ = __name__
+    IntegrityCallback.__qualname__ = "IntegrityCallback"
+    return IntegrityCallback
+
+
+def _first_optimizer(trainer) -> Any:
+    optimizers = getattr(trainer, "optimizers", None) or []
+    return optimizers[0] if optimizers else None
+
+
+_CLASSES: dict[str, type] = {}
+for _package in ("pytorch_lightning", "lightning.pytorch"):
+    try:
+        _CLASSES[_package] = _make_callback_class(importlib.import_module(_package).Callback)
+    except ImportError:
+        continue
+
+if not _CLASSES:
+    raise ImportError("callbacks.lightning needs pytorch-lightning (pip install 'integrity-callbacks[lightning]')")
+
+#: the integrity callback for ``pytorch_lightning`` (or ``lightning.pytorch`` when only that is installed)
+IntegrityCallback = next(iter(_CLASSES.values()))
+
+
+def lightning_pytorch_callback() -> type:
+    """The integrity callback class for ``lightning.pytorch`` trainers (raises ImportError if not installed)."""
+    if "lightning.pytorch" not in _CLASSES:
+        raise ImportError("lightning.pytorch is not installed; use callbacks.lightning.IntegrityCallback")
+    return _CLASSES["lightning.pytorch"]
