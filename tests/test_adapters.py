@@ -11,12 +11,12 @@ import random
 
 import pytest
 import torch
+from models import tiny_bert_mlm, tiny_gemma2, tiny_gpt2, tiny_vit_classifier
 from torch import nn
 
 from callbacks import Monitor
 from callbacks.errors import ConfigError
 from callbacks.primitives.adapters import discover_adapters
-from tests.models import tiny_bert_mlm, tiny_gemma2, tiny_gpt2, tiny_vit_classifier
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 peft = pytest.importorskip("peft")

@@ -417,6 +417,18 @@ class ProbeResult:
     skipped: str | None = None
 
 
+def probe_target(model: nn.Module) -> nn.Module | None:
+    """The module the probe runs: the model itself when it carries an HF config, else the first submodule that
+    does (the HF / PEFT model inside a LightningModule or another wrapper)."""
+    inner = unwrap_model(model)
+    if getattr(inner, "config", None) is not None and hasattr(inner, "main_input_name"):
+        return model
+    for module in model.modules():
+        if getattr(module, "config", None) is not None and hasattr(module, "main_input_name"):
+            return module
+    return None
+
+
 def probe_inputs(model: nn.Module, extra: Mapping[str, Any] | None = None) -> dict[str, torch.Tensor] | None:
     """A small deterministic batch built from the model's config (no RNG used), or ``extra['probe_batch']``."""
     if extra and isinstance(extra.get("probe_batch"), Mapping):
@@ -695,12 +707,13 @@ class AdapterInitCheck(Check):
                 "CHECK_NOT_APPLICABLE", ctx, message=f"identity probe not run: {listed}",
                 hint="nothing to fix: this init is not meant to leave the output unchanged; the parameter checks "
                      "still ran", adapters=sorted(unjudged))]
-        batch = probe_inputs(ctx.model, ctx.extra)
-        if batch is None:
+        target = ctx.model if ctx.extra.get("probe_batch") is not None else probe_target(ctx.model)
+        batch = probe_inputs(target, ctx.extra) if target is not None else None
+        if target is None or batch is None:
             return [self.finding(
                 "CHECK_NOT_APPLICABLE", ctx, message="identity probe not run: no probe batch can be built from "
                 "the model's config", hint="pass extra={'probe_batch': {...}} to dispatch('init', ...) to probe")]
-        result = probe_identity(ctx.model, probed, batch)
+        result = probe_identity(target, probed, batch)
         if result.skipped:
             return [self.finding("CHECK_NOT_APPLICABLE", ctx, message=f"identity probe not run: {result.skipped}",
                                  hint="unmerge adapters before training to probe them")]
