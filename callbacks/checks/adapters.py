@@ -15,6 +15,7 @@ logic; :class:`AdapterInitCheck` is the thin stateful class the engine runs.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -487,6 +488,12 @@ class _AdaptersDisabled:
         self.adapters_config = find_adapters_config(model) if any(u.library == "adapters" for u in units) else None
         self.saved: list[tuple[nn.Module, bool]] = []
         self.saved_setup: Any = None
+        # the library warns "none are activated" on every forward without adapters: expected here, so muted
+        self.library_logger = logging.getLogger("adapters.model_mixin")
+
+    @staticmethod
+    def _mute(record: logging.LogRecord) -> bool:
+        return "none are activated" not in record.getMessage()
 
     def __enter__(self) -> _AdaptersDisabled:
         for layer in self.layers:
@@ -495,6 +502,7 @@ class _AdaptersDisabled:
         if self.adapters_config is not None:
             self.saved_setup = self.adapters_config.active_setup
             self.adapters_config.active_setup = None
+            self.library_logger.addFilter(self._mute)
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -502,6 +510,7 @@ class _AdaptersDisabled:
             layer._disable_adapters = flag
         if self.adapters_config is not None:
             self.adapters_config.active_setup = self.saved_setup
+            self.library_logger.removeFilter(self._mute)
 
 
 def _rng_state() -> tuple[torch.Tensor, list[torch.Tensor] | None]:

@@ -270,7 +270,10 @@ def _adapters_lib_units(model: nn.Module) -> list[AdapterUnit]:
     adapter_params = {id(p) for _, m, _ in found for p in m.parameters()}
     units = []
     for raw_layer, module, kind in found:
-        adapter = str(getattr(module, "name", raw_layer.rsplit(".", 1)[-1]))
+        if kind == "prefix":  # PrefixTuning.name is its location (self_prefix); the adapter keys its group
+            adapter = _parent_name(raw_layer).rsplit(".", 1)[-1]
+        else:
+            adapter = str(getattr(module, "name", raw_layer.rsplit(".", 1)[-1]))
         roles = _bottleneck_roles(module) if kind == "bottleneck" else {}
         parts = [AdapterPart(roles.get(id(p), pname), user_name(_join(raw_layer, pname)), _join(raw_layer, pname), p)
                  for pname, p in module.named_parameters()]
