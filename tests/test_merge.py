@@ -184,6 +184,18 @@ def test_tie_check_sees_no_false_break_after_merge_and_unload():
     assert [f for f in mon.findings if f.severity != "info"] == []
 
 
+def test_tied_head_merge_after_init_is_reported_by_the_merge_check_only():
+    # init saw `lm_head.base_layer.weight`; the tie itself still holds after the merge (one tensor): the tie check
+    # finds nothing to report, the merge check reports what the merge did through it
+    pm = lora(tiny_gemma2(tie=True), ["lm_head"])
+    mon = Monitor(policy="log")
+    mon.dispatch("init", pm)
+    mon.checked_merge(pm)
+    merge_findings = [f for f in mon.findings if f.event == "merge"]
+    assert {f.check for f in merge_findings} == {"merge"}
+    assert {f.code for f in merge_findings} == {"MERGE_SIDE_EFFECT", "MERGE_MISMATCH", "TIE_BROKEN"}
+
+
 # -- healthy merges: DoRA, several adapters, merge_adapter ---------------------------------------------------------
 
 def test_dora_merge_is_clean():
