@@ -465,3 +465,46 @@ def test_recipe_merge_section(tmp_path):
     recipe.write_text("integrity:\n  checks:\n    merge: {wach: true}\n")
     with pytest.raises(ConfigError, match="checks.merge"):
         Monitor.from_recipe(recipe)
+
+
+class TiedPair(nn.Module):
+    """Two square layers sharing one weight, with no config and no embedding: nothing to build a probe from."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.first, self.second = nn.Linear(8, 8), nn.Linear(8, 8)
+        self.second.weight = self.first.weight
+
+    def forward(self, x):
+        return self.second(torch.relu(self.first(x)))
+
+
+def test_without_a_probe_the_hashes_still_find_the_side_effect():
+    mon = Monitor(policy="log")
+    mon.checked_merge(lora(TiedPair(), ["second"]))
+    assert [f.code for f in mon.findings] == ["MERGE_SIDE_EFFECT", "TIE_BROKEN"]
+    assert mon.findings[0].params == ("first.weight",)
+    assert mon.check("merge").merges[0]["probe"].startswith("no probe: ProbeUnavailable")
+
+
+def test_explicit_probe_inputs_are_used():
+    mon = Monitor(policy="log")
+    mon.checked_merge(lora(TiedPair(), ["second"]), probe_inputs={"x": torch.ones(2, 8)})
+    assert {f.code for f in mon.findings} == {"MERGE_SIDE_EFFECT", "MERGE_MISMATCH", "TIE_BROKEN"}
+    assert mon.check("merge").merges[0]["probe"] == "compared"
+
+
+def test_a_failing_observation_never_stops_the_users_merge(monkeypatch):
+    import callbacks.checks.merge as merge_module
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("hash backend unavailable")
+
+    monkeypatch.setattr(merge_module, "snapshot_parameters", broken)
+    pm = lora(tiny_gemma2(tie=False), ["q_proj"])
+    mon = Monitor(policy="raise")
+    merged = mon.checked_merge(pm)
+    assert isinstance(merged.model.layers[0].self_attn.q_proj, nn.Linear)  # merged and unloaded
+    (failed,) = mon.findings
+    assert failed.code == "CHECK_FAILED" and "hash backend unavailable" in failed.message

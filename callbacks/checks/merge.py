@@ -39,7 +39,7 @@ from callbacks.events import EventContext
 from callbacks.findings import Finding
 from callbacks.hashing import hash_tensors
 from callbacks.primitives.naming import named_parameters_all, storage_key, user_name
-from callbacks.primitives.probe import ProbeUnavailable, build_probe_batch, run_probe
+from callbacks.primitives.probe import build_probe_batch, run_probe
 from callbacks.primitives.tiemap import TieMap, build_tie_map
 
 # -- configuration ------------------------------------------------------------------------------------------------
@@ -527,6 +527,8 @@ class MergeCheck(Check):
         self.merges: list[dict[str, Any]] = []
 
     def on_merge(self, ctx: EventContext) -> Iterable[Finding]:
+        if ctx.extra.get("merge_check_error"):  # the engine turns this into CHECK_FAILED; the merge itself ran
+            raise RuntimeError(f"{ctx.extra['merge_check_error']} (the {ctx.extra.get('merge_method')} ran unchecked)")
         obs = ctx.extra.get("merge")
         if not isinstance(obs, MergeObservation):
             return ()
@@ -757,7 +759,11 @@ def checked_merge(monitor: Any, model: Any, method: str | None = None, *,
 def run_checked_merge(monitor: Any, model: Any, library: str, method: str, call: Callable[..., Any],
                       args: Sequence[Any], kwargs: Mapping[str, Any], *, step: int | None = None,
                       probe_inputs: Mapping[str, Any] | None = None) -> Any:
-    """Observe ``call(*args, **kwargs)`` (the merge method ``method`` of ``model``) and dispatch ``merge``."""
+    """Observe ``call(*args, **kwargs)`` (the merge method ``method`` of ``model``) and dispatch ``merge``.
+
+    The user's merge always runs: if observing the model fails, the merge runs unchecked and the failure is
+    reported as ``CHECK_FAILED`` (the merge check raises at the event).
+    """
     kind = MERGE_METHODS[library][method]
     check = monitor.check("merge")
     token = _IN_CHECKED_MERGE.set(True)
@@ -768,35 +774,15 @@ def run_checked_merge(monitor: Any, model: Any, library: str, method: str, call:
             monitor.dispatch("merge", model, step=step, extra={"merge_method": method})
             return merged
         config: MergeConfig = check.config
-        arguments = _bind(call, args, kwargs)
-        adapters, targets = discover_targets(library, model, kind, arguments)
-        skip = unloaded_parameters(library, model) if method == "merge_and_unload" else None
-        before = snapshot_parameters(model, config.backend, skip)
-        target_names = {p for t in targets for p in t.params}
-        target_memory = {before.memory[n] for n in target_names if n in before.memory}
-        # targets and the names sharing their memory (tied): what an unmerge must bring back
-        sampled = target_names | {n for n, m in before.memory.items() if m in target_memory}
-        samples: dict[str, WeightSample] = {}
-        samples_merged: dict[str, WeightSample] = {}
-        if kind == "merge" and method != "merge_and_unload":
-            samples = _samples(sampled, before, config.unmerge_sample)
-        elif kind == "unmerge":
-            samples_merged = _samples(sampled, before, config.unmerge_sample)
-
-        batch, probe_before, probe_skipped = None, None, None
-        if config.probe:
-            try:
-                batch = dict(probe_inputs) if probe_inputs is not None else build_probe_batch(model)
-                with probe_adapters(library, model, adapters):
-                    probe_before = run_probe(model, batch)
-            except ProbeUnavailable as err:
-                batch, probe_skipped = None, f"no probe: {err}"
-        batch_key = None
-        if batch is not None:
-            tensors = [v for _, v in sorted(batch.items()) if isinstance(v, torch.Tensor)]
-            batch_key = tuple(hash_tensors(tensors, backend=config.backend))
-        else:
-            probe_skipped = "probe disabled (checks.merge.probe: false)"
+        try:
+            state = _observe_before(library, model, kind, method, call, args, kwargs, config, probe_inputs)
+        except Exception as err:  # noqa: BLE001 - the user's merge must not fail because the check did
+            result = call(*args, **kwargs)
+            merged = result if isinstance(result, nn.Module) else model
+            monitor.dispatch("merge", model, step=step, extra={
+                "merge_method": method, "merge_check_error": f"observing the model before the merge: "
+                                                             f"{type(err).__name__}: {err}"})
+            return merged
 
         error: BaseException | None = None
         result = None
@@ -805,31 +791,13 @@ def run_checked_merge(monitor: Any, model: Any, library: str, method: str, call:
         except Exception as err:  # noqa: BLE001 - checked below, then re-raised
             error = err
         merged = result if isinstance(result, nn.Module) else model
-        after = snapshot_parameters(merged, config.backend)
-        changed = [n for n, h in before.hashes.items() if after.hashes.get(n, h) != h]
-        nonfinite_after = _nonfinite(after, changed)
-        if kind == "unmerge":
-            samples = _samples(sampled, after, config.unmerge_sample)
-        probe_after = None
-        if batch is not None and error is None:
-            # the merged model stands alone: the adapters library keeps the adapter, so it is switched off
-            after_adapters = None if (library == "adapters" and kind == "merge") else adapters
-            with probe_adapters(detect_library(merged) or "none", merged, after_adapters):
-                probe_after = run_probe(merged, batch)
-
-        covered: frozenset[tuple[str, ...]] = frozenset()
-        ties = monitor.check("ties")
-        if ties is not None and getattr(ties, "tie_map", None) is not None:
-            covered = frozenset(t.names for t in getattr(ties, "expected", ()))
-        obs = MergeObservation(
-            library=library, method=method, kind=kind, adapters=tuple(adapters), targets=targets, before=before,
-            after=after, probe_before=probe_before, probe_after=probe_after, probe_skipped=probe_skipped,
-            batch_key=batch_key,
-            error=error, samples=samples, samples_merged=samples_merged, nonfinite_after=nonfinite_after,
-            ties_covered=covered)
+        extra: dict[str, Any] = {"merge_method": method, "merged_model": merged}
         try:
-            monitor.dispatch("merge", model, step=step,
-                             extra={"merge": obs, "merge_method": method, "merged_model": merged})
+            extra["merge"] = _observe_after(library, monitor, merged, kind, method, state, error, config)
+        except Exception as err:  # noqa: BLE001 - reported as CHECK_FAILED by the merge check
+            extra["merge_check_error"] = f"observing the model after the merge: {type(err).__name__}: {err}"
+        try:
+            monitor.dispatch("merge", model, step=step, extra=extra)
         except IntegrityError as integrity:
             if error is not None:
                 raise integrity from error
@@ -839,6 +807,68 @@ def run_checked_merge(monitor: Any, model: Any, library: str, method: str, call:
         return merged
     finally:
         _IN_CHECKED_MERGE.reset(token)
+
+
+def _observe_before(library: str, model: Any, kind: str, method: str, call: Callable[..., Any],
+                    args: Sequence[Any], kwargs: Mapping[str, Any], config: MergeConfig,
+                    probe_inputs: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Targets, hashes, samples and the probe output before the merge."""
+    adapters, targets = discover_targets(library, model, kind, _bind(call, args, kwargs))
+    skip = unloaded_parameters(library, model) if method == "merge_and_unload" else None
+    before = snapshot_parameters(model, config.backend, skip)
+    target_names = {p for t in targets for p in t.params}
+    target_memory = {before.memory[n] for n in target_names if n in before.memory}
+    # targets and the names sharing their memory (tied): what an unmerge must bring back
+    sampled = target_names | {n for n, m in before.memory.items() if m in target_memory}
+    state: dict[str, Any] = {
+        "adapters": tuple(adapters), "targets": targets, "before": before, "sampled": sampled, "samples": {},
+        "samples_merged": {}, "batch": None, "probe_before": None, "probe_skipped": None, "batch_key": None}
+    if kind == "merge" and method != "merge_and_unload":
+        state["samples"] = _samples(sampled, before, config.unmerge_sample)
+    elif kind == "unmerge":
+        state["samples_merged"] = _samples(sampled, before, config.unmerge_sample)
+    if not config.probe:
+        state["probe_skipped"] = "probe disabled (checks.merge.probe: false)"
+        return state
+    try:
+        batch = dict(probe_inputs) if probe_inputs is not None else build_probe_batch(model)
+        with probe_adapters(library, model, adapters):
+            state["probe_before"] = run_probe(model, batch)
+    except Exception as err:  # noqa: BLE001 - no probe input or a forward that fails: judged by hashes alone
+        state["probe_skipped"] = f"no probe: {type(err).__name__}: {err}"
+        return state
+    tensors = [v for _, v in sorted(batch.items()) if isinstance(v, torch.Tensor)]
+    state["batch"], state["batch_key"] = batch, tuple(hash_tensors(tensors, backend=config.backend))
+    return state
+
+
+def _observe_after(library: str, monitor: Any, merged: Any, kind: str, method: str, state: dict[str, Any],
+                   error: BaseException | None, config: MergeConfig) -> MergeObservation:
+    """Hashes, samples and the probe output after the merge, with what was seen before: the observation."""
+    before: ParamSnapshot = state["before"]
+    after = snapshot_parameters(merged, config.backend)
+    changed = [n for n, h in before.hashes.items() if after.hashes.get(n, h) != h]
+    samples = state["samples"]
+    if kind == "unmerge":
+        samples = _samples(state["sampled"], after, config.unmerge_sample)
+    probe_after, probe_skipped = None, state["probe_skipped"]
+    if state["batch"] is not None and error is None:
+        # the merged model stands alone: the adapters library keeps the adapter, so it is switched off
+        after_adapters = None if (library == "adapters" and kind == "merge") else state["adapters"]
+        try:
+            with probe_adapters(detect_library(merged) or "none", merged, after_adapters):
+                probe_after = run_probe(merged, state["batch"])
+        except Exception as err:  # noqa: BLE001 - the merged model's forward fails: say so, judge by hashes
+            probe_skipped = f"probe of the merged model failed: {type(err).__name__}: {err}"
+    covered: frozenset[tuple[str, ...]] = frozenset()
+    ties = monitor.check("ties")
+    if ties is not None and getattr(ties, "tie_map", None) is not None:
+        covered = frozenset(t.names for t in getattr(ties, "expected", ()))
+    return MergeObservation(
+        library=library, method=method, kind=kind, adapters=state["adapters"], targets=state["targets"],
+        before=before, after=after, probe_before=state["probe_before"], probe_after=probe_after,
+        probe_skipped=probe_skipped, batch_key=state["batch_key"], error=error, samples=samples,
+        samples_merged=state["samples_merged"], nonfinite_after=_nonfinite(after, changed), ties_covered=covered)
 
 
 def _samples(names: set[str], snapshot: ParamSnapshot, count: int) -> dict[str, WeightSample]:
