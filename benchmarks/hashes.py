@@ -109,11 +109,11 @@ def gpu_section(args) -> None:
           + (f" ({torch.cuda.get_device_name()})" if device.type == "cuda" else " (smoke run: timings meaningless)"))
 
     copy_bw = copy_bandwidth(device, copy_bytes, repeats)
-    rows: list[tuple[str, float, str]] = []
+    results: list[tuple[str, float, str]] = []
 
     def run(name: str, fn: Callable[[], object], data_bytes: int = size, reps: int = repeats, note: str = "") -> float:
         seconds = timed(fn, device, reps)
-        rows.append((name, data_bytes / seconds, note))
+        results.append((name, data_bytes / seconds, note))
         return seconds
 
     fused_call = lambda: fused.fused_hash_table(tensors, chunk=chunk, rows=rows)  # noqa: E731
@@ -144,7 +144,7 @@ def gpu_section(args) -> None:
 
     print(f"device-to-device copy: {copy_bw / 1e9:,.0f} GB/s (read + write)")
     print(f"{'method':52s} {'GB/s':>10s} {'of copy bw':>11s}")
-    for name, bw, note in rows:
+    for name, bw, note in results:
         print(f"{name:52s} {bw / 1e9:10,.1f} {bw / copy_bw:10.1%}  {note}")
     print(f"fused == reference bit for bit: {got == want}")
     print(f"fused / _foreach_norm speed: {foreach_s / fused_s:.2f}x; fused / reference: {ref_s / fused_s:.1f}x")

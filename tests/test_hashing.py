@@ -18,7 +18,7 @@ import torch
 
 import callbacks
 from callbacks.errors import ConfigError
-from callbacks.hashing import hash_tensors, hash_with_stats, reference, resolve_backend, spec
+from callbacks.hashing import hash_stats_tensor, hash_tensors, hash_with_stats, reference, resolve_backend, spec
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -177,10 +177,14 @@ def test_dispatch_torch_backend_and_auto_on_cpu():
     assert resolve_backend("auto", ts) == "torch"
     stats = hash_with_stats(ts, backend="torch")
     assert stats.hashes == reference.hash_tensors(ts) == hash_tensors(ts)
-    assert stats.nonfinite == [0, 1] or stats.nonfinite[1] == 1
+    assert stats.nonfinite == [reference.nonfinite_count(ts[0]), 1]
     assert stats.nonzero[1] == 2
     with pytest.raises(ConfigError):
         resolve_backend("cuda", ts)
+    table = hash_stats_tensor(ts, backend="torch")
+    assert table[:, 0].view(torch.uint64).tolist() == stats.hashes
+    assert table[:, 1].tolist() == stats.nonfinite and table[:, 2].tolist() == stats.nonzero
+    assert hash_stats_tensor([]).shape == (0, 3)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -238,6 +242,13 @@ result["cache"] = {
 # default chunk and block on a tensor of a few chunks (the production configuration)
 big = _random(torch.bfloat16, (70000,), seed=12)
 result["default_config_equal"] = fused.fused_hash_with_stats([big]).hashes == [reference.hash_tensor(big)]
+# the public dispatch with backend="triton" runs the kernel (here: interpreted on CPU tensors)
+from callbacks.hashing import hash_stats_tensor, hash_with_stats
+few = [cases["torch.bfloat16:specials"], cases["f32:noncontiguous"], cases["bf16:numel=0"]]
+result["dispatch_equal"] = (
+    hash_with_stats(few, backend="triton") == hash_with_stats(few, backend="torch")
+    and torch.equal(hash_stats_tensor(few, backend="triton"), hash_stats_tensor(few, backend="torch"))
+)
 print("RESULT" + json.dumps(result))
 """
 
@@ -272,6 +283,7 @@ def test_kernel_layout_cache_under_the_interpreter(interpreted):
     assert cache["builds_after_new_ptr"] == 2
     assert cache["repeat_equal"] and cache["change_seen"] and cache["after_new_ptr_equal"]
     assert interpreted["default_config_equal"]
+    assert interpreted["dispatch_equal"]
 
 
 def test_kernel_constants_are_the_spec_constants():
@@ -302,6 +314,7 @@ def test_cuda_kernel_equals_reference_for_every_dtype():
     want = hash_with_stats(tensors, backend="torch")
     assert got == want
     assert want.hashes == hash_with_stats([t.cpu() for t in tensors], backend="torch").hashes
+    assert torch.equal(hash_stats_tensor(tensors, backend="triton"), hash_stats_tensor(tensors, backend="torch"))
 
 
 @pytest.mark.cuda
