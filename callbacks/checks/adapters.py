@@ -454,7 +454,7 @@ def probe_inputs(model: nn.Module, extra: Mapping[str, Any] | None = None) -> di
     vocab = getattr(text, "vocab_size", None)
     if main != "input_ids" or not isinstance(vocab, int) or vocab < 2:
         return None
-    seq = min(16, int(getattr(text, "max_position_embeddings", 16) or 16))
+    seq = min(8, int(getattr(text, "max_position_embeddings", 8) or 8))
     ids = ((torch.arange(seq, device=device) * 7 + 3) % vocab).reshape(1, seq)
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     if getattr(config, "is_encoder_decoder", False):
@@ -541,7 +541,10 @@ def probe_identity(model: nn.Module, units: Sequence[AdapterUnit], batch: Mappin
                 base = _first_tensor(model(**batch))
     finally:
         for module, training in modes:
-            module.training = training
+            if module.training != training:
+                # the plain attribute nn.Module.train() sets, written without its per-call overhead and without
+                # recursing (each module gets its own saved mode back)
+                module.__dict__["training"] = training
         _restore_rng(rng)
     if adapted is None or base is None or adapted.shape != base.shape:
         return ProbeResult(skipped="the model's output has no comparable tensor")
