@@ -155,6 +155,8 @@ def peft_contract(unit: AdapterUnit) -> Contract:
         return _peft_lora_contract(unit)
     if cfg is None:
         return Contract([], None, f"no {method} config found")
+    if getattr(cfg, "is_prompt_learning", False):
+        return Contract([], False, f"{method} adds virtual tokens: never identity")
     if method == "adalora":
         init = _cfg(cfg, "init_lora_weights", True)
         if init is True:

@@ -154,12 +154,31 @@ def _join(*names: str) -> str:
     return ".".join(n for n in names if n)
 
 
+def _peft_prompt_units(modules: Mapping[str, nn.Module], configs: Mapping[str, Any]) -> list[AdapterUnit]:
+    """PEFT prompt learning (prompt / prefix / p-tuning): the ``prompt_encoder`` of a ``PeftModel``."""
+    units = []
+    for raw_owner, owner in modules.items():
+        encoders = owner.__dict__.get("_modules", {}).get("prompt_encoder")
+        if not isinstance(encoders, nn.ModuleDict) or not isinstance(getattr(owner, "peft_config", None), Mapping):
+            continue
+        active = getattr(owner, "active_adapter", None)
+        for adapter, encoder in encoders.items():
+            raw_layer = _join(raw_owner, "prompt_encoder", adapter)
+            parts = [AdapterPart(pname, user_name(_join(raw_layer, pname)), _join(raw_layer, pname), p)
+                     for pname, p in encoder.named_parameters()]
+            config = configs.get(adapter)
+            units.append(AdapterUnit(
+                library="peft", method=_peft_method(encoder, config), adapter=adapter, layer=user_name(raw_layer),
+                module=encoder, parts=parts, config=config, active=adapter == active, base=None))
+    return units
+
+
 def _peft_units(model: nn.Module, modules: Mapping[str, nn.Module]) -> list[AdapterUnit]:
-    tuner_layers = [(raw, m) for raw, m in modules.items() if _is_peft_tuner_layer(m)]
-    if not tuner_layers:
+    if "peft" not in sys.modules:
         return []
     configs = find_peft_configs(model)
-    units = []
+    units = _peft_prompt_units(modules, configs) if configs else []
+    tuner_layers = [(raw, m) for raw, m in modules.items() if _is_peft_tuner_layer(m)]
     for raw_layer, module in tuner_layers:
         active_names = set(getattr(module, "active_adapters", []) or [])
         disabled = bool(getattr(module, "disable_adapters", False))
