@@ -35,10 +35,16 @@ def build(layers: int, hidden: int):
     return get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=targets))
 
 
-def timed(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
+class Clock:
+    """Wall time and this process's CPU time of a block. On a shared machine wall time includes waiting for other
+    processes; with one torch thread, CPU time is the work itself. Both are reported."""
+
+    def __enter__(self) -> Clock:
+        self.wall, self.cpu = time.perf_counter(), time.process_time()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.wall, self.cpu = time.perf_counter() - self.wall, time.process_time() - self.cpu
 
 
 def main() -> None:
@@ -67,45 +73,50 @@ def main() -> None:
     # the step audit (dead-adapter gradient test) runs between backward and optimizer.step, as under a trainer
     step_monitor = Monitor(policy="log", checks={"ties": {"enabled": False},
                                                  "adapter_init": {"dead_after_steps": 10**6, "probe": False}})
-    grad_times: list[float] = []
 
-    def train_step(step: int, audit: bool) -> float:
-        """One step; returns its time without the step audit (timed separately into ``grad_times``)."""
-        start = time.perf_counter()
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        audit_s = timed(lambda: step_monitor.dispatch("step", model, step=step, phase="before_optimizer")) \
-            if audit else 0.0
-        grad_times.append(audit_s)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return time.perf_counter() - start - audit_s
+    def train_step(step: int) -> tuple[Clock, Clock]:
+        """One training step and, inside it, the step audit; the step's clock excludes the audit."""
+        with Clock() as total:
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            with Clock() as audit:
+                step_monitor.dispatch("step", model, step=step, phase="before_optimizer")
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        total.wall -= audit.wall
+        total.cpu -= audit.cpu
+        return total, audit
 
-    def init_audit() -> None:
+    def init_audit() -> Clock:
         monitor = Monitor(policy="log", checks={"ties": {"enabled": False}})
-        found = monitor.dispatch("init", model, step=0)
+        with Clock() as clock:
+            found = monitor.dispatch("init", model, step=0)
         errors = [f.code for f in found if f.severity == "error"]
         assert not errors, f"the healthy model has findings: {errors}"
+        return clock
 
     # the init audit runs on the fresh model (before any step changes B), the steps after it
     init_audit()  # warm-up
-    init_times = [timed(init_audit) for _ in range(args.repeats)]
+    inits = [init_audit() for _ in range(args.repeats)]
     step_monitor.dispatch("init", model, step=0)
-    train_step(1, audit=True)  # warm-up: allocations, AdamW state
-    grad_times.clear()
-    step_times = [train_step(step, audit=True) for step in range(2, args.repeats + 2)]
+    train_step(1)  # warm-up: allocations, AdamW state
+    steps, audits = zip(*(train_step(step) for step in range(2, args.repeats + 2)), strict=True)
 
-    step_s = statistics.median(step_times)
-    init_s = statistics.median(init_times)
-    grad_s = statistics.median(grad_times)
+    def median(clocks, attr: str) -> float:
+        return statistics.median(getattr(c, attr) for c in clocks)
+
     print(f"model: {args.layers} layers, hidden {args.hidden}, {lora_layers} LoRA layers, "
           f"{sum(p.numel() for p in model.parameters()):,} parameters; batch {args.batch} x {args.seq}; "
-          f"torch threads {torch.get_num_threads()}")
-    print(f"training step        {step_s * 1e3:9.1f} ms (median of {args.repeats})")
-    print(f"init audit (+probe)  {init_s * 1e3:9.1f} ms  ratio {init_s / step_s:.2%} of one step")
-    print(f"step audit (grads)   {grad_s * 1e3:9.1f} ms  ratio {grad_s / step_s:.2%} of one step "
-          f"(first dead_after_steps steps only)")
-    print("target: init audit < 5% of one training step:", "PASS" if init_s / step_s < 0.05 else "FAIL")
+          f"torch threads {torch.get_num_threads()}; medians of {args.repeats}")
+    print(f"{'':22}{'CPU ms':>10}{'ratio':>9}{'wall ms':>12}{'ratio':>9}")
+    step_cpu, step_wall = median(steps, "cpu"), median(steps, "wall")
+    print(f"{'training step':22}{step_cpu * 1e3:10.1f}{'':9}{step_wall * 1e3:12.1f}")
+    for label, clocks in (("init audit (+probe)", inits), ("step audit (grads)", audits)):
+        cpu, wall = median(clocks, "cpu"), median(clocks, "wall")
+        print(f"{label:22}{cpu * 1e3:10.1f}{cpu / step_cpu:9.2%}{wall * 1e3:12.1f}{wall / step_wall:9.2%}")
+    ratio = median(inits, "cpu") / step_cpu
+    print(f"target: init audit < 5% of one training step (CPU time): {'PASS' if ratio < 0.05 else 'FAIL'} "
+          f"({ratio:.2%}); the step audit runs only for the first dead_after_steps steps")
 
 
 if __name__ == "__main__":

@@ -15,13 +15,14 @@ from models import tiny_bert_mlm, tiny_gemma2, tiny_gpt2, tiny_vit_classifier
 from torch import nn
 
 from callbacks import Monitor
+from callbacks.checks import REGISTRY
 from callbacks.errors import ConfigError
 from callbacks.primitives.adapters import discover_adapters
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 peft = pytest.importorskip("peft")
 
-ONLY = {"ties": {"enabled": False}}
+ONLY = {name: {"enabled": False} for name in REGISTRY if name != "adapter_init"}
 
 
 def monitor(**options) -> Monitor:
