@@ -799,12 +799,12 @@ class AdapterInitCheck(Check):
     def state_dict(self) -> dict[str, Any]:
         """Step bookkeeping of the dead-adapter check (plain data)."""
         return {"first_step": self.first_step, "nonzero": sorted(self.nonzero), "flagged": sorted(self.flagged),
-                "done": self.done, "loaded": self.loaded}
+                "done": self.done}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict`."""
+        """Restore :meth:`state_dict` (a resume: from here on the adapters are not judged as fresh)."""
         self.first_step = state.get("first_step")
         self.nonzero = set(state.get("nonzero", ()))
         self.flagged = set(state.get("flagged", ()))
         self.done = bool(state.get("done", False))
-        self.loaded = bool(state.get("loaded", self.loaded))
+        self.loaded = True  # state is restored only on resume: the adapters hold trained values
