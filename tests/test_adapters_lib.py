@@ -77,6 +77,16 @@ def test_non_identity_inits_are_reported_not_checked(build):
     assert found[0].severity == "info"
 
 
+def test_gate_reinitialised_is_wrong():
+    model = bottleneck(ln_after=False, use_gating=True)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".gate.bias" in name:
+                p.fill_(2.0)  # a gate opened by hand-written init code
+    wrong = of(monitor().dispatch("init", model, step=0), "ADAPTER_INIT_WRONG")
+    assert [f.details["role"] for f in wrong] == ["gate.bias"] and len(wrong[0].params) == 2
+
+
 def test_bottleneck_contract_is_read_from_config():
     from callbacks.checks.adapters import init_contract
 

@@ -201,6 +201,8 @@ def adapters_lib_contract(unit: AdapterUnit) -> Contract:
         rules = [Rule("norm_before.weight", "ones"), Rule("norm_before.bias", "zero"),
                  Rule("norm_after.weight", "ones"), Rule("norm_after.bias", "zero"), Rule("scaling", "ones")]
         down = unit.part("down.weight")
+        if init in ("mam_adapter", "bert"):  # both initialise the gate with BERT's N(0, 0.02), bias 0
+            rules += [Rule("gate.weight", "spread", 0.02), Rule("gate.bias", "zero")]
         if init == "mam_adapter":
             rules += [Rule("up.weight", "zero"), Rule("up.bias", "zero"), Rule("down.bias", "zero")]
             if down is not None and down.param.dim() == 2:
