@@ -62,6 +62,10 @@ def test_hf_trainer_under_torchrun(tmp_path):
         ]
         # a parameter nudged on rank 1 after the step: DDP keeps averaging gradients, so gradients still agree
         assert problems(load(tmp_path, "param", rank)) == [("PARAM_REPLICA_MISMATCH", "step", 2, (TARGET,), (0, 1))]
+        tied = [(f["code"], f["event"], f["step"], tuple(f["params"]))
+                for f in load(tmp_path, "tied", rank)["findings"]]
+        assert tied == [("CHECK_NOT_APPLICABLE", "init", 0, ()),
+                        ("TIE_DIVERGED", "step", 2, ("emb.weight", "head.weight"))]
     # bounded wait: rank 1 skipped an exchange; rank 0 gets CHECK_FAILED after timeout_s=3 instead of hanging
     timeout = load(tmp_path, "timeout", 0)
     assert [f["code"] for f in timeout["findings"]] == ["CHECK_FAILED"]
