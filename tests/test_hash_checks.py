@@ -4,7 +4,10 @@ TIE_DIVERGED, the hash ledger and its diff. Each failure is reproduced for real,
 from __future__ import annotations
 
 import json
+import os
 import pickle
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -362,3 +365,18 @@ def test_recipe_runs_give_identical_ledgers_and_a_changed_learning_rate_diverges
     assert main(["diff", ledgers[0], ledgers[2]]) == 1
     out = capsys.readouterr().out
     assert "first at step 1, trainable parameters (after the optimizer step)" in out
+
+
+def test_fused_backend_under_the_interpreter_writes_the_same_ledger(tmp_path):
+    """``backend: triton`` (the fused kernel, under Triton's CPU interpreter in a subprocess) gives a ledger
+    identical to the torch reference's and the same GRAD_NONFINITE, counted by the fused pass."""
+    pytest.importorskip("triton")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    proc = subprocess.run([sys.executable, os.path.join(root, "tests", "dist_scripts", "fused_backend.py"),
+                           str(tmp_path)], cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = json.loads(next(x for x in proc.stdout.splitlines() if x.startswith("RESULT"))[len("RESULT"):])
+    assert result["triton"] == result["torch"] == [["GRAD_NONFINITE", 2, ["2.bias"], {"2.bias": 1}]]
+    code, text = diff_ledgers(tmp_path / "torch.jsonl", tmp_path / "triton.jsonl")
+    assert code == 0, text
