@@ -6,18 +6,12 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
 
 import pytest
-
-
-def free_port() -> int:
-    """A TCP port free now on localhost (for the rendezvous of one launch)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
@@ -26,15 +20,29 @@ TARGET = "transformer.h.1.mlp.c_fc.weight"
 pytestmark = pytest.mark.slow
 
 
+def free_port() -> int:
+    """A TCP port free now on localhost (for the rendezvous of one launch)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def launch(args: list[str], out_dir, timeout: int = 120) -> None:
+    """Run a launcher in its own session; on timeout kill the whole group (workers included), never leave
+    orphaned ranks behind."""
     env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
            "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    env.pop("RANK", None)
-    env.pop("LOCAL_RANK", None)
-    env.pop("WORLD_SIZE", None)
-    run = subprocess.run([sys.executable, *args, str(out_dir)], cwd=REPO, env=env, capture_output=True,
-                         text=True, timeout=timeout)
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-6000:]
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    proc = subprocess.Popen([sys.executable, *args, str(out_dir)], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        pytest.fail(f"launch timed out after {timeout}s:\n{stdout[-2000:]}\n{stderr[-4000:]}")
+    assert proc.returncode == 0, stdout[-3000:] + stderr[-6000:]
 
 
 def load(out_dir, job: str, rank: int) -> dict:
