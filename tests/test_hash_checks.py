@@ -380,3 +380,28 @@ def test_fused_backend_under_the_interpreter_writes_the_same_ledger(tmp_path):
     assert result["triton"] == result["torch"] == [["GRAD_NONFINITE", 2, ["2.bias"], {"2.bias": 1}]]
     code, text = diff_ledgers(tmp_path / "torch.jsonl", tmp_path / "triton.jsonl")
     assert code == 0, text
+
+
+@pytest.mark.parametrize("base_changed", [True, False])
+def test_frozen_baseline_travels_with_the_state_across_a_resume(base_changed):
+    """The frozen baselines are saved with the monitor's state; a resume whose frozen weights differ from the ones
+    trained with (e.g. a different base model under an adapter-only checkpoint) is FROZEN_CHANGED at init."""
+    model = Net()
+    model.emb.requires_grad_(False)
+    first = Monitor(policy="log")
+    train(model, first, steps=2)
+    state = json.loads(json.dumps(first.state_dict()))  # HF keeps it in trainer_state.json
+    resumed_model = Net()
+    resumed_model.emb.requires_grad_(False)
+    if base_changed:
+        with torch.no_grad():
+            resumed_model.emb.weight[3, 1] += 1e-6
+    second = Monitor(policy="log")
+    second.load_state_dict(state)
+    second.dispatch("load", resumed_model, step=2)
+    found = codes(second.dispatch("init", resumed_model, step=2), "FROZEN_CHANGED")
+    if not base_changed:
+        assert found == []
+        return
+    assert [(f.params, f.event, f.step) for f in found] == [(("emb.weight",), "init", 2)]
+    assert "between the checkpoint and the resume at step 2" in found[0].message

@@ -495,8 +495,10 @@ class HashCheck(Check):
         if not new:
             return []
         first = min(since[n] for n in new) + 1
-        window = "before training" if now == 0 else (f"in step {now}" if first >= now else
-                                                      f"in steps {first}..{now}")
+        if ctx.event in ("init", "load"):  # a baseline restored with the monitor's state on resume
+            window = "before training" if now == 0 else f"between the checkpoint and the resume at step {now}"
+        else:
+            window = f"in step {now}" if first >= now else f"in steps {first}..{now}"
         return [self.finding(
             "FROZEN_CHANGED", ctx, params=new,
             message=f"{len(new)} parameter(s) with requires_grad=False changed {window}: "
