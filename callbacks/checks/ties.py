@@ -202,6 +202,9 @@ class TieCheck(Check):
         return self._broken(ctx)
 
     def on_merge(self, ctx: EventContext) -> Iterable[Finding]:
+        # a merge_and_unload changes raw names (``x.base_layer.weight`` -> ``x.weight``), not user names:
+        # look the parameters up as the model spells them now
+        self.names = {**self.names, **raw_names(ctx.model)}
         return self._broken(ctx)
 
     def on_load(self, ctx: EventContext) -> Iterable[Finding]:
