@@ -165,10 +165,12 @@ class Monitor:
     def _apply_policy(self, new: list[Finding]) -> None:
         for finding in new:
             level = {"error": logging.ERROR, "warning": logging.WARNING}.get(finding.severity, logging.INFO)
-            if self.policy == "warn" and finding.severity != "info":
+            if self.rank != 0:
+                level = logging.DEBUG  # every rank checks; rank 0 speaks for the job (raise still raises)
+            elif self.policy == "warn" and finding.severity != "info":
                 warnings.warn(str(finding), IntegrityWarning, stacklevel=3)
-            else:
-                logger.log(level, "%s", finding)
+                continue
+            logger.log(level, "%s", finding)
         errors = [f for f in new if f.severity == "error"]
         if errors and not self._summary_printed:
             self._summary_printed = True  # the first error gets the table at once; the end prints it again
