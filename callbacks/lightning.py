@@ -39,8 +39,8 @@ def _make_callback_class(base: type) -> type:
         ``checks``, ``report``).
         """
 
-        def __init__(self, *args: Any, **kwargs: Any):
-            MonitorOwner.__init__(self, *args, **kwargs)
+        def __init__(self, **kwargs: Any):
+            MonitorOwner.__init__(self, **kwargs)
             base.__init__(self)
             self._last_stepped = None
 

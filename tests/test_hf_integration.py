@@ -127,3 +127,33 @@ def test_checks_do_not_change_training(tmp_path):
     for (name, a), (_, b) in zip(plain.model.state_dict().items(), checked.model.state_dict().items(),
                                  strict=True):
         assert torch.equal(a, b), name
+
+
+class LinguaForTrainer(nn.Module):
+    """The hand-written Lingua-style LM with the loss HF Trainer expects; ``meta_init`` materialises it from meta."""
+
+    def __init__(self, meta_init=False):
+        super().__init__()
+        from models import LinguaLM
+
+        if meta_init:
+            with torch.device("meta"):
+                self.lm = LinguaLM()
+            self.lm.to_empty(device="cpu")
+            for p in self.lm.parameters():
+                nn.init.normal_(p, std=0.02)
+        else:
+            self.lm = LinguaLM()
+
+    def forward(self, input_ids, labels):
+        logits = self.lm(input_ids)
+        return {"loss": nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten()), "logits": logits}
+
+
+@pytest.mark.parametrize("meta_init", [True, False], ids=["meta_to_empty", "healthy"])
+def test_hand_written_lingua_model_in_hf_trainer(tmp_path, meta_init):
+    callback = IntegrityCallback(policy="log", declare_ties=[("tok_embeddings.weight", "output.weight")])
+    train(LinguaForTrainer(meta_init), tmp_path, [callback], max_steps=2, save_strategy="no")
+    broken = [(f.code, f.event, f.step, f.params) for f in problems(callback.findings)]
+    expected = [("TIE_BROKEN", "init", 0, ("lm.output.weight", "lm.tok_embeddings.weight"))] if meta_init else []
+    assert broken == expected

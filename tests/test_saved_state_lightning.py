@@ -1,4 +1,4 @@
-"""Saved-state coverage in real Lightning runs: an on_save_checkpoint that keeps only adapter keys drops a trained head."""
+"""Saved-state coverage in real Lightning runs: an on_save_checkpoint keeping only adapter keys drops a trained head."""
 
 from __future__ import annotations
 

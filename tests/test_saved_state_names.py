@@ -40,3 +40,17 @@ def test_index_lookup_by_tag_and_untagged_fallback():
     assert index.lookup(("second", "a.lora_A.weight")) == ("second", "base_model.model.a.lora_A.weight")
     assert index.lookup(("", "emb.weight")) == ("", "base_model.model.emb.weight")  # no adapter: any tag
     assert index.lookup(("third", "a.lora_A.weight")) is None
+
+
+def test_dora_magnitude_maps_to_the_key_peft_saves():
+    from models import tiny_gpt2
+    from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
+
+    from callbacks.primitives.saved_names import adapter_names, saved_name
+
+    model = get_peft_model(tiny_gpt2(), LoraConfig(r=4, target_modules=["c_attn"], use_dora=True))
+    adapters = adapter_names(model)
+    saved = {saved_name(k, adapters) for k in get_peft_model_state_dict(model)}
+    live = {saved_name(n, adapters) for n, p in model.named_parameters() if p.requires_grad}
+    assert "transformer.h.0.attn.c_attn.lora_magnitude_vector" in saved
+    assert live <= saved

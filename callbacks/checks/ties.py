@@ -121,6 +121,25 @@ def checkpoint_conflicts(tie_map: TieMap, state_dict: Mapping[str, Any]) -> list
     return out
 
 
+def resolve_declared(tie: ExpectedTie, names: Mapping[str, str]) -> ExpectedTie:
+    """Map declared names onto the model's names: exact, or the one model name ending in ``.<declared>``.
+
+    The suffix rule lets a recipe name the inner model's parameters (``transformer.wte.weight``) when a
+    trainer wraps it (a LightningModule's ``model.`` attribute). Unknown or ambiguous names are a ConfigError.
+    """
+    resolved = []
+    for name in tie.names:
+        if name in names:
+            resolved.append(name)
+            continue
+        candidates = [n for n in names if n.endswith("." + name)]
+        if len(candidates) != 1:
+            why = "matches several parameters: " + ", ".join(candidates[:4]) if candidates else "is not in the model"
+            raise ConfigError(f"declared tie name {name!r} {why}; the model's names look like {list(names)[:4]}")
+        resolved.append(candidates[0])
+    return ExpectedTie(names=tuple(sorted(resolved)), source=tie.source)
+
+
 def undeclared_groups(tie_map: TieMap, expected: Iterable[ExpectedTie]) -> list[tuple[str, ...]]:
     """Tie groups not covered by expected ties (every name of the group must be in some expected tie of it)."""
     expected = list(expected)
@@ -154,15 +173,12 @@ class TieCheck(Check):
         model = ctx.model
         self.tie_map = build_tie_map(model)
         self.names = raw_names(model)
-        unknown = sorted({n for t in self.declared for n in t.names} - set(self.names))
-        if unknown:
-            raise ConfigError(f"declared tie names not in the model: {unknown}; the model's names look like "
-                              f"{list(self.names)[:5]}")
+        declared = [resolve_declared(tie, self.names) for tie in self.declared]
         from_config = hf_expected_ties(model)
         recorded = [ExpectedTie(names=g.names, source="recorded") for g in self.tie_map.groups]
         # merge: one ExpectedTie per name set, the most specific source first
         merged: dict[tuple[str, ...], ExpectedTie] = {}
-        for tie in [*from_config, *self.declared, *recorded, *self.expected]:
+        for tie in [*from_config, *declared, *recorded, *self.expected]:
             merged.setdefault(tie.names, tie)
         self.expected = list(merged.values())
         findings = list(self._broken(ctx))
@@ -186,6 +202,9 @@ class TieCheck(Check):
         return self._broken(ctx)
 
     def on_merge(self, ctx: EventContext) -> Iterable[Finding]:
+        # a merge_and_unload changes raw names (``x.base_layer.weight`` -> ``x.weight``), not user names:
+        # look the parameters up as the model spells them now
+        self.names = {**self.names, **raw_names(ctx.model)}
         return self._broken(ctx)
 
     def on_load(self, ctx: EventContext) -> Iterable[Finding]:

@@ -26,6 +26,8 @@ from callbacks.primitives.naming import named_parameters_all, user_name
 
 #: PEFT's wrapper of a module listed in ``modules_to_save``: ``<module>.modules_to_save.<adapter>.<param>``
 MODULES_TO_SAVE = "modules_to_save"
+#: DoRA's magnitude: live ``<layer>.lora_magnitude_vector.<adapter>.weight``, saved ``<layer>.lora_magnitude_vector``
+DORA_MAGNITUDE = "lora_magnitude_vector"
 
 
 def find_peft_model(model: Any) -> Any | None:
@@ -84,6 +86,8 @@ def _saved_name(name: str, adapters: tuple[str, ...]) -> str:
             continue
         out.append(part)
         i += 1
+    if out[-2:] == [DORA_MAGNITUDE, "weight"] and adapters:
+        out.pop()  # PEFT saves DoRA's lora_magnitude_vector.<adapter>.weight without ".weight"
     return ".".join(out)
 
 

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Set up (if needed) and run the whole test suite.
+#  - .venv:          torch 2.13.0 (the CPU wheel on this machine; a plain `torch` pulls several GB of CUDA
+#                    packages) and the package with [dev]: transformers 5, PEFT, Lightning, Triton, pytest...
+#  - .venv-adapters: the `adapters` library pins transformers 4.57.x, so its tests run in a second environment.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+
+setup_venv() {  # $1 folder, $2... packages after torch
+  local venv=$1; shift
+  if [ ! -x "$venv/bin/python" ]; then
+    "$PY" -m venv "$venv"
+  fi
+  "$venv/bin/pip" install -q --disable-pip-version-check torch==2.13.0 2>&1 | grep -v "is ignored" || true
+  "$venv/bin/pip" install -q --disable-pip-version-check "$@" 2>&1 | grep -v "is ignored" || true
+  "$venv/bin/python" -c "import torch" >/dev/null
+}
+
+setup_venv .venv -e '.[dev]'
+.venv/bin/python -m pytest -q -p no:cacheprovider "$@"
+
+if [ -f tests/test_adapters_lib.py ] || ls tests/*_adapters_lib.py >/dev/null 2>&1; then
+  setup_venv .venv-adapters transformers==4.57.6 adapters==1.3.0 peft==0.21.2 safetensors accelerate \
+    pydantic PyYAML pytest
+  PYTHONPATH="$PWD" .venv-adapters/bin/python -m pytest -q -p no:cacheprovider tests/*adapters_lib.py
+fi
