@@ -24,9 +24,11 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
+import functools
+import gc
 import inspect
 import sys
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from typing import Any, Literal
 
 import torch
@@ -38,6 +40,7 @@ from callbacks.errors import ConfigError, IntegrityError
 from callbacks.events import EventContext
 from callbacks.findings import Finding
 from callbacks.hashing import hash_tensors
+from callbacks.hashing.spec import KEY_MULT, finalize, to_signed, to_unsigned
 from callbacks.primitives.naming import named_parameters_all, storage_key, user_name
 from callbacks.primitives.probe import build_probe_batch, run_probe
 from callbacks.primitives.tiemap import TieMap, build_tie_map
@@ -99,15 +102,61 @@ class ParamSnapshot:
     memory: dict[str, tuple[Any, ...]]  # (device, storage pointer): views of one buffer share it
     dtypes: dict[str, torch.dtype]
     ties: TieMap
+    #: names measured with :func:`change_digest` instead of the spec hash
+    digested: frozenset[str] = frozenset()
     #: the parameters themselves (for sampling and NaN counts right after the snapshot; not compared)
     tensors: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict, compare=False, repr=False)
 
 
-def snapshot_parameters(model: nn.Module, backend: str = "auto", skip: set[int] | None = None) -> ParamSnapshot:
+#: words per chunk of the change digest (int32 products of a chunk stay in cache)
+DIGEST_CHUNK = 1 << 16
+
+
+@functools.lru_cache(maxsize=8)
+def _digest_keys(device: torch.device) -> torch.Tensor:
+    """Odd int32 keys, one per word of a digest chunk (a fixed private stream: the global RNG is not touched)."""
+    gen = torch.Generator().manual_seed(0x5EED)
+    keys = torch.randint(-(2**31), 2**31, (DIGEST_CHUNK,), dtype=torch.int64, generator=gen) | 1
+    return keys.to(torch.int32).to(device)
+
+
+def change_digest(tensor: torch.Tensor) -> int:
+    """A bitwise change detector of one tensor, for comparing it with itself within one process.
+
+    Not the cross-device spec (:mod:`callbacks.hashing`): the tensor's bytes as int32 words ``w`` give chunk sums
+    ``S_c = sum_i (w_ci * k_i mod 2**32)`` (as int64, no wrap) and the digest ``sum_c S_c * K_c mod 2**64`` mixed
+    with the dtype and shape. Every ``k_i`` and ``K_c`` is odd, so any change confined to one word, or to one
+    chunk's sum, always changes the digest; other changes collide with a chance of about 2**-32. About four cheap
+    elementwise int32 operations per word against the spec's dozen int64 ones. Tensors whose bytes are not whole
+    aligned int32 words get the spec hash.
+    """
+    flat = tensor.detach().contiguous().reshape(-1)
+    nbytes = flat.numel() * flat.element_size()
+    if nbytes == 0 or nbytes % 4 or flat.data_ptr() % 4 or flat.device.type == "meta":
+        return hash_tensors([flat.reshape(tensor.shape)])[0]
+    words = flat.view(torch.uint8).view(torch.int32)
+    keys = _digest_keys(words.device)
+    products = torch.empty(min(DIGEST_CHUNK, words.numel()), dtype=torch.int32, device=words.device)
+    chunk_sums = []
+    for start in range(0, words.numel(), DIGEST_CHUNK):
+        chunk = words[start:start + DIGEST_CHUNK]
+        k = chunk.numel()
+        chunk_sums.append(torch.mul(chunk, keys[:k], out=products[:k]).sum(dtype=torch.int64))
+    sums = torch.stack(chunk_sums) if len(chunk_sums) > 1 else chunk_sums[0].reshape(1)
+    chunk_keys = torch.arange(sums.numel(), dtype=torch.int64, device=sums.device) * to_signed(KEY_MULT) | 1
+    total = int((sums * chunk_keys).sum().item())  # int64 products and sum wrap: exact mod 2**64
+    return finalize(to_unsigned(total), tensor.dtype, tuple(tensor.shape))
+
+
+def snapshot_parameters(model: nn.Module, backend: str = "auto", skip: set[int] | None = None, *,
+                        spec: Collection[str] | None = None, digest: Collection[str] | None = None) -> ParamSnapshot:
     """Hash every parameter of ``model`` once per tensor (tied names share one hash).
 
     ``skip``: ids of parameters left out (adapter weights that ``merge_and_unload`` removes: nothing after the
-    merge could be compared with them).
+    merge could be compared with them). By default every tensor gets the spec hash (:mod:`callbacks.hashing`).
+    ``spec``: only these names and every name sharing memory with one of them get it, the others
+    :func:`change_digest` (a change detector for two snapshots in this process); ``digest``: exactly these names
+    get the digest (pass the ``digested`` names of the snapshot to compare with, so each name is measured alike).
     """
     storage: dict[str, tuple[Any, ...]] = {}
     memory: dict[str, tuple[Any, ...]] = {}
@@ -124,12 +173,22 @@ def snapshot_parameters(model: nn.Module, backend: str = "auto", skip: set[int] 
         memory[name] = ((str(param.device), param.untyped_storage().data_ptr())
                         if param.device.type != "meta" and param.numel() else key)
         unique.setdefault(key, param)
-    keys = [k for k, p in unique.items() if p.device.type != "meta"]
-    values = hash_tensors([unique[k].detach() for k in keys], backend=backend) if keys else []
-    by_key = dict(zip(keys, values, strict=True))
-    hashes = {name: by_key.get(key, -1) for name, key in storage.items()}
+    if spec is not None:
+        spec_memory = {memory[n] for n in spec if n in memory}
+        digested = frozenset(n for n, m in memory.items() if n not in spec and m not in spec_memory)
+    else:
+        digested = frozenset(n for n in storage if n in digest) if digest is not None else frozenset()
+    # a storage is hashed once per kind its names need (a tie the merge made may join a digested name to a
+    # hashed one: each keeps the kind it was measured with before)
+    spec_keys = list(dict.fromkeys(k for n, k in storage.items() if n not in digested))
+    spec_keys = [k for k in spec_keys if unique[k].device.type != "meta"]
+    values = hash_tensors([unique[k].detach() for k in spec_keys], backend=backend) if spec_keys else []
+    by_key = dict(zip(spec_keys, values, strict=True))
+    digests = {k: change_digest(unique[k]) for k in dict.fromkeys(storage[n] for n in digested)
+               if unique[k].device.type != "meta"}
+    hashes = {name: (digests if name in digested else by_key).get(key, -1) for name, key in storage.items()}
     return ParamSnapshot(hashes=hashes, storage=storage, memory=memory, dtypes=dtypes, ties=build_tie_map(model),
-                         tensors=tensors)
+                         tensors=tensors, digested=digested)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -601,12 +660,15 @@ def _base_params(raw: str, layer: nn.Module, attr: str | None) -> tuple[str, ...
     return tuple(sorted({user_name(f"{path}.{pname}".lstrip(".")) for pname, _ in params}))
 
 
-def unloaded_parameters(library: str, model: nn.Module) -> set[int]:
-    """ids of the adapter weights an unload removes (every tuner-layer parameter that is not a base weight)."""
+def unloaded_parameters(library: str, model: nn.Module, layers: Sequence[tuple[str, Any]] | None = None) -> set[int]:
+    """ids of the adapter weights an unload removes (every tuner-layer parameter that is not a base weight).
+
+    ``layers``: the model's PEFT tuner layers when already listed (``(name, layer)`` pairs).
+    """
     if library != "peft":
         return set()
     out: set[int] = set()
-    for _raw, layer in _peft_layers(model):
+    for _raw, layer in layers if layers is not None else _peft_layers(model):
         base = {id(p) for p in layer.get_base_layer().parameters()}
         out |= {id(p) for p in layer.parameters()} - base
     return out
@@ -618,12 +680,15 @@ def _as_list(names: Any) -> list[str] | None:
     return [names] if isinstance(names, str) else list(names)
 
 
-def discover_targets(library: str, model: nn.Module, kind: str,
-                     arguments: Mapping[str, Any]) -> tuple[tuple[str, ...], list[MergeTarget]]:
-    """The adapters a merge call acts on and the layers (with their base parameters) it will write."""
+def discover_targets(library: str, model: nn.Module, kind: str, arguments: Mapping[str, Any],
+                     layers: Sequence[tuple[str, Any]] | None = None) -> tuple[tuple[str, ...], list[MergeTarget]]:
+    """The adapters a merge call acts on and the layers (with their base parameters) it will write.
+
+    ``layers``: the model's PEFT tuner layers when already listed (``(name, layer)`` pairs).
+    """
     targets = []
     if library == "peft":
-        layers = list(_peft_layers(model))
+        layers = list(_peft_layers(model)) if layers is None else layers
         if kind == "unmerge":
             for raw, layer in layers:
                 merged = tuple(getattr(layer, "merged_adapters", ()))
@@ -727,6 +792,23 @@ def _resolve_step(step: int | Callable[[], int | None] | None) -> int | None:
     return step() if callable(step) else step
 
 
+@contextlib.contextmanager
+def gc_paused() -> Iterator[None]:
+    """Python's cyclic garbage collector off for the duration (as it was afterwards).
+
+    An observation allocates thousands of small objects (names, storage keys, the probe's forward), which
+    triggers full collections that walk every object of the process: on a 100-layer model these took as long
+    as the hashing itself. Reference counting still frees everything; cycles wait for the next collection.
+    """
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
 def checked_merge(monitor: Any, model: Any, method: str | None = None, *,
                   step: int | Callable[[], int | None] | None = None, probe_inputs: Mapping[str, Any] | None = None,
                   **merge_kwargs: Any) -> Any:
@@ -775,7 +857,8 @@ def run_checked_merge(monitor: Any, model: Any, library: str, method: str, call:
             return merged
         config: MergeConfig = check.config
         try:
-            state = _observe_before(library, model, kind, method, call, args, kwargs, config, probe_inputs)
+            with gc_paused():
+                state = _observe_before(library, model, kind, method, call, args, kwargs, config, probe_inputs)
         except Exception as err:  # noqa: BLE001 - the user's merge must not fail because the check did
             result = call(*args, **kwargs)
             merged = result if isinstance(result, nn.Module) else model
@@ -793,7 +876,8 @@ def run_checked_merge(monitor: Any, model: Any, library: str, method: str, call:
         merged = result if isinstance(result, nn.Module) else model
         extra: dict[str, Any] = {"merge_method": method, "merged_model": merged}
         try:
-            extra["merge"] = _observe_after(library, monitor, merged, kind, method, state, error, config)
+            with gc_paused():
+                extra["merge"] = _observe_after(library, monitor, merged, kind, method, state, error, config)
         except Exception as err:  # noqa: BLE001 - reported as CHECK_FAILED by the merge check
             extra["merge_check_error"] = f"observing the model after the merge: {type(err).__name__}: {err}"
         try:
@@ -813,10 +897,16 @@ def _observe_before(library: str, model: Any, kind: str, method: str, call: Call
                     args: Sequence[Any], kwargs: Mapping[str, Any], config: MergeConfig,
                     probe_inputs: Mapping[str, Any] | None) -> dict[str, Any]:
     """Targets, hashes, samples and the probe output before the merge."""
-    adapters, targets = discover_targets(library, model, kind, _bind(call, args, kwargs))
-    skip = unloaded_parameters(library, model) if method == "merge_and_unload" else None
-    before = snapshot_parameters(model, config.backend, skip)
+    layers = list(_peft_layers(model)) if library == "peft" else None  # one walk for targets and unloaded weights
+    adapters, targets = discover_targets(library, model, kind, _bind(call, args, kwargs), layers)
     target_names = {p for t in targets for p in t.params}
+    if method == "merge_and_unload":
+        # nothing is kept for a later unmerge: the parameters the merge may not write need only change
+        # detection, the targets and their aliases keep the spec hash
+        before = snapshot_parameters(model, config.backend, unloaded_parameters(library, model, layers),
+                                     spec=target_names)
+    else:
+        before = snapshot_parameters(model, config.backend)
     target_memory = {before.memory[n] for n in target_names if n in before.memory}
     # targets and the names sharing their memory (tied): what an unmerge must bring back
     sampled = target_names | {n for n, m in before.memory.items() if m in target_memory}
@@ -846,7 +936,7 @@ def _observe_after(library: str, monitor: Any, merged: Any, kind: str, method: s
                    error: BaseException | None, config: MergeConfig) -> MergeObservation:
     """Hashes, samples and the probe output after the merge, with what was seen before: the observation."""
     before: ParamSnapshot = state["before"]
-    after = snapshot_parameters(merged, config.backend)
+    after = snapshot_parameters(merged, config.backend, digest=before.digested)
     changed = [n for n, h in before.hashes.items() if after.hashes.get(n, h) != h]
     samples = state["samples"]
     if kind == "unmerge":
@@ -877,13 +967,20 @@ def _samples(names: set[str], snapshot: ParamSnapshot, count: int) -> dict[str, 
 
 
 def _nonfinite(snapshot: ParamSnapshot, names: Iterable[str]) -> dict[str, int]:
-    """NaN/Inf counts of the (changed) parameters ``names`` that are floating point."""
-    out = {}
-    for name in names:
-        param = snapshot.tensors.get(name)
-        if param is not None and param.is_floating_point() and param.device.type != "meta":
-            out[name] = int((~torch.isfinite(param.detach())).sum())
-    return out
+    """NaN/Inf counts of the (changed) parameters ``names`` that are floating point.
+
+    A tensor whose sum is finite holds no NaN/Inf (either would make the sum NaN or infinite), so only tensors
+    with a non-finite sum (NaN/Inf inside, or an overflowing sum) are counted element by element.
+    """
+    floats = {name: param.detach() for name in names
+              if (param := snapshot.tensors.get(name)) is not None and param.is_floating_point()
+              and param.device.type != "meta"}
+    if not floats:
+        return {}
+    sums = torch.stack([t.sum().to(torch.float64).reshape(()).cpu() for t in floats.values()])
+    finite = torch.isfinite(sums).tolist()
+    return {name: 0 if ok else int((~torch.isfinite(t)).sum()) for (name, t), ok in zip(floats.items(), finite,
+                                                                                         strict=True)}
 
 
 # -- watching -----------------------------------------------------------------------------------------------------

@@ -58,6 +58,15 @@ def _as_units(flat: torch.Tensor) -> torch.Tensor:
     return flat.view(torch.int32)  # 4, 8 and 16-byte dtypes: 4-byte units
 
 
+#: unsigned view dtype of the units by element size (4, 8 and 16-byte dtypes: 4-byte units)
+_UNSIGNED_UNITS = {1: torch.uint8, 2: torch.uint16}
+
+
+def _as_unsigned_units(flat: torch.Tensor) -> torch.Tensor:
+    """A flat tensor's units viewed as unsigned integers (copying them to int64 zero-extends: no mask needed)."""
+    return flat.view(_UNSIGNED_UNITS.get(flat.element_size(), torch.uint32))
+
+
 def _unit_mask(size: int) -> int:
     """Mask turning a sign-extended unit into its unsigned value."""
     return {1: 0xFF, 2: 0xFFFF}.get(size, _LOW32)
@@ -85,27 +94,78 @@ def unit_sum(tensor: torch.Tensor) -> int:
 
 def unit_sum_tensor(tensor: torch.Tensor) -> torch.Tensor:
     """:func:`unit_sum` as a 0-d int64 tensor on the tensor's device (no host synchronisation)."""
-    flat = _flat(tensor)
-    words = _as_units(flat)
-    mask = _unit_mask(flat.element_size())
-    n = words.numel()
-    total = torch.zeros((), dtype=torch.int64, device=words.device)
-    if n == 0:
-        return total
-    length = min(CHUNK_UNITS if words.device.type == "cpu" else DEVICE_CHUNK_UNITS, n)
-    keys = _lane_keys(words.device, length)
-    z_buf = torch.empty(length, dtype=torch.int64, device=words.device)
-    scratch = torch.empty_like(z_buf)
-    for start in range(0, n, length):
-        u = words[start:start + length]
-        k = u.numel()
-        z, s = z_buf[:k], scratch[:k]
-        z.copy_(u).bitwise_and_(mask)  # sign-extended -> unsigned unit
-        torch.add(keys[:k], to_signed(start * KEY_MULT), out=s)  # (start + i) * KEY, wrapping
-        z.bitwise_xor_(s)
-        mix_(z, s)
-        total += z.sum()  # int64 sum wraps like the spec's 64-bit addition
-    return total
+    return unit_sums_tensor([tensor])[0]
+
+
+def unit_sums_tensor(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """:func:`unit_sum` of each tensor (all on one device) as an int64 tensor, with few operations per tensor.
+
+    A tensor of a chunk's length or more is processed alone, chunk by chunk. Smaller tensors of one unit width
+    are laid end to end and cut into chunks, so many small tensors share one chunk's operations: a piece of a
+    tensor at chunk offset ``c`` starting at its unit ``p`` has the keys ``lane[c + i] + (p - c) * KEY``
+    (wrapping), and a piece's sum is the difference of the chunk's running sum at its ends.
+    """
+    flats = [_flat(t) for t in tensors]
+    device = flats[0].device if flats else torch.device("cpu")
+    sums = torch.zeros(len(flats), dtype=torch.int64, device=device)
+    length = CHUNK_UNITS if device.type == "cpu" else DEVICE_CHUNK_UNITS
+    small: dict[torch.dtype, list[tuple[int, torch.Tensor]]] = {}
+    buffers: dict[torch.dtype, tuple[torch.Tensor, ...]] = {}
+    for slot, flat in enumerate(flats):
+        words = _as_unsigned_units(flat)
+        if 0 < words.numel() < length:
+            small.setdefault(words.dtype, []).append((slot, words))
+        elif words.numel():
+            for start in range(0, words.numel(), length):
+                _chunk(sums, [(slot, words[start:start + length], start)], length, buffers)
+    for group in small.values():
+        pieces: list[tuple[int, torch.Tensor, int]] = []  # (slot, units, position of the first unit in its tensor)
+        fill = 0
+        for slot, words in group:
+            n, position = words.numel(), 0
+            while position < n:
+                take = min(n - position, length - fill)
+                pieces.append((slot, words[position:position + take], position))
+                fill, position = fill + take, position + take
+                if fill == length:
+                    _chunk(sums, pieces, length, buffers)
+                    pieces, fill = [], 0
+        if pieces:
+            _chunk(sums, pieces, length, buffers)
+    return sums
+
+
+def _chunk(sums: torch.Tensor, pieces: list[tuple[int, torch.Tensor, int]], length: int,
+           buffers: dict[torch.dtype, tuple[torch.Tensor, ...]]) -> None:
+    """Mix the units of ``pieces`` (laid end to end, at most ``length``) and add each piece's sum to its slot."""
+    unit_dtype, device = pieces[0][1].dtype, pieces[0][1].device
+    if unit_dtype not in buffers:  # allocated once per call: fresh buffers per tensor cost page faults
+        buffers[unit_dtype] = (torch.empty(length, dtype=torch.int64, device=device),
+                               torch.empty(length, dtype=torch.int64, device=device),
+                               torch.empty(length, dtype=unit_dtype, device=device))
+    z_buf, keys_buf, units_buf = buffers[unit_dtype]
+    lane = _lane_keys(device, length)
+    count = sum(words.numel() for _, words, _ in pieces)
+    z, keys = z_buf[:count], keys_buf[:count]
+    if len(pieces) == 1:
+        z.copy_(pieces[0][1])  # unsigned units -> int64, zero-extended
+    else:
+        torch.cat([words for _, words, _ in pieces], out=units_buf[:count])
+        z.copy_(units_buf[:count])
+    start = 0
+    for _, words, position in pieces:  # (start + i - (start - position)) * KEY, wrapping
+        n = words.numel()
+        torch.add(lane[start:start + n], to_signed((position - start) * KEY_MULT), out=keys[start:start + n])
+        start += n
+    z.bitwise_xor_(keys)
+    mix_(z, keys)
+    if len(pieces) == 1:
+        sums[pieces[0][0]] += z.sum()  # int64 sums wrap like the spec's 64-bit addition
+        return
+    ends = torch.tensor([0] + [words.numel() for _, words, _ in pieces], device=device).cumsum(0)
+    running = torch.cat([torch.zeros(1, dtype=torch.int64, device=device), z.cumsum(0)])
+    slots = torch.tensor([slot for slot, _, _ in pieces], dtype=torch.int64, device=device)
+    sums.index_add_(0, slots, running[ends[1:]] - running[ends[:-1]])  # wrapping differences: exact mod 2**64
 
 
 def hash_tensor(tensor: torch.Tensor) -> int:
@@ -114,8 +174,17 @@ def hash_tensor(tensor: torch.Tensor) -> int:
 
 
 def hash_tensors(tensors: Sequence[torch.Tensor]) -> list[int]:
-    """Hashes of a list of tensors, one reference pass per tensor."""
-    return [hash_tensor(t) for t in tensors]
+    """Hashes of a list of tensors: the unit sums of each device's tensors in one streamed pass."""
+    tensors = list(tensors)
+    by_device: dict[torch.device, list[int]] = {}
+    for index, tensor in enumerate(tensors):
+        by_device.setdefault(tensor.device, []).append(index)
+    out: list[int] = [0] * len(tensors)
+    for indices in by_device.values():
+        sums = unit_sums_tensor([tensors[i] for i in indices]).tolist()
+        for i, value in zip(indices, sums, strict=True):
+            out[i] = finalize(to_unsigned(value), tensors[i].dtype, tuple(tensors[i].shape))
+    return out
 
 
 def finalize_tensor(unit_sums: torch.Tensor, headers: torch.Tensor) -> torch.Tensor:
@@ -195,5 +264,6 @@ __all__ = [
     "nonzero_count",
     "unit_sum",
     "unit_sum_tensor",
+    "unit_sums_tensor",
     "units",
 ]
