@@ -142,9 +142,12 @@ def change_digest(tensor: torch.Tensor) -> int:
         chunk = words[start:start + DIGEST_CHUNK]
         k = chunk.numel()
         chunk_sums.append(torch.mul(chunk, keys[:k], out=products[:k]).sum(dtype=torch.int64))
-    sums = torch.stack(chunk_sums) if len(chunk_sums) > 1 else chunk_sums[0].reshape(1)
-    chunk_keys = torch.arange(sums.numel(), dtype=torch.int64, device=sums.device) * to_signed(KEY_MULT) | 1
-    total = int((sums * chunk_keys).sum().item())  # int64 products and sum wrap: exact mod 2**64
+    if len(chunk_sums) == 1:  # the first chunk's key K_0 is 1
+        total = int(chunk_sums[0].item())
+    else:
+        sums = torch.stack(chunk_sums)
+        chunk_keys = torch.arange(sums.numel(), dtype=torch.int64, device=sums.device) * to_signed(KEY_MULT) | 1
+        total = int((sums * chunk_keys).sum().item())  # int64 products and sum wrap: exact mod 2**64
     return finalize(to_unsigned(total), tensor.dtype, tuple(tensor.shape))
 
 
@@ -921,7 +924,8 @@ def _observe_before(library: str, model: Any, kind: str, method: str, call: Call
         state["probe_skipped"] = "probe disabled (checks.merge.probe: false)"
         return state
     try:
-        batch = dict(probe_inputs) if probe_inputs is not None else build_probe_batch(model)
+        # one sequence of 8 tokens: every merged layer is on its path, and the forward costs half of two sequences
+        batch = dict(probe_inputs) if probe_inputs is not None else build_probe_batch(model, batch_size=1)
         with probe_adapters(library, model, adapters):
             state["probe_before"] = run_probe(model, batch)
     except Exception as err:  # noqa: BLE001 - no probe input or a forward that fails: judged by hashes alone

@@ -1,0 +1,136 @@
+"""What the merge check's speed-ups rest on: the batched reference hash is the per-tensor hash, the change
+digest sees every change it is used for, and the GC pause and NaN scan leave nothing behind."""
+
+from __future__ import annotations
+
+import gc
+import os
+import warnings
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from callbacks import Monitor  # noqa: E402
+from callbacks.checks import merge as merge_module  # noqa: E402
+from callbacks.checks.merge import change_digest, gc_paused, snapshot_parameters  # noqa: E402
+from callbacks.hashing import reference  # noqa: E402
+
+
+def mixed_tensors() -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(1)
+    return [
+        torch.randn(40, 30, generator=gen), torch.randn(7, generator=gen).half(), torch.randn(300, generator=gen),
+        torch.randn(5, 9, generator=gen).t(), torch.zeros(0), torch.randn(11, generator=gen).bfloat16(),
+        torch.randint(0, 255, (33,), dtype=torch.uint8, generator=gen), torch.randn(6, generator=gen).double(),
+        torch.tensor([True, False, True]), torch.randint(-9, 9, (13,), dtype=torch.int64, generator=gen),
+        torch.randn(3, dtype=torch.complex64, generator=gen), torch.randn(1000, generator=gen),
+    ]
+
+
+@pytest.mark.parametrize("chunk", [5, 64, 256, 1 << 16])
+def test_batched_reference_hash_equals_the_per_tensor_hash(monkeypatch, chunk):
+    tensors = mixed_tensors()
+    single = [reference.hash_tensor(t) for t in tensors]  # one tensor per pass
+    monkeypatch.setattr(reference, "CHUNK_UNITS", chunk)  # tensors split across and packed into chunks
+    assert reference.hash_tensors(tensors) == single
+    assert reference.hash_tensors(tensors[::-1]) == single[::-1]
+
+
+def test_change_digest_sees_any_single_bit_flip():
+    base = torch.randn(3 * merge_module.DIGEST_CHUNK + 17, generator=torch.Generator().manual_seed(2))
+    digest = change_digest(base)
+    assert change_digest(base.clone()) == digest
+    words = base.view(torch.int32)
+    for index in (0, 1, merge_module.DIGEST_CHUNK - 1, merge_module.DIGEST_CHUNK, 2 * merge_module.DIGEST_CHUNK + 5,
+                  base.numel() - 1):
+        for bit in (0, 17, 31):
+            flipped = base.clone()
+            flipped.view(torch.int32)[index] = words[index] ^ (1 << bit) if bit < 31 else words[index] ^ -(2**31)
+            assert change_digest(flipped) != digest, (index, bit)
+    swapped = base.clone()
+    swapped[[0, 1]] = base[[1, 0]]
+    assert change_digest(swapped) != digest
+
+
+def test_change_digest_covers_dtype_shape_and_unaligned_tensors():
+    x = torch.randn(8, 4)
+    assert change_digest(x) != change_digest(x.reshape(4, 8))
+    assert change_digest(x) != change_digest(x.view(torch.int32))
+    odd = torch.randn(3).half()  # 6 bytes: not whole int32 words, gets the spec hash
+    assert change_digest(odd) == reference.hash_tensor(odd)
+
+
+def tiny_lora_llama():
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=32,
+                         tie_word_embeddings=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return get_peft_model(LlamaForCausalLM(config), LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
+                                                                   init_lora_weights=False))
+
+
+def test_snapshot_digests_only_what_the_merge_may_not_write():
+    model = tiny_lora_llama()
+    targets = {"model.layers.0.self_attn.q_proj.weight", "model.layers.1.self_attn.v_proj.weight"}
+    before = snapshot_parameters(model, spec=targets)
+    full = snapshot_parameters(model)
+    assert not before.digested & targets and "model.norm.weight" in before.digested
+    assert all(before.hashes[n] == full.hashes[n] for n in targets)  # targets keep the spec hash
+    again = snapshot_parameters(model, digest=before.digested)
+    assert again.digested == before.digested and again.hashes == before.hashes
+
+
+def test_merge_code_writing_an_unrelated_weight_is_caught_by_the_digest():
+    """A merge that writes a weight no merged layer owns (no tie, no shared buffer): MERGE_SIDE_EFFECT."""
+    model = tiny_lora_llama()
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    norm = model.base_model.model.model.norm.weight
+    merge = layer.merge
+
+    def merge_that_writes_the_norm(*args, **kwargs):  # a buggy merge implementation
+        with torch.no_grad():
+            norm.view(-1)[3] += 1.0
+        return merge(*args, **kwargs)
+
+    layer.merge = merge_that_writes_the_norm
+    monitor = Monitor(policy="log")
+    monitor.checked_merge(model)
+    side = [f for f in monitor.findings if f.code == "MERGE_SIDE_EFFECT"]
+    assert [f.params for f in side] == [("model.norm.weight",)]
+    assert side[0].event == "merge" and side[0].details["via"] == []
+
+
+def test_clean_merge_of_the_same_model_has_no_finding():
+    monitor = Monitor(policy="log")
+    monitor.checked_merge(tiny_lora_llama())
+    assert monitor.findings == []
+
+
+def test_gc_pause_restores_the_collector_state():
+    assert gc.isenabled()
+    with gc_paused():
+        assert not gc.isenabled()
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        with gc_paused():
+            pass
+        assert not gc.isenabled()  # a user's disabled collector stays disabled
+    finally:
+        gc.enable()
+
+
+def test_nonfinite_scan_counts_exactly_even_when_a_sum_overflows():
+    big = torch.full((4,), 60000.0, dtype=torch.float16)  # finite values, the fp16 sum overflows to inf
+    nan = torch.tensor([1.0, float("nan"), float("inf"), 2.0])
+    snap = merge_module.ParamSnapshot(hashes={}, storage={}, memory={}, dtypes={}, ties=None,
+                                      tensors={"big": big, "nan": nan, "ok": torch.ones(3),
+                                               "ids": torch.arange(3)})
+    assert merge_module._nonfinite(snap, ["big", "nan", "ok", "ids"]) == {"big": 0, "nan": 2, "ok": 0}
