@@ -29,11 +29,12 @@ def mixed_tensors() -> list[torch.Tensor]:
     ]
 
 
-@pytest.mark.parametrize("chunk", [5, 64, 256, 1 << 16])
-def test_batched_reference_hash_equals_the_per_tensor_hash(monkeypatch, chunk):
+@pytest.mark.parametrize(("chunk", "cached_keys"), [(5, 0), (64, 100), (256, 7), (1 << 16, 1 << 20)])
+def test_batched_reference_hash_equals_the_per_tensor_hash(monkeypatch, chunk, cached_keys):
     tensors = mixed_tensors()
     single = [reference.hash_tensor(t) for t in tensors]  # one tensor per pass
     monkeypatch.setattr(reference, "CHUNK_UNITS", chunk)  # tensors split across and packed into chunks
+    monkeypatch.setattr(reference, "KEY_CACHE_UNITS", cached_keys)  # keys read, computed, or both in one chunk
     assert reference.hash_tensors(tensors) == single
     assert reference.hash_tensors(tensors[::-1]) == single[::-1]
 

@@ -4,8 +4,10 @@ int64 tensors carry the 64-bit words: torch multiplies and adds int64 with two's
 logical right shifts are an arithmetic shift followed by a mask.
 
 Speed: the units are processed in cache-sized chunks with in-place operations, and the position keys
-``j * KEY_MULT`` of a chunk are a cached ``arange * KEY_MULT`` plus one scalar (``(a + b) * k == a*k + b*k``
-under wrap-around), so a unit costs about ten elementwise int64 operations.
+``j * KEY_MULT`` are read from a cached ``arange * KEY_MULT`` (beyond it: the cached keys plus one scalar,
+``(a + b) * k == a*k + b*k`` under wrap-around), so a unit costs about ten elementwise int64 operations.
+:func:`hash_tensors` lays the tensors smaller than a chunk end to end, so a list of many small tensors costs a
+few operations per chunk rather than a dozen per tensor, and reuses its buffers across tensors.
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ from callbacks.hashing.spec import (
 
 #: units hashed per chunk on CPU: small enough for the temporaries to stay in cache
 CHUNK_UNITS = 1 << 16
+#: position keys cached on CPU (8 MiB): units at positions below it are keyed by reading, not computing
+KEY_CACHE_UNITS = 1 << 20
 #: units hashed per chunk on accelerators: large enough that kernel launches do not dominate
 DEVICE_CHUNK_UNITS = 1 << 24
 #: elements classified per chunk by the bitwise NaN/Inf and non-zero counts
@@ -144,7 +148,7 @@ def _chunk(sums: torch.Tensor, pieces: list[tuple[int, torch.Tensor, int]], leng
                                torch.empty(length, dtype=torch.int64, device=device),
                                torch.empty(length, dtype=unit_dtype, device=device))
     z_buf, keys_buf, units_buf = buffers[unit_dtype]
-    lane = _lane_keys(device, length)
+    lane = _lane_keys(device, max(length, KEY_CACHE_UNITS if device.type == "cpu" else 0))
     count = sum(words.numel() for _, words, _ in pieces)
     z, keys = z_buf[:count], keys_buf[:count]
     if len(pieces) == 1:
@@ -153,11 +157,14 @@ def _chunk(sums: torch.Tensor, pieces: list[tuple[int, torch.Tensor, int]], leng
         torch.cat([words for _, words, _ in pieces], out=units_buf[:count])
         z.copy_(units_buf[:count])
     start = 0
-    for _, words, position in pieces:  # (start + i - (start - position)) * KEY, wrapping
+    for _, words, position in pieces:  # XOR each unit with the key of its position in its tensor
         n = words.numel()
-        torch.add(lane[start:start + n], to_signed((position - start) * KEY_MULT), out=keys[start:start + n])
+        if position + n <= lane.numel():  # the cached keys reach: read them
+            z[start:start + n].bitwise_xor_(lane[position:position + n])
+        else:  # (start + i + (position - start)) * KEY, wrapping
+            torch.add(lane[start:start + n], to_signed((position - start) * KEY_MULT), out=keys[start:start + n])
+            z[start:start + n].bitwise_xor_(keys[start:start + n])
         start += n
-    z.bitwise_xor_(keys)
     mix_(z, keys)
     if len(pieces) == 1:
         sums[pieces[0][0]] += z.sum()  # int64 sums wrap like the spec's 64-bit addition
