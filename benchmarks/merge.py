@@ -2,9 +2,12 @@
 
 Each repeat builds two identical LoRA models (not timed) and times ``merge_and_unload()`` on one and
 ``Monitor.checked_merge()`` on the other, alternating which goes first so drift hits both alike. Prints the
-median times, their ratio, and the parts of the check (two hash passes over every parameter, two probe
-forwards) timed separately. The hash backend is ``auto``: the fused Triton kernel on CUDA, the torch
-reference elsewhere. Only ratios from one run are meant to be compared.
+median times, their ratio, and parts of the check timed separately on a third model: a pass of the spec hash
+over every parameter, a pass of the change digest over every parameter, and one probe forward (the check's
+one-sequence batch). The check itself makes two passes (before and after the merge), each with the spec hash
+on the merge's targets and what aliases them and the digest on the rest, and two probe forwards. The hash
+backend is ``auto``: the fused Triton kernel on CUDA, the torch reference elsewhere. Only ratios from one run
+are meant to be compared.
 
     python benchmarks/merge.py [--layers 100] [--hidden 64,256] [--rank 8] [--repeats 5] [--device cpu] [--threads 1]
 """
@@ -61,7 +64,7 @@ def timed(fn, device: str) -> float:
 
 
 def measure(layers: int, hidden: int, rank: int, repeats: int, device: str) -> dict[str, float]:
-    plain, checked, hashing, probing = [], [], [], []
+    plain, checked, hashing, digesting, probing = [], [], [], [], []
     for i in range(repeats):
         a, b = build(layers, hidden, rank, device), build(layers, hidden, rank, device)
         monitor = Monitor(policy="log")
@@ -69,15 +72,17 @@ def measure(layers: int, hidden: int, rank: int, repeats: int, device: str) -> d
         for name, fn in runs if i % 2 == 0 else runs[::-1]:
             (plain if name == "plain" else checked).append(timed(fn, device))
         assert monitor.findings == [], monitor.findings
-        # the parts, on a third model: one hash pass and one probe forward
+        # the parts, on a third model: one spec hash pass, one digest pass and one probe forward
         c = build(layers, hidden, rank, device)
         hashing.append(timed(lambda m=c: snapshot_parameters(m), device))
-        batch = build_probe_batch(c)
+        digesting.append(timed(lambda m=c: snapshot_parameters(m, spec=()), device))
+        batch = build_probe_batch(c, batch_size=1)
         probing.append(timed(lambda m=c, x=batch: run_probe(m, x), device))
         del a, b, c
     params = sum(p.numel() for p in build(layers, hidden, rank, "meta").parameters())
     return {"params": params, "plain": statistics.median(plain), "checked": statistics.median(checked),
-            "hash": statistics.median(hashing), "probe": statistics.median(probing)}
+            "hash": statistics.median(hashing), "digest": statistics.median(digesting),
+            "probe": statistics.median(probing)}
 
 
 def main() -> None:
@@ -97,11 +102,11 @@ def main() -> None:
     print(f"device {name}, torch threads {torch.get_num_threads()}, hash backend {backend}, "
           f"{args.layers} layers, LoRA r={args.rank} on {len(TARGETS)} linears per layer, {args.repeats} repeats")
     print(f"{'hidden':>6} {'params':>11} {'merge s':>9} {'checked s':>10} {'ratio':>6} "
-          f"{'hash pass s':>12} {'probe s':>8}")
+          f"{'hash pass s':>12} {'digest pass s':>14} {'probe s':>8}")
     for hidden in (int(h) for h in args.hidden.split(",")):
         r = measure(args.layers, hidden, args.rank, args.repeats, args.device)
         print(f"{hidden:>6} {r['params']:>11,} {r['plain']:>9.3f} {r['checked']:>10.3f} "
-              f"{r['checked'] / r['plain']:>6.2f} {r['hash']:>12.3f} {r['probe']:>8.3f}")
+              f"{r['checked'] / r['plain']:>6.2f} {r['hash']:>12.3f} {r['digest']:>14.3f} {r['probe']:>8.3f}")
 
 
 if __name__ == "__main__":

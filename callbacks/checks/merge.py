@@ -637,10 +637,11 @@ def detect_library(model: Any) -> str | None:
     return None
 
 
-def _peft_layers(model: nn.Module) -> Iterator[tuple[str, Any]]:
+def _peft_layers(model: nn.Module, named_modules: Iterable[tuple[str, nn.Module]] | None = None
+                 ) -> Iterator[tuple[str, Any]]:
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    for raw, module in model.named_modules():
+    for raw, module in model.named_modules() if named_modules is None else named_modules:
         if isinstance(module, BaseTunerLayer):
             yield raw, module
 
@@ -900,7 +901,9 @@ def _observe_before(library: str, model: Any, kind: str, method: str, call: Call
                     args: Sequence[Any], kwargs: Mapping[str, Any], config: MergeConfig,
                     probe_inputs: Mapping[str, Any] | None) -> dict[str, Any]:
     """Targets, hashes, samples and the probe output before the merge."""
-    layers = list(_peft_layers(model)) if library == "peft" else None  # one walk for targets and unloaded weights
+    # one walk of the modules for the targets, the unloaded weights and the probe's mode switch
+    modules = list(model.named_modules())
+    layers = list(_peft_layers(model, modules)) if library == "peft" else None
     adapters, targets = discover_targets(library, model, kind, _bind(call, args, kwargs), layers)
     target_names = {p for t in targets for p in t.params}
     if method == "merge_and_unload":
@@ -927,7 +930,7 @@ def _observe_before(library: str, model: Any, kind: str, method: str, call: Call
         # one sequence of 8 tokens: every merged layer is on its path, and the forward costs half of two sequences
         batch = dict(probe_inputs) if probe_inputs is not None else build_probe_batch(model, batch_size=1)
         with probe_adapters(library, model, adapters):
-            state["probe_before"] = run_probe(model, batch)
+            state["probe_before"] = run_probe(model, batch, modules=[m for _, m in modules])
     except Exception as err:  # noqa: BLE001 - no probe input or a forward that fails: judged by hashes alone
         state["probe_skipped"] = f"no probe: {type(err).__name__}: {err}"
         return state

@@ -13,7 +13,7 @@ import contextlib
 import inspect
 import random
 import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -95,11 +95,14 @@ def build_probe_batch(model: nn.Module, *, batch_size: int = 2, seq_len: int = 8
 
 
 @contextlib.contextmanager
-def preserved_state(model: nn.Module) -> Iterator[None]:
-    """Put ``model`` in eval mode for the duration; restore RNG states and every module's mode afterwards."""
+def preserved_state(model: nn.Module, modules: Sequence[nn.Module] | None = None) -> Iterator[None]:
+    """Put ``model`` in eval mode for the duration; restore RNG states and every module's mode afterwards.
+
+    ``modules``: ``list(model.modules())`` when the caller already has it (walking a large model costs).
+    """
     # only the modules in training mode are switched, through object.__setattr__: nn.Module.__setattr__ costs
     # microseconds per call, which is most of a probe on a model with thousands of modules
-    training = [module for module in model.modules() if module.training]
+    training = [module for module in (model.modules() if modules is None else modules) if module.training]
     cpu_rng = torch.random.get_rng_state()
     cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
     py_rng = random.getstate()
@@ -147,15 +150,17 @@ def _accepts(model: nn.Module, name: str) -> bool:
     return name in params
 
 
-def run_probe(model: nn.Module, batch: Mapping[str, Any]) -> torch.Tensor:
+def run_probe(model: nn.Module, batch: Mapping[str, Any], *, modules: Sequence[nn.Module] | None = None
+              ) -> torch.Tensor:
     """``model``'s main output on ``batch`` (detached), in eval mode under ``no_grad``, leaving no trace.
 
-    Modes, RNG states, gradients and ``requires_grad`` are as before the call (see :func:`preserved_state`).
+    Modes, RNG states, gradients and ``requires_grad`` are as before the call (see :func:`preserved_state`;
+    ``modules``: ``list(model.modules())`` when the caller already has it).
     """
     kwargs = dict(batch)
     if "use_cache" not in kwargs and _accepts(model, "use_cache"):
         kwargs["use_cache"] = False  # no cache objects built or kept
-    with preserved_state(model), torch.no_grad():
+    with preserved_state(model, modules), torch.no_grad():
         return output_tensor(model(**kwargs)).detach()
 
 
