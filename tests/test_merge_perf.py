@@ -135,3 +135,15 @@ def test_nonfinite_scan_counts_exactly_even_when_a_sum_overflows():
                                       tensors={"big": big, "nan": nan, "ok": torch.ones(3),
                                                "ids": torch.arange(3)})
     assert merge_module._nonfinite(snap, ["big", "nan", "ok", "ids"]) == {"big": 0, "nan": 2, "ok": 0}
+
+
+def test_change_digest_sees_structured_changes_of_small_tensors():
+    """Negation flips every sign bit; a doubling moves every exponent: no such change may cancel out."""
+    gen = torch.Generator().manual_seed(3)
+    for size in (2, 3, 64, 256):
+        for _ in range(50):
+            x = torch.randn(size, generator=gen)
+            digest = change_digest(x)
+            assert change_digest(-x) != digest
+            assert change_digest(2 * x) != digest
+            assert change_digest(x.half().float()) != digest  # rounding: low mantissa bits cleared
