@@ -147,3 +147,34 @@ def test_change_digest_sees_structured_changes_of_small_tensors():
             assert change_digest(-x) != digest
             assert change_digest(2 * x) != digest
             assert change_digest(x.half().float()) != digest  # rounding: low mantissa bits cleared
+
+
+def test_probe_restores_mixed_modes_and_honours_a_custom_setattr():
+    from torch import nn
+
+    from callbacks.primitives.probe import run_probe
+
+    seen = []
+
+    class Recording(nn.Linear):
+        def __setattr__(self, name, value):
+            if name == "training":
+                seen.append(value)
+            super().__setattr__(name, value)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.rec, self.out = nn.Embedding(16, 8), Recording(8, 8), nn.Linear(8, 4)
+
+        def forward(self, input_ids):
+            assert not any(m.training for m in self.modules())  # eval during the probe
+            return self.out(self.rec(self.emb(input_ids)))
+
+    net = Net()
+    net.out.eval()
+    seen.clear()
+    modes = {name: m.training for name, m in net.named_modules()}
+    run_probe(net, {"input_ids": torch.tensor([[1, 2, 3]])})
+    assert {name: m.training for name, m in net.named_modules()} == modes
+    assert seen == [False, True]  # the custom __setattr__ saw both switches

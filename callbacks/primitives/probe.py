@@ -94,27 +94,37 @@ def build_probe_batch(model: nn.Module, *, batch_size: int = 2, seq_len: int = 8
     return batch
 
 
+def _set_training(module: nn.Module, training: bool) -> None:
+    """``module.training = training``; through ``object.__setattr__`` when the class keeps nn.Module's own
+    ``__setattr__`` (which ends there for a plain attribute, after microseconds of lookups: most of a probe on
+    a model with thousands of modules)."""
+    if type(module).__setattr__ is nn.Module.__setattr__:
+        object.__setattr__(module, "training", training)
+    else:
+        module.training = training
+
+
 @contextlib.contextmanager
 def preserved_state(model: nn.Module, modules: Sequence[nn.Module] | None = None) -> Iterator[None]:
     """Put ``model`` in eval mode for the duration; restore RNG states and every module's mode afterwards.
 
     ``modules``: ``list(model.modules())`` when the caller already has it (walking a large model costs).
     """
-    # only the modules in training mode are switched, through object.__setattr__: nn.Module.__setattr__ costs
-    # microseconds per call, which is most of a probe on a model with thousands of modules
-    training = [module for module in (model.modules() if modules is None else modules) if module.training]
+    modes = [(module, module.training) for module in (model.modules() if modules is None else modules)]
     cpu_rng = torch.random.get_rng_state()
     cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
     py_rng = random.getstate()
     numpy = sys.modules.get("numpy")
     np_rng = numpy.random.get_state() if numpy is not None else None
     try:
-        for module in training:  # what model.eval() does, without the per-module train() call overhead
-            object.__setattr__(module, "training", False)
+        for module, training in modes:  # what model.eval() does, without the per-module train() call overhead
+            if training:
+                _set_training(module, False)
         yield
     finally:
-        for module in training:
-            object.__setattr__(module, "training", True)
+        for module, training in modes:
+            if module.training is not training:
+                _set_training(module, training)
         torch.random.set_rng_state(cpu_rng)
         if cuda_rng is not None:
             torch.cuda.set_rng_state_all(cuda_rng)
