@@ -3,7 +3,8 @@
 Each repeat builds two identical LoRA models (not timed) and times ``merge_and_unload()`` on one and
 ``Monitor.checked_merge()`` on the other, alternating which goes first so drift hits both alike. Prints the
 median times, their ratio, and parts of the check timed separately on a third model: a pass of the spec hash
-over every parameter, a pass of the change digest over every parameter, and one probe forward (the check's
+over every parameter, a pass of the change digest over every parameter (the spec hash for
+tensors under 256 KiB, cheaper for them in a batch), and one probe forward (the check's
 one-sequence batch). The check itself makes two passes (before and after the merge), each with the spec hash
 on the merge's targets and what aliases them and the digest on the rest, and two probe forwards. The hash
 backend is ``auto``: the fused Triton kernel on CUDA, the torch reference elsewhere. Only ratios from one run

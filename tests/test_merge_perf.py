@@ -77,19 +77,25 @@ def tiny_lora_llama():
                                                                    init_lora_weights=False))
 
 
-def test_snapshot_digests_only_what_the_merge_may_not_write():
+def test_snapshot_digests_only_what_the_merge_may_not_write(monkeypatch):
     model = tiny_lora_llama()
     targets = {"model.layers.0.self_attn.q_proj.weight", "model.layers.1.self_attn.v_proj.weight"}
+    monkeypatch.setattr(merge_module, "DIGEST_MIN_BYTES", 64)  # the tiny model's tensors are all small
     before = snapshot_parameters(model, spec=targets)
     full = snapshot_parameters(model)
     assert not before.digested & targets and "model.norm.weight" in before.digested
+    assert "model.norm.weight" in before.digested and before.hashes["model.norm.weight"] != full.hashes[
+        "model.norm.weight"]  # measured with the digest
     assert all(before.hashes[n] == full.hashes[n] for n in targets)  # targets keep the spec hash
     again = snapshot_parameters(model, digest=before.digested)
     assert again.digested == before.digested and again.hashes == before.hashes
 
 
-def test_merge_code_writing_an_unrelated_weight_is_caught_by_the_digest():
-    """A merge that writes a weight no merged layer owns (no tie, no shared buffer): MERGE_SIDE_EFFECT."""
+@pytest.mark.parametrize("digest_min_bytes", [64, 1 << 18])
+def test_merge_code_writing_an_unrelated_weight_is_caught(monkeypatch, digest_min_bytes):
+    """A merge that writes a weight no merged layer owns (no tie, no shared buffer): MERGE_SIDE_EFFECT, whether
+    that weight is measured with the digest (64) or the spec hash (small tensors)."""
+    monkeypatch.setattr(merge_module, "DIGEST_MIN_BYTES", digest_min_bytes)
     model = tiny_lora_llama()
     layer = model.base_model.model.model.layers[0].self_attn.q_proj
     norm = model.base_model.model.model.norm.weight

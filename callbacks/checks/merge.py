@@ -108,8 +108,10 @@ class ParamSnapshot:
     tensors: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict, compare=False, repr=False)
 
 
-#: words per chunk of the change digest (int32 products of a chunk stay in cache)
+#: words per chunk of the change digest (the int64 products of a chunk stay in cache)
 DIGEST_CHUNK = 1 << 16
+#: tensors smaller than this (bytes) get the spec hash instead of the digest (cheaper for them, in a batch)
+DIGEST_MIN_BYTES = 1 << 18
 
 
 @functools.lru_cache(maxsize=8)
@@ -159,9 +161,10 @@ def snapshot_parameters(model: nn.Module, backend: str = "auto", skip: set[int] 
 
     ``skip``: ids of parameters left out (adapter weights that ``merge_and_unload`` removes: nothing after the
     merge could be compared with them). By default every tensor gets the spec hash (:mod:`callbacks.hashing`).
-    ``spec``: only these names and every name sharing memory with one of them get it, the others
-    :func:`change_digest` (a change detector for two snapshots in this process); ``digest``: exactly these names
-    get the digest (pass the ``digested`` names of the snapshot to compare with, so each name is measured alike).
+    ``spec``: only these names, every name sharing memory with one of them and every tensor under
+    :data:`DIGEST_MIN_BYTES` get it, the others :func:`change_digest` (a change detector for two snapshots in this
+    process); ``digest``: these names get the digest when that large (pass the ``digested`` names of the snapshot
+    to compare with, so each name is measured alike: a name's size only changes with its shape).
     """
     storage: dict[str, tuple[Any, ...]] = {}
     memory: dict[str, tuple[Any, ...]] = {}
@@ -185,6 +188,8 @@ def snapshot_parameters(model: nn.Module, backend: str = "auto", skip: set[int] 
         digested = frozenset(n for n in storage if n in digest) if digest is not None else frozenset()
     # a storage is hashed once per kind its names need (a tie the merge made may join a digested name to a
     # hashed one: each keeps the kind it was measured with before)
+    # small tensors get the spec hash even where the digest would do: batched, it costs less than a digest call
+    digested = frozenset(n for n in digested if tensors[n].numel() * tensors[n].element_size() >= DIGEST_MIN_BYTES)
     spec_keys = list(dict.fromkeys(k for n, k in storage.items() if n not in digested))
     spec_keys = [k for k in spec_keys if unique[k].device.type != "meta"]
     values = hash_tensors([unique[k].detach() for k in spec_keys], backend=backend) if spec_keys else []
