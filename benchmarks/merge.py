@@ -2,13 +2,13 @@
 
 Each repeat builds two identical LoRA models (not timed) and times ``merge_and_unload()`` on one and
 ``Monitor.checked_merge()`` on the other, alternating which goes first so drift hits both alike. Prints the
-median times, their ratio, and parts of the check timed separately on a third model: a pass of the spec hash
-over every parameter, a pass of the change digest over every parameter (the spec hash for
-tensors under 256 KiB, cheaper for them in a batch), and one probe forward (the check's
-one-sequence batch). The check itself makes two passes (before and after the merge), each with the spec hash
-on the merge's targets and what aliases them and the digest on the rest, and two probe forwards. The hash
-backend is ``auto``: the fused Triton kernel on CUDA, the torch reference elsewhere. Only ratios from one run
-are meant to be compared.
+median times, their ratio, and parts of the check timed separately on a third model, with the garbage
+collector paused as the check pauses it: a pass of the spec hash over every parameter, a pass of the change
+digest over every parameter (the spec hash for tensors under 256 KiB, cheaper for them in a batch), and one
+probe forward (the check's one-sequence batch). The check itself makes two passes (before and after the
+merge), each with the spec hash on the merge's targets and what aliases them and the digest on the rest, and
+two probe forwards. The hash backend is ``auto``: the fused Triton kernel on CUDA, the torch reference
+elsewhere. Only ratios from one run are meant to be compared.
 
     python benchmarks/merge.py [--layers 100] [--hidden 64,256] [--rank 8] [--repeats 5] [--device cpu] [--threads 1]
 """
@@ -31,7 +31,7 @@ from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from callbacks import Monitor  # noqa: E402
-from callbacks.checks.merge import snapshot_parameters  # noqa: E402
+from callbacks.checks.merge import gc_paused, snapshot_parameters  # noqa: E402
 from callbacks.hashing import resolve_backend  # noqa: E402
 from callbacks.primitives.probe import build_probe_batch, run_probe  # noqa: E402
 
@@ -73,12 +73,14 @@ def measure(layers: int, hidden: int, rank: int, repeats: int, device: str) -> d
         for name, fn in runs if i % 2 == 0 else runs[::-1]:
             (plain if name == "plain" else checked).append(timed(fn, device))
         assert monitor.findings == [], monitor.findings
-        # the parts, on a third model: one spec hash pass, one digest pass and one probe forward
+        # the parts, on a third model: one spec hash pass, one digest pass and one probe forward, with the
+        # garbage collector paused as the check pauses it (a full collection would land in any of them)
         c = build(layers, hidden, rank, device)
-        hashing.append(timed(lambda m=c: snapshot_parameters(m), device))
-        digesting.append(timed(lambda m=c: snapshot_parameters(m, spec=()), device))
-        batch = build_probe_batch(c, batch_size=1)
-        probing.append(timed(lambda m=c, x=batch: run_probe(m, x), device))
+        with gc_paused():
+            hashing.append(timed(lambda m=c: snapshot_parameters(m), device))
+            digesting.append(timed(lambda m=c: snapshot_parameters(m, spec=()), device))
+            batch = build_probe_batch(c, batch_size=1)
+            probing.append(timed(lambda m=c, x=batch: run_probe(m, x), device))
         del a, b, c
     params = sum(p.numel() for p in build(layers, hidden, rank, "meta").parameters())
     return {"params": params, "plain": statistics.median(plain), "checked": statistics.median(checked),
