@@ -1,0 +1,84 @@
+"""Every recipe in ``recipes/`` is a test: ``run`` on it ends with the expected exit code, and each gallery
+recipe prints the finding it reproduces (code, parameters, event@step) with its fix.
+
+A recipe without an entry in :data:`EXPECTED` fails :func:`test_every_recipe_has_an_expectation`.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from callbacks.cli import main
+from callbacks.findings import Finding
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RECIPES = os.path.join(ROOT, "recipes")
+
+#: recipe (relative to recipes/) -> (exit code, [(code, event, step, params)] that must be among the findings).
+#: Gallery recipes must find exactly their failure's codes among the error findings.
+EXPECTED: dict[str, tuple[int, list[tuple[str, str, int | None, tuple[str, ...]]]]] = {
+    "quickstart.yaml": (0, []),
+    "failures/meta_init_tie.yaml": (
+        1, [("TIE_BROKEN", "init", 0, ("output.weight", "tok_embeddings.weight"))]),
+    "failures/untied_checkpoint_resume.yaml": (
+        1, [("TIE_CHECKPOINT_CONFLICT", "load", 2, ("lm_head.weight", "transformer.wte.weight"))]),
+}
+
+#: recipes that launch several processes (torchrun): run as a subprocess, not in-process
+MULTI_PROCESS: set[str] = set()
+
+
+def all_recipes() -> list[str]:
+    """Every recipe file under recipes/, relative to it."""
+    paths = glob.glob(os.path.join(RECIPES, "**", "*.yaml"), recursive=True)
+    return sorted(os.path.relpath(p, RECIPES) for p in paths)
+
+
+def test_every_recipe_has_an_expectation():
+    assert set(all_recipes()) == set(EXPECTED), "add the new recipe to EXPECTED (or remove a stale entry)"
+
+
+def _report(tmp_path) -> dict:
+    paths = glob.glob(str(tmp_path / "out" / "**" / "integrity.json"), recursive=True)
+    assert len(paths) == 1, paths
+    with open(paths[0], encoding="utf-8") as fh:
+        return json.load(fh)
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_recipe_runs_with_expected_findings(name, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # recipes write under out/ relative to the working directory
+    path = os.path.join(RECIPES, name)
+    exit_code, expected = EXPECTED[name]
+    if name in MULTI_PROCESS:
+        env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
+        result = subprocess.run([sys.executable, "-m", "callbacks", "run", path], cwd=tmp_path, env=env,
+                                capture_output=True, text=True, timeout=240)
+        code, out = result.returncode, result.stdout
+        assert code == exit_code, result.stdout[-3000:] + result.stderr[-3000:]
+        assert out.count("integrity: ") == 1, "the report is written by rank 0 only"
+    else:
+        code = main(["run", path])
+        out = capsys.readouterr().out
+        assert code == exit_code, out[-3000:]
+    report = _report(tmp_path)
+    findings = [Finding.from_dict(d) for d in report["findings"]]
+    got = {(f.code, f.event, f.step, tuple(f.params)) for f in findings}
+    for item in expected:
+        assert item in got, f"{item} not among {sorted(got)}"
+    # the console table names each expected code and prints its fix; nothing else is an error
+    error_codes = {f.code for f in findings if f.severity == "error"}
+    assert error_codes == {item[0] for item in expected}
+    for f in findings:
+        if f.severity == "error":
+            assert f.code in out and f.hint and f.hint in out
+    if not expected:
+        assert "no findings" in out
+    html_paths = glob.glob(str(tmp_path / "out" / "**" / "integrity.html"), recursive=True)
+    assert len(html_paths) == 1
