@@ -37,13 +37,27 @@ def _free_port() -> int:
 
 
 def _launch(recipe: str, processes: int, html: str | None) -> int:
-    """Run this command again under ``torchrun`` (CPU: gloo), one process per replica; rank 0 reports."""
-    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}",
-               f"--master_port={_free_port()}", "--master_addr=127.0.0.1", "-m", "callbacks", "run", recipe]
-    if html:
-        command += ["--html", html]
-    env = {**os.environ, LAUNCHED_ENV: "1"}
-    return subprocess.run(command, env=env, check=False).returncode
+    """Run this command again under ``torchrun`` (CPU: gloo), one process per replica; rank 0 reports.
+
+    The ranks exit 0 when they finish (a rank exiting 1 would make torchrun kill the others mid-report); rank 0
+    writes the job's exit code to a file this process reads.
+    """
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="integrity-run-") as tmp:
+        exit_file = os.path.join(tmp, "exit_code")
+        command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}",
+                   f"--master_port={_free_port()}", "--master_addr=127.0.0.1", "-m", "callbacks", "run", recipe]
+        if html:
+            command += ["--html", html]
+        env = {**os.environ, LAUNCHED_ENV: exit_file}
+        returncode = subprocess.run(command, env=env, check=False).returncode
+        if returncode != 0 or not os.path.isfile(exit_file):
+            print(f"error: the {processes} processes of {recipe} failed (torchrun exit {returncode})",
+                  file=sys.stderr)
+            return EXIT_BAD_INPUT
+        with open(exit_file, encoding="utf-8") as fh:
+            return int(fh.read().strip())
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -51,10 +65,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from callbacks.job import load_job, run_job
 
     job, integrity = load_job(args.recipe)
-    already_distributed = LAUNCHED_ENV in os.environ or "LOCAL_RANK" in os.environ
-    if job.trainer.processes > 1 and not already_distributed:
-        code = _launch(args.recipe, job.trainer.processes, args.html)
-        return code if code in (EXIT_CLEAN, EXIT_FINDINGS, EXIT_BAD_INPUT) else EXIT_FINDINGS
+    exit_file = os.environ.get(LAUNCHED_ENV)
+    if job.trainer.processes > 1 and exit_file is None and "LOCAL_RANK" not in os.environ:
+        return _launch(args.recipe, job.trainer.processes, args.html)
     code, monitor = run_job(args.recipe)
     if monitor.rank == 0:
         html = _html_path(integrity.report, args.html)
@@ -63,7 +76,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
             write_html(monitor.report, html, title=f"integrity report: {args.recipe}")
         print(f"integrity: {len(monitor.report.errors)} error finding(s); exit {code}")
-    return code
+        if exit_file:
+            with open(exit_file, "w", encoding="utf-8") as fh:
+                fh.write(str(code))
+    return EXIT_CLEAN if exit_file else code
 
 
 def _cmd_audit(args: argparse.Namespace) -> int:

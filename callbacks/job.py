@@ -405,17 +405,17 @@ def run_job(path: str) -> tuple[int, Any]:
     runner = {"hf": _run_hf, "lightning": _run_lightning, "accelerate": _run_accelerate}[job.trainer.type]
     holder: dict[str, Any] = {}
     try:
-        trained = runner(job, integrity, model, dataset, faults, path, holder)
+        trained, step = runner(job, integrity, model, dataset, faults, path, holder)
         if job.adapter is not None and job.adapter.merge:
-            _merge_and_save(job, holder["callback"].monitor, trained)
+            _merge_and_save(job, holder["callback"].monitor, trained, step)
     except IntegrityError:
         pass  # the monitor already printed the table and wrote the report
     monitor = holder["callback"].monitor
     return (1 if monitor.report.errors else 0), monitor
 
 
-def _merge_and_save(job: JobRecipe, monitor: Any, model: torch.nn.Module) -> None:
-    merged = monitor.checked_merge(model)
+def _merge_and_save(job: JobRecipe, monitor: Any, model: torch.nn.Module, step: int) -> None:
+    merged = monitor.checked_merge(model, step=step)
     if monitor.rank == 0 and hasattr(merged, "save_pretrained"):
         merged.save_pretrained(os.path.join(job.trainer.output_dir, "merged"))
     monitor.finish()
@@ -460,7 +460,7 @@ def _run_hf(job: JobRecipe, integrity: IntegrityConfig, model, dataset, faults, 
     for position, extra in enumerate([_hf_fault_callback(faults), callback]):
         trainer.callback_handler.callbacks.insert(position, extra)
     trainer.train(resume_from_checkpoint=job.trainer.resume_from)
-    return trainer.model
+    return trainer.model, trainer.state.global_step
 
 
 def _run_lightning(job: JobRecipe, integrity: IntegrityConfig, model, dataset, faults, source: str, holder: dict):
@@ -506,7 +506,7 @@ def _run_lightning(job: JobRecipe, integrity: IntegrityConfig, model, dataset, f
         raise RecipeError(source, "trainer.args", f"Lightning Trainer rejected these arguments: {err}") from None
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)
     trainer.fit(JobModule(), train_dataloaders=loader, ckpt_path=job.trainer.resume_from)
-    return model
+    return model, trainer.global_step
 
 
 def _lightning_logger(name: Any, output_dir: str, source: str) -> Any:
@@ -574,4 +574,4 @@ def _run_accelerate(job: JobRecipe, integrity: IntegrityConfig, model, dataset, 
                 break
     hooks.end(model)
     accelerator.end_training()
-    return accelerator.unwrap_model(model)
+    return accelerator.unwrap_model(model), hooks.step
