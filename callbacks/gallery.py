@@ -140,6 +140,31 @@ class ZeroAdapters(Fault):
                     param.zero_()
 
 
+class LegacyMamAdapterInit(Fault):
+    """adapter-transformers' ``mam_adapter`` init, which assumes ``adapter_down[0]`` is the down projection.
+
+    With ``ln_before=True`` that element is the LayerNorm: it gets the Linear's uniform init (weights around 0
+    instead of 1), so every adapter input is scaled by noise. ``adapter_up`` is still zero, so the output is
+    unchanged at step 0 and the run looks healthy; the damage shows once ``adapter_up`` starts learning.
+    """
+
+    def setup(self, model: nn.Module, output_dir: str) -> None:
+        """Run the layout-assuming init over every bottleneck adapter of the ``adapters`` library."""
+        import math
+
+        from adapters.methods.modeling import Adapter
+
+        with torch.no_grad():
+            for module in model.modules():
+                if isinstance(module, Adapter):
+                    first = module.adapter_down[0]
+                    bound = 1 / math.sqrt(first.weight.shape[-1])  # kaiming_uniform_(a=sqrt(5)) of an nn.Linear
+                    first.weight.uniform_(-bound, bound)
+                    first.bias.zero_()
+                    module.adapter_up.weight.zero_()
+                    module.adapter_up.bias.zero_()
+
+
 class RankGradientNoiseConfig(FaultConfig):
     """``rank``: the rank whose gradients change; ``from_step``: the first step it happens at."""
 
@@ -222,7 +247,8 @@ def _first_name_of(model: nn.Module, tensor: torch.Tensor) -> str:
 
 #: every fault class defined here, for the README and the schema's examples
 FAULTS: dict[str, type[Fault]] = {cls.__name__: cls for cls in
-                                  (ReinitAfterWrap, ZeroAdapters, RankGradientNoise, UntiedCheckpoint)}
+                                  (ReinitAfterWrap, ZeroAdapters, LegacyMamAdapterInit, RankGradientNoise,
+                                   UntiedCheckpoint)}
 
 
 def fault_summary() -> dict[str, Any]:

@@ -91,14 +91,17 @@ class ModelSpec(_Strict):
 
 
 class AdapterSpec(_Strict):
-    """``adapter:``: a PEFT config class name and its arguments.
+    """``adapter:``: a PEFT config class (``library: peft``) or an ``adapters`` config class (``library:
+    adapters``, added under ``name`` and activated for training with ``train_adapter``), and its arguments.
 
     ``unfreeze``: parameter-name patterns made trainable by hand after wrapping (what users do for ViT's
     ``position_embeddings``, which ``modules_to_save`` cannot name). ``merge``: after training, merge the adapters
     with :meth:`Monitor.checked_merge` and save the merged model to ``<output_dir>/merged``.
     """
 
-    config: str = Field(description="PEFT config class, e.g. LoraConfig")
+    library: Literal["peft", "adapters"] = "peft"
+    config: str = Field(description="PEFT config class (LoraConfig, ...) or adapters config class (BnConfig, ...)")
+    name: str = Field("adapter", description="adapters library: the adapter's name")
     args: dict[str, Any] = Field(default_factory=dict)
     unfreeze: list[str] = Field(default_factory=list, description="parameter name patterns to unfreeze by hand")
     merge: bool = False
@@ -287,6 +290,10 @@ def apply_adapter(model: torch.nn.Module, spec: AdapterSpec | None, source: str)
     """Wrap ``model`` with a PEFT adapter when the recipe names one; then ``unfreeze`` by hand."""
     if spec is None:
         return model
+    if spec.library == "adapters":
+        wrapped = _apply_adapters_library(model, spec, source)
+        _set_trainable(wrapped, spec.unfreeze, True, source, "adapter.unfreeze")
+        return wrapped
     import peft
 
     config_cls = getattr(peft, spec.config, None)
@@ -299,6 +306,27 @@ def apply_adapter(model: torch.nn.Module, spec: AdapterSpec | None, source: str)
         raise RecipeError(source, "adapter.args", f"{spec.config} rejected these arguments: {err}") from None
     _set_trainable(wrapped, spec.unfreeze, True, source, "adapter.unfreeze")
     return wrapped
+
+
+def _apply_adapters_library(model: torch.nn.Module, spec: AdapterSpec, source: str) -> torch.nn.Module:
+    """``adapters.init(model)``, ``add_adapter(name, config)``, ``train_adapter(name)`` (the library's recipe)."""
+    try:
+        import adapters
+    except ImportError:
+        raise RecipeError(source, "adapter.library", "the 'adapters' library is not installed "
+                                                     "(pip install adapters; it pins transformers 4.x)") from None
+    config_cls = getattr(adapters, spec.config, None)
+    if not isinstance(config_cls, type):
+        raise RecipeError(source, "adapter.config", f"{spec.config!r} is not an adapters config class "
+                                                    "(e.g. BnConfig, SeqBnConfig, LoRAConfig, PrefixTuningConfig)")
+    try:
+        config = config_cls(**spec.args)
+        adapters.init(model)
+        model.add_adapter(spec.name, config=config)
+        model.train_adapter(spec.name)
+    except (TypeError, ValueError) as err:
+        raise RecipeError(source, "adapter.args", f"{spec.config} rejected these arguments: {err}") from None
+    return model
 
 
 def token_rows(spec: DataSpec, vocab_size: int, seed: int, source: str) -> torch.Tensor:

@@ -21,7 +21,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPES = os.path.join(ROOT, "recipes")
 
 #: recipe (relative to recipes/) -> (exit code, [(code, event, step, params)] that must be among the findings).
-#: Gallery recipes must find exactly their failure's codes among the error findings.
+#: A finding matches when code, event and step are equal and each expected parameter name is the end of one of
+#: its parameter names (a LightningModule prefixes its attribute name). Gallery recipes must find exactly their
+#: failure's codes among the error findings.
 EXPECTED: dict[str, tuple[int, list[tuple[str, str, int | None, tuple[str, ...]]]]] = {
     "quickstart.yaml": (0, []),
     "failures/meta_init_tie.yaml": (
@@ -29,6 +31,10 @@ EXPECTED: dict[str, tuple[int, list[tuple[str, str, int | None, tuple[str, ...]]
     "failures/untied_checkpoint_resume.yaml": (
         1, [("TIE_CHECKPOINT_CONFLICT", "load", 2, ("lm_head.weight", "transformer.wte.weight"))]),
 }
+
+#: recipes that need the `adapters` library (transformers 4.x): run by test_recipes_adapters_lib.py in the
+#: second environment
+ADAPTERS_LIB: set[str] = set()
 
 #: recipes that launch several processes (torchrun): run as a subprocess, not in-process
 MULTI_PROCESS: set[str] = set()
@@ -51,8 +57,14 @@ def _report(tmp_path) -> dict:
         return json.load(fh)
 
 
-@pytest.mark.parametrize("name", sorted(EXPECTED))
-def test_recipe_runs_with_expected_findings(name, tmp_path, monkeypatch, capsys):
+def _matches(finding: Finding, code: str, event: str, step: int | None, params: tuple[str, ...]) -> bool:
+    if (finding.code, finding.event, finding.step) != (code, event, step):
+        return False
+    return all(any(p == want or p.endswith("." + want) for p in finding.params) for want in params)
+
+
+def check_recipe(name: str, tmp_path, monkeypatch, capsys) -> None:
+    """Run recipe ``name`` and assert its exit code, findings, console table with fixes and HTML report."""
     monkeypatch.chdir(tmp_path)  # recipes write under out/ relative to the working directory
     path = os.path.join(RECIPES, name)
     exit_code, expected = EXPECTED[name]
@@ -62,16 +74,16 @@ def test_recipe_runs_with_expected_findings(name, tmp_path, monkeypatch, capsys)
                                 capture_output=True, text=True, timeout=240)
         code, out = result.returncode, result.stdout
         assert code == exit_code, result.stdout[-3000:] + result.stderr[-3000:]
-        assert out.count("integrity: ") == 1, "the report is written by rank 0 only"
+        assert out.count("integrity: ") == 1, "the summary is printed by rank 0 only"
     else:
         code = main(["run", path])
         out = capsys.readouterr().out
         assert code == exit_code, out[-3000:]
     report = _report(tmp_path)
     findings = [Finding.from_dict(d) for d in report["findings"]]
-    got = {(f.code, f.event, f.step, tuple(f.params)) for f in findings}
     for item in expected:
-        assert item in got, f"{item} not among {sorted(got)}"
+        assert any(_matches(f, *item) for f in findings), \
+            f"{item} not among {sorted((f.code, f.event, f.step, f.params) for f in findings)}"
     # the console table names each expected code and prints its fix; nothing else is an error
     error_codes = {f.code for f in findings if f.severity == "error"}
     assert error_codes == {item[0] for item in expected}
@@ -82,3 +94,8 @@ def test_recipe_runs_with_expected_findings(name, tmp_path, monkeypatch, capsys)
         assert "no findings" in out
     html_paths = glob.glob(str(tmp_path / "out" / "**" / "integrity.html"), recursive=True)
     assert len(html_paths) == 1
+
+
+@pytest.mark.parametrize("name", sorted(set(EXPECTED) - ADAPTERS_LIB))
+def test_recipe_runs_with_expected_findings(name, tmp_path, monkeypatch, capsys):
+    check_recipe(name, tmp_path, monkeypatch, capsys)
