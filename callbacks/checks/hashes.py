@@ -1,27 +1,556 @@
-"""Gradient and weight hashes (issue 5): frozen weights, replicas, tied copies, run-to-run divergence."""
+"""Gradient and weight hashes (issue 5): frozen weights, replicas, tied copies, run-to-run divergence.
+
+Codes: ``FROZEN_CHANGED``, ``GRAD_NONFINITE``, ``GRAD_REPLICA_MISMATCH``, ``PARAM_REPLICA_MISMATCH``,
+``TIE_DIVERGED``; and the hash ledger (``ledger: PATH``) that ``python -m callbacks diff`` compares.
+
+What runs when (the defaults keep a single-process CPU step cheap):
+
+* every step, before the optimizer: ``GRAD_NONFINITE`` from one ``torch._foreach_norm`` over the gradients
+  of the optimizer's parameters and a single ``isfinite`` sync; tensors are counted and named only when that
+  flags something. Under the fused Triton backend the counts come from the hashing pass itself. The optimizer's
+  parameters are also scanned for newly frozen ones (an id-set comparison; no walk of the module tree).
+* gradients (before the optimizer) and trainable parameters (after it) are hashed every ``every_n_steps`` only
+  when something consumes the hashes: replicas under torch.distributed with world size > 1, or a ledger.
+* frozen parameters (``requires_grad=False``) are hashed when first seen frozen (at init, or before the step
+  where they became frozen) and re-hashed every ``frozen_every_n_steps`` and at ``end``.
+* ``tied_copies`` groups are hashed at init, every ``every_n_steps`` after the optimizer, and at ``end``.
+
+Gradients are hashed at the ``before_optimizer`` phase, i.e. after DDP's all-reduce (never in a parameter hook,
+which fires before it). Under FSDP (sharded parameters) shards differ by design: replica comparison is off.
+"""
 
 from __future__ import annotations
 
-from typing import Literal
+from collections.abc import Iterable, Sequence
+from typing import Any, Literal
 
-from pydantic import Field
+import torch
+from pydantic import Field, field_validator
+from torch import nn
 
 from callbacks.checks.base import Check, CheckConfig
+from callbacks.errors import ConfigError
+from callbacks.events import EventContext
+from callbacks.findings import Finding
+from callbacks.hashing import hash_tensors, hash_with_stats, resolve_backend
+from callbacks.hashing.ledger import LedgerWriter, hex64
+from callbacks.primitives.collectives import (
+    ReplicaGroup,
+    disagreeing_ranks,
+    distributed_world,
+    layout_key,
+    replica_mismatches,
+)
+from callbacks.primitives.naming import unwrap_model, user_name
 
 
 class HashConfig(CheckConfig):
-    """Recipe section ``checks.hashes``."""
+    """Recipe section ``checks.hashes``.
+
+    ``every_n_steps``: cadence of gradient/parameter hashing for replicas, the ledger and tied copies.
+    ``frozen_every_n_steps``: cadence of the frozen re-hash (also done at ``end``). ``replicas``: compare hashes
+    across data-parallel ranks (only under torch.distributed with world size > 1). ``frozen``: FROZEN_CHANGED.
+    ``nonfinite``: GRAD_NONFINITE every step. ``tied_copies``: groups of parameter names kept in separate storage
+    that must hold equal values (TIE_DIVERGED). ``ledger``: JSON-lines path of the hash ledger. ``backend``:
+    hash backend. ``timeout_s``: bound on every replica exchange.
+    """
 
     every_n_steps: int = Field(1, ge=1)
     frozen_every_n_steps: int = Field(50, ge=1)
     replicas: bool = True
     frozen: bool = True
+    nonfinite: bool = True
+    tied_copies: list[list[str]] = Field(default_factory=list)
     ledger: str | None = None
     backend: Literal["auto", "torch", "triton"] = "auto"
+    timeout_s: float = Field(60.0, gt=0)
+
+    @field_validator("tied_copies")
+    @classmethod
+    def _groups_have_two_names(cls, value: list[list[str]]) -> list[list[str]]:
+        for group in value:
+            if len(set(group)) < 2:
+                raise ValueError(f"each tied_copies group needs at least two different names, got {group}")
+        return value
+
+
+HINT_FROZEN = (
+    "something writes to a parameter meant to be frozen: an optimizer that still holds it (a param frozen after "
+    "training started keeps a stale zero grad under zero_grad(set_to_none=False), so Adam momentum and weight "
+    "decay keep moving it), an in-place hook or manual update, or a load into the module. Build the optimizer "
+    "over trainable parameters only (or remove the param from its groups when freezing) and set grads to None")
+HINT_NONFINITE = (
+    "find the first NaN/Inf: lower the learning rate, enable gradient clipping, check the loss for log(0) or "
+    "division by zero, use bf16 instead of fp16 or a GradScaler, and look for bad samples in this batch")
+HINT_GRAD_REPLICA = (
+    "a rank changed its gradients after the all-reduce (rank-dependent code in a hook or callback, per-rank "
+    "clipping) or a gradient was not synchronised (no_sync on one rank, unused parameters): make every "
+    "post-reduction gradient operation identical on every rank")
+HINT_PARAM_REPLICA = (
+    "parameters were changed on one rank outside the synchronised update (rank-dependent code, a per-rank load "
+    "or resume, different optimizer state) or replicas started from different weights: broadcast from rank 0 "
+    "and remove rank-dependent writes to parameters")
+HINT_TIE_DIVERGED = (
+    "the copies of a tie kept in separate storage are no longer synchronised: copy the updated value to the other "
+    "copies after every optimizer step (or sum their gradients before it), or tie them by sharing one tensor")
+
+
+def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """The local shard of a DTensor (hashing a DTensor directly could run collectives); other tensors as they are."""
+    to_local = getattr(tensor, "to_local", None)
+    return to_local() if callable(to_local) else tensor
+
+
+def hashable(tensor: torch.Tensor | None) -> bool:
+    """Whether a tensor has bytes to hash (not None, not on the meta device)."""
+    return tensor is not None and tensor.device.type != "meta"
+
+
+def named_unique_parameters(model: Any) -> list[tuple[str, nn.Parameter]]:
+    """(user name, parameter) for each parameter object once, in model order (a tie is hashed once)."""
+    inner = unwrap_model(model)
+    return [(user_name(raw), p) for raw, p in inner.named_parameters()]
+
+
+def is_sharded(model: Any, params: Sequence[tuple[str, nn.Parameter]]) -> bool:
+    """Whether parameters are sharded across ranks (FSDP2 DTensors, FSDP1 flat parameters)."""
+    if any(type(p).__name__ == "DTensor" or type(getattr(p, "data", None)).__name__ == "DTensor" for _, p in params):
+        return True
+    modules = model.modules() if isinstance(model, nn.Module) else ()
+    return any(type(m).__name__ == "FullyShardedDataParallel" for m in modules)
+
+
+def hash_or_none(tensors: Sequence[torch.Tensor | None], backend: str) -> list[int | None]:
+    """Hashes of tensors, ``None`` for missing or meta ones; one backend call for all present ones."""
+    present = [i for i, t in enumerate(tensors) if hashable(t)]
+    values = hash_tensors([local_tensor(tensors[i]) for i in present], backend=backend) if present else []
+    out: list[int | None] = [None] * len(tensors)
+    for i, value in zip(present, values, strict=True):
+        out[i] = value
+    return out
+
+
+def nonfinite_counts(grads: Sequence[torch.Tensor]) -> dict[int, int]:
+    """index -> number of NaN/Inf elements, for the gradients that hold any (empty when all are finite).
+
+    Cheap path: one ``torch._foreach_norm`` over the list and one ``isfinite`` of the stacked norms (a single
+    host sync). A 2-norm is non-finite when an element is (NaN and Inf propagate); a finite tensor whose norm
+    overflows is flagged too, so flagged tensors are counted exactly and only those with a real NaN/Inf are kept.
+    """
+    if not grads:
+        return {}
+    norms = torch._foreach_norm(list(grads))
+    try:
+        flags = torch.isfinite(torch.stack(norms)).tolist()
+    except RuntimeError:  # norms on several devices: one sync per device
+        flags = [bool(torch.isfinite(n)) for n in norms]
+    out: dict[int, int] = {}
+    for i, finite in enumerate(flags):
+        if not finite:
+            count = int((~torch.isfinite(grads[i].detach())).sum().item())
+            if count:
+                out[i] = count
+    return out
+
+
+def optimizer_parameters(optimizer: Any) -> list[torch.Tensor] | None:
+    """The parameters an optimizer updates (its param groups), or None when there is no optimizer to read.
+
+    Reading the param groups is much cheaper than walking the module tree every step, and they are exactly the
+    tensors whose gradients the step consumes and the tensors the step can move.
+    """
+    groups = getattr(optimizer, "param_groups", None)
+    if not groups:
+        return None
+    try:
+        return [p for group in groups for p in group["params"]]
+    except (TypeError, KeyError):
+        return None
+
+
+def loss_scaled(ctx: EventContext) -> bool:
+    """Whether a dynamic loss scaler (which skips steps with non-finite gradients) is in use."""
+    if ctx.extra.get("grad_scaler") is not None:
+        return True
+    scaler = getattr(ctx.optimizer, "scaler", None)
+    return scaler is not None and bool(getattr(scaler, "is_enabled", lambda: True)())
 
 
 class HashCheck(Check):
-    """Bitwise fingerprints of gradients and parameters."""
+    """Bitwise fingerprints of gradients and parameters: FROZEN_CHANGED, GRAD_NONFINITE, replica mismatches,
+    TIE_DIVERGED, and the hash ledger."""
 
     name = "hashes"
     Config = HashConfig
+
+    def __init__(self, config: HashConfig | None = None, **kwargs: Any):
+        super().__init__(config, **kwargs)
+        self.config: HashConfig
+        #: frozen parameter (user name) -> [hash, step at which it was recorded]
+        self.frozen_baseline: dict[str, list[Any]] = {}
+        self.frozen_verified_step = 0
+        #: code -> names already reported and still failing (reported again only after they recover)
+        self.reported: dict[str, set[str]] = {}
+        self.group: ReplicaGroup | None = None
+        self.replicas_note: str | None = None
+        self.rank, self.world_size = 0, 1
+        self.ledger: LedgerWriter | None = None
+        self.resumed = False
+        #: whether parameters are sharded (DTensor local shards are hashed; replicas are not compared)
+        self.sharded = False
+        #: ids of the frozen parameters seen at the last step (new ones get a baseline)
+        self._frozen_seen: set[int] = set()
+
+    # -- helpers ----------------------------------------------------------------------------------------------
+    @property
+    def replicas_active(self) -> bool:
+        """Whether replica hashes are exchanged (distributed, world size > 1, not sharded, not broken)."""
+        return self.group is not None and self.group.broken is None
+
+    def _hash_due(self, step: int | None) -> bool:
+        """Whether gradients/parameters are hashed at ``step`` (someone consumes the hashes and the cadence hits)."""
+        consumers = self.replicas_active or self.ledger is not None
+        return consumers and step is not None and step % self.config.every_n_steps == 0
+
+    def _new_only(self, code: str, names: Iterable[str]) -> list[str]:
+        """Names not yet reported for ``code``; names that recovered become reportable again."""
+        names = list(names)
+        before = self.reported.get(code, set())
+        self.reported[code] = set(names)
+        return [n for n in names if n not in before]
+
+    def _exchange(self, names: Sequence[str], tensors: Sequence[torch.Tensor | None], compute):
+        """Hash locally with ``compute`` and, when replicas are active, all-gather the hashes.
+
+        Returns (local hashes or None if hashing failed, exchange or None). A local failure still takes part in
+        the exchange (so no rank waits for it) and is re-raised afterwards.
+        """
+        error: BaseException | None = None
+        hashes: list[int | None] | None = None
+        try:
+            hashes = compute()
+        except Exception as err:  # re-raised below, after the collective every rank expects
+            error = err
+        exchange = None
+        if self.replicas_active:
+            key = layout_key(names, [tuple(t.shape) if t is not None else () for t in tensors])
+            payload = [0 if h is None else h for h in hashes] if hashes is not None else []
+            exchange = self.group.all_gather_hashes(payload, key, ok=error is None)
+        if error is not None:
+            raise error
+        return hashes, exchange
+
+    def _replica_findings(self, code: str, ctx: EventContext, names: Sequence[str], exchange,
+                          what: str) -> list[Finding]:
+        if exchange is None:
+            return []
+        if exchange.status == "failed":
+            return []  # the failing rank reports CHECK_FAILED itself
+        if exchange.status == "layout":
+            new = self._new_only(code + ":layout", ["<layout>"])
+            if not new:
+                return []
+            return [self.finding(
+                code, ctx, params=(),
+                message=f"ranks hold different {what} layouts (tensor counts per rank: {exchange.counts}); "
+                        "replicas cannot be compared",
+                hint="every data-parallel rank must build the same model and the same set of gradients",
+                counts=exchange.counts)]
+        mismatched = replica_mismatches(names, exchange.by_rank)
+        new = self._new_only(code, mismatched)
+        if not new:
+            return []
+        parts, details = [], {}
+        for name in new:
+            by_rank = mismatched[name]
+            _, differing = disagreeing_ranks(list(by_rank.values()))
+            if len(by_rank) == 2:
+                parts.append(f"{name} (ranks 0 and 1 disagree)")
+            else:
+                parts.append(f"{name} (ranks {differing} differ from the others)")
+            details[name] = {str(r): hex64(v) for r, v in by_rank.items()}
+        shown = "; ".join(parts[:6]) + (f"; +{len(parts) - 6} more" if len(parts) > 6 else "")
+        return [self.finding(
+            code, ctx, params=new,
+            message=f"{what} hashes differ across {len(exchange.by_rank)} data-parallel ranks for {len(new)} "
+                    f"tensor(s): {shown}",
+            hint=HINT_GRAD_REPLICA if code == "GRAD_REPLICA_MISMATCH" else HINT_PARAM_REPLICA,
+            hashes_by_rank=details, ranks=sorted({int(r) for d in details.values() for r in d}))]
+
+    # -- events -----------------------------------------------------------------------------------------------
+    def on_load(self, ctx: EventContext) -> Iterable[Finding]:
+        self.resumed = True  # the ledger of a resumed run is appended to
+        return ()
+
+    def on_init(self, ctx: EventContext) -> Iterable[Finding]:
+        params = named_unique_parameters(ctx.model)
+        self.rank, self.world_size = distributed_world()
+        findings: list[Finding] = []
+        self.sharded = self.world_size > 1 and is_sharded(ctx.model, params)
+        if self.config.replicas and self.world_size > 1 and self.group is None:
+            if self.sharded:
+                self.replicas_note = "parameters are sharded (FSDP): shards differ by design and are not compared"
+            else:
+                self.group = ReplicaGroup(self.config.timeout_s)
+        if self.config.ledger and self.ledger is None:
+            self.ledger = LedgerWriter(self.config.ledger, rank=self.rank, append=self.resumed)
+        names = [n for n, _ in params]
+        tensors = [p for _, p in params]
+        need_all = self.replicas_active or self.ledger is not None
+        frozen_idx = [i for i, (_, p) in enumerate(params) if not p.requires_grad] if self.config.frozen else []
+        to_hash = list(range(len(params))) if need_all else frozen_idx
+        hashes, exchange = self._exchange(
+            names, tensors, lambda: self._hash_indices(tensors, to_hash, len(params)))
+        findings += self._replica_findings("PARAM_REPLICA_MISMATCH", ctx, names, exchange, "initial parameter")
+        if self.ledger is not None:
+            self.ledger.write(ctx.step or 0, "param", names, hashes)
+        if self.config.frozen:
+            findings += self._compare_frozen(ctx, {names[i]: hashes[i] for i in frozen_idx}, record_new=True)
+        findings += self._tied_copies(ctx, params, validate=True)
+        return findings
+
+    def _hash_indices(self, tensors: Sequence[torch.Tensor | None], indices: Sequence[int],
+                      total: int) -> list[int | None]:
+        picked = hash_or_none([tensors[i] for i in indices], self.config.backend)
+        out: list[int | None] = [None] * total
+        for i, value in zip(indices, picked, strict=True):
+            out[i] = value
+        return out
+
+    def on_step(self, ctx: EventContext) -> Iterable[Finding]:
+        if ctx.phase == "before_optimizer":
+            return self._before_optimizer(ctx)
+        return self._after_optimizer(ctx)
+
+    def _before_optimizer(self, ctx: EventContext) -> list[Finding]:
+        findings: list[Finding] = []
+        hash_due = self._hash_due(ctx.step)
+        opt_params = optimizer_parameters(ctx.optimizer)
+        # walking the module tree costs more than the rest of a tiny step: only where names are needed
+        params = named_unique_parameters(ctx.model) if hash_due or opt_params is None else None
+        candidates = opt_params if opt_params is not None else [p for _, p in params]
+        if self.config.frozen:
+            self._baseline_newly_frozen(ctx, candidates)
+        stats_nonfinite: dict[str, int] | None = None
+        if hash_due:
+            names = [n for n, _ in params]
+            grads = [p.grad for _, p in params]
+            present = [i for i, g in enumerate(grads) if hashable(g)]
+            local = [local_tensor(grads[i]) for i in present]
+
+            def compute() -> list[int | None]:
+                nonlocal stats_nonfinite
+                out: list[int | None] = [None] * len(grads)
+                if not local:
+                    return out
+                if resolve_backend(self.config.backend, local) == "triton":
+                    stats = hash_with_stats(local, backend="triton")  # NaN/Inf counts from the same pass
+                    stats_nonfinite = {names[i]: c for i, c in zip(present, stats.nonfinite, strict=True) if c}
+                    values = stats.hashes
+                else:
+                    values = hash_tensors(local, backend=self.config.backend)
+                for i, value in zip(present, values, strict=True):
+                    out[i] = value
+                return out
+
+            hashes, exchange = self._exchange(names, grads, compute)
+            findings += self._replica_findings("GRAD_REPLICA_MISMATCH", ctx, names, exchange, "gradient")
+            if self.ledger is not None:
+                self.ledger.write(ctx.step, "grad", names, hashes, clipped=ctx.grads_clipped)
+        if self.config.nonfinite:
+            if stats_nonfinite is None:
+                with_grad = [p for p in candidates if p.grad is not None]
+                grads = [p.grad for p in with_grad]
+                if self.sharded:
+                    grads = [local_tensor(g) for g in grads]
+                flagged = nonfinite_counts([g for g in grads if g.device.type != "meta"])
+                stats_nonfinite = {}
+                if flagged:
+                    name_of = self._names_by_id(ctx.model)
+                    stats_nonfinite = {name_of.get(id(with_grad[i]), f"<unnamed #{i}>"): c
+                                       for i, c in flagged.items()}
+            findings += self._nonfinite_findings(ctx, stats_nonfinite)
+        return findings
+
+    @staticmethod
+    def _names_by_id(model: Any) -> dict[int, str]:
+        return {id(p): n for n, p in named_unique_parameters(model)}
+
+    def _baseline_newly_frozen(self, ctx: EventContext, candidates: Sequence[torch.Tensor]) -> None:
+        """Frozen parameters not seen frozen before get their baseline now, before this step can move them.
+
+        ``candidates`` are the optimizer's parameters when known (a frozen one there is exactly what a step can
+        still move); the set comparison is cheap, names are looked up only when something new is frozen.
+        """
+        frozen_now = {id(p) for p in candidates if not p.requires_grad}
+        if not frozen_now or frozen_now <= self._frozen_seen:
+            self._frozen_seen = frozen_now
+            return
+        self._frozen_seen = frozen_now
+        new = [(n, p) for n, p in named_unique_parameters(ctx.model)
+               if id(p) in frozen_now and n not in self.frozen_baseline]
+        if new:
+            values = hash_or_none([p for _, p in new], self.config.backend)
+            for (n, _), value in zip(new, values, strict=True):
+                self.frozen_baseline[n] = [value, (ctx.step or 1) - 1]  # as of after the previous step
+
+    def _nonfinite_findings(self, ctx: EventContext, counts: dict[str, int]) -> list[Finding]:
+        new = self._new_only("GRAD_NONFINITE", counts)
+        if not new:
+            return []
+        scaled = loss_scaled(ctx)
+        shown = ", ".join(f"{n} ({counts[n]} NaN/Inf)" for n in new[:6]) + (
+            f", +{len(new) - 6} more" if len(new) > 6 else "")
+        message = f"non-finite gradients in {len(new)} tensor(s) before the optimizer step: {shown}"
+        if scaled:
+            message += "; a dynamic loss scaler is in use and skips this step (repeated skips mean a real problem)"
+        # under a loss scaler an overflow step is skipped by design: a warning, not an error
+        return [Finding.make("GRAD_NONFINITE", event=ctx.event, step=ctx.step, params=new, message=message,
+                             hint=HINT_NONFINITE, severity="warning" if scaled else None, check=self.name,
+                             counts={n: counts[n] for n in new}, grads_clipped=ctx.grads_clipped)]
+
+    def _after_optimizer(self, ctx: EventContext) -> list[Finding]:
+        findings: list[Finding] = []
+        step = ctx.step
+        frozen_due = self.config.frozen and step is not None and step % self.config.frozen_every_n_steps == 0
+        hash_due = self._hash_due(step)
+        if not (frozen_due or hash_due or (self.config.tied_copies and step is not None
+                                          and step % self.config.every_n_steps == 0)):
+            return findings
+        params = named_unique_parameters(ctx.model)
+        names = [n for n, _ in params]
+        tensors = [p for _, p in params]
+        trainable = [i for i, (_, p) in enumerate(params) if p.requires_grad]
+        frozen = [i for i, (_, p) in enumerate(params) if not p.requires_grad]
+        if hash_due or frozen_due:
+            indices = (trainable if hash_due else []) + (frozen if frozen_due else [])
+            # every rank decides from the step alone, so all of them exchange the same layout at the same step
+            ex_names = [names[i] for i in indices]
+            ex_tensors = [tensors[i] for i in indices]
+            hashes, exchange = self._exchange(
+                ex_names, ex_tensors, lambda: hash_or_none(ex_tensors, self.config.backend))
+            by_name = dict(zip(ex_names, hashes, strict=True))
+            findings += self._replica_findings("PARAM_REPLICA_MISMATCH", ctx, ex_names, exchange, "parameter")
+            if self.ledger is not None and hash_due:
+                self.ledger.write(step, "param", [names[i] for i in trainable], [by_name[names[i]] for i in trainable])
+            if frozen_due:
+                frozen_hashes = {names[i]: by_name[names[i]] for i in frozen}
+                if self.ledger is not None:
+                    self.ledger.write(step, "frozen", list(frozen_hashes), list(frozen_hashes.values()))
+                findings += self._compare_frozen(ctx, frozen_hashes, record_new=True)
+        if self.config.tied_copies and step is not None and step % self.config.every_n_steps == 0:
+            findings += self._tied_copies(ctx, params)
+        return findings
+
+    def on_end(self, ctx: EventContext) -> Iterable[Finding]:
+        findings: list[Finding] = []
+        params = named_unique_parameters(ctx.model)
+        if self.config.frozen and self.frozen_baseline and (ctx.step or 0) > self.frozen_verified_step:
+            frozen = [(n, p) for n, p in params if not p.requires_grad and n in self.frozen_baseline]
+            values = hash_or_none([p for _, p in frozen], self.config.backend)
+            findings += self._compare_frozen(ctx, dict(zip([n for n, _ in frozen], values, strict=True)),
+                                             record_new=False)
+        findings += self._tied_copies(ctx, params)
+        if self.ledger is not None:
+            self.ledger.close()
+            self.ledger = None
+        return findings
+
+    # -- frozen -----------------------------------------------------------------------------------------------
+    def _compare_frozen(self, ctx: EventContext, current: dict[str, int | None], record_new: bool) -> list[Finding]:
+        """FROZEN_CHANGED for frozen parameters whose hash moved since their baseline; new ones get a baseline.
+
+        A baseline ``[hash, k]`` holds the value as of after step ``k``; a change is named with the steps it
+        happened in (``k+1 .. now``, narrowed by the last verification). Each parameter is reported once.
+        """
+        if record_new:  # ``current`` lists every frozen parameter: the others were unfrozen on purpose or are gone
+            for name in [n for n in self.frozen_baseline if n not in current]:
+                del self.frozen_baseline[name]
+        changed, since = [], {}
+        last = self.frozen_verified_step
+        now = ctx.step or 0
+        for name, value in current.items():
+            if name not in self.frozen_baseline:
+                if record_new:
+                    self.frozen_baseline[name] = [value, now]
+                continue
+            base, base_step = self.frozen_baseline[name]
+            if value != base:
+                since[name] = max(base_step, min(last, now))
+                self.frozen_baseline[name] = [value, now]  # later changes are measured from here
+                changed.append(name)
+        self.frozen_verified_step = now
+        reported = self.reported.setdefault("FROZEN_CHANGED", set())
+        new = [n for n in changed if n not in reported]
+        reported.update(new)
+        if not new:
+            return []
+        first = min(since[n] for n in new) + 1
+        window = "before training" if now == 0 else (f"in step {now}" if first >= now else
+                                                      f"in steps {first}..{now}")
+        return [self.finding(
+            "FROZEN_CHANGED", ctx, params=new,
+            message=f"{len(new)} parameter(s) with requires_grad=False changed {window}: "
+                    f"{', '.join(new[:6])}" + (f" (+{len(new) - 6} more)" if len(new) > 6 else ""),
+            hint=HINT_FROZEN, changed_in_steps=[first, now], unchanged_through_step={n: since[n] for n in new})]
+
+    # -- tied copies ------------------------------------------------------------------------------------------
+    def _tied_copies(self, ctx: EventContext, params: Sequence[tuple[str, nn.Parameter]],
+                     validate: bool = False) -> list[Finding]:
+        """TIE_DIVERGED for ``tied_copies`` groups whose members' hashes differ (across ranks too)."""
+        groups = [[user_name(n) for n in g] for g in self.config.tied_copies]
+        if not groups:
+            return []
+        wanted = {n for g in groups for n in g}
+        all_named = dict(unwrap_model(ctx.model).named_parameters(remove_duplicate=False))
+        local = {user_name(raw): p for raw, p in all_named.items() if user_name(raw) in wanted}
+        values = hash_or_none(list(local.values()), self.config.backend)
+        mine = {n: (v, tuple(local[n].shape), str(local[n].dtype)) for n, v in zip(local, values, strict=True)}
+        merged: dict[str, tuple[int | None, tuple[int, ...], str]] = {}
+        if self.replicas_active:  # copies on other ranks (pipeline stages) join in; the lowest rank's value wins
+            for rank_values in self.group.all_gather_object(mine):
+                for n, v in rank_values.items():
+                    merged.setdefault(n, v)
+        else:
+            merged = mine
+        if validate:
+            unknown = sorted(wanted - set(merged))
+            if unknown:
+                raise ConfigError(f"hashes.tied_copies names not in the model: {unknown}; names look like "
+                                  f"{[n for n, _ in params][:5]}")
+        diverged: list[tuple[str, ...]] = []
+        details = {}
+        for group in groups:
+            present = [n for n in group if n in merged]
+            if len({merged[n][0] for n in present}) > 1:
+                key = tuple(present)
+                diverged.append(key)
+                details[",".join(key)] = {n: {"hash": hex64(merged[n][0]), "shape": list(merged[n][1]),
+                                              "dtype": merged[n][2]} for n in present}
+        new = set(self._new_only("TIE_DIVERGED", [",".join(k) for k in diverged]))
+        return [self.finding(
+            "TIE_DIVERGED", ctx, params=key,
+            message=f"tied copies {' and '.join(key)} hold different values (hashes "
+                    f"{', '.join(str(details[','.join(key)][n]['hash']) for n in key)})",
+            hint=HINT_TIE_DIVERGED, copies=details[",".join(key)])
+            for key in diverged if ",".join(key) in new]
+
+    # -- report and state -------------------------------------------------------------------------------------
+    def report_section(self) -> dict[str, Any] | None:
+        return {"frozen_tracked": len(self.frozen_baseline), "frozen_verified_step": self.frozen_verified_step,
+                "replicas": f"compared across {self.world_size} ranks" if self.replicas_active
+                else (self.replicas_note or "not compared (single process or disabled)"),
+                "ledger": self.config.ledger}
+
+    def state_dict(self) -> dict[str, Any]:
+        # hashes as hex strings: HF writes this state into trainer_state.json, and JSON readers other than
+        # Python's lose precision on integers beyond 2**53
+        return {"frozen_baseline": {n: [hex64(h), s] for n, (h, s) in self.frozen_baseline.items()},
+                "frozen_verified_step": self.frozen_verified_step,
+                "reported": {c: sorted(n) for c, n in self.reported.items()}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.frozen_baseline = {n: [None if h is None else int(h, 16), int(s)]
+                                for n, (h, s) in state.get("frozen_baseline", {}).items()}
+        self.frozen_verified_step = int(state.get("frozen_verified_step", 0))
+        self.reported = {c: set(n) for c, n in state.get("reported", {}).items()}

@@ -1,0 +1,89 @@
+"""Launched by tests/test_replicas.py as users launch HF Trainer jobs:
+``python -m torch.distributed.run --nproc_per_node 2 hf_replicas.py OUT_DIR`` (gloo, CPU).
+
+Runs, in one launch, three short Trainer jobs with the IntegrityCallback (policy log, defaults otherwise):
+``healthy``; ``grad`` (rank 1 adds 1e-3 to one gradient after the all-reduce, before the optimizer step 2);
+``param`` (rank 1 adds 1e-3 to one parameter after optimizer step 2). Then ``timeout``: rank 1 skips one
+exchange of a plain Monitor and rank 0 must get CHECK_FAILED within the bounded wait instead of hanging.
+Each rank writes ``OUT_DIR/<job>.rank<r>.json`` with its findings.
+"""
+
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # tests/ (models)
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))  # the repo
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+from models import TokenDataset, tiny_gpt2  # noqa: E402
+from transformers import Trainer, TrainerCallback, TrainingArguments  # noqa: E402
+
+from callbacks import Monitor  # noqa: E402
+from callbacks.hf import IntegrityCallback  # noqa: E402
+
+torch.set_num_threads(1)
+OUT = sys.argv[1]
+TARGET = "transformer.h.1.mlp.c_fc.weight"
+
+
+class PerturbOnRank1(TrainerCallback):
+    """A rank-dependent bug: rank 1 nudges one tensor at step 2 (grad before the step, or param after it)."""
+
+    def __init__(self, what):
+        self.what = what
+
+    def _target(self, model):
+        return dict(model.named_parameters())[TARGET]
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        if self.what == "grad" and state.global_step + 1 == 2 and dist.get_rank() == 1:
+            self._target(model).grad.add_(1e-3)
+
+    def on_optimizer_step(self, args, state, control, model=None, **kwargs):
+        if self.what == "param" and state.global_step + 1 == 2 and dist.get_rank() == 1:
+            with torch.no_grad():
+                self._target(model).add_(1e-3)
+
+
+def dump(job, findings, **extra):
+    path = os.path.join(OUT, f"{job}.rank{int(os.environ['RANK'])}.json")
+    with open(path, "w") as fh:
+        json.dump({"findings": [f.to_dict() for f in findings], **extra}, fh, default=str)
+
+
+def run_trainer(job):
+    callbacks = [] if job == "healthy" else [PerturbOnRank1(job)]
+    integrity = IntegrityCallback(policy="log", checks={"hashes": {"timeout_s": 30}})
+    args = TrainingArguments(output_dir=os.path.join(OUT, job), max_steps=3, per_device_train_batch_size=2,
+                             save_strategy="no", report_to=[], logging_steps=1000, use_cpu=True,
+                             disable_tqdm=True, learning_rate=1e-2, seed=0)
+    # the perturbing callback runs before the integrity callback at the same hook, as a user's callback would
+    trainer = Trainer(model=tiny_gpt2(), args=args, train_dataset=TokenDataset(n=16),
+                      callbacks=[*callbacks, integrity])
+    trainer.train()
+    dump(job, integrity.findings, section=integrity.report.sections.get("hashes"))
+
+
+def run_timeout():
+    """Rank 1 never reaches the step-1 exchange (as if it crashed there): rank 0 must not hang."""
+    model = torch.nn.Linear(4, 4)
+    mon = Monitor(policy="log", checks={"hashes": {"timeout_s": 3}})
+    mon.dispatch("init", model, step=0)
+    model(torch.ones(1, 4)).sum().backward()
+    start = time.monotonic()
+    if dist.get_rank() == 0:
+        mon.dispatch("step", model, step=1, phase="before_optimizer")
+        mon.dispatch("step", model, step=1, phase="after_optimizer")  # disabled after the failure: returns at once
+    dump("timeout", mon.findings, waited_s=time.monotonic() - start)
+
+
+for job in ("healthy", "grad", "param"):
+    run_trainer(job)
+run_timeout()
+dist.barrier()
