@@ -30,6 +30,11 @@ EXPECTED: dict[str, tuple[int, list[tuple[str, str, int | None, tuple[str, ...]]
         1, [("TIE_BROKEN", "init", 0, ("output.weight", "tok_embeddings.weight"))]),
     "failures/untied_checkpoint_resume.yaml": (
         1, [("TIE_CHECKPOINT_CONFLICT", "load", 2, ("lm_head.weight", "transformer.wte.weight"))]),
+    "failures/frozen_weight_moves.yaml": (
+        1, [("FROZEN_CHANGED", "step", 1, ("tok_embeddings.weight",))]),
+    "failures/replicas_diverge.yaml": (
+        1, [("GRAD_REPLICA_MISMATCH", "step", 1, ("tok_embeddings.weight", "layers.0.1.weight")),
+            ("PARAM_REPLICA_MISMATCH", "step", 1, ("tok_embeddings.weight", "layers.0.1.weight"))]),
 }
 
 #: recipes that need the `adapters` library (transformers 4.x): run by test_recipes_adapters_lib.py in the
@@ -37,7 +42,7 @@ EXPECTED: dict[str, tuple[int, list[tuple[str, str, int | None, tuple[str, ...]]
 ADAPTERS_LIB: set[str] = set()
 
 #: recipes that launch several processes (torchrun): run as a subprocess, not in-process
-MULTI_PROCESS: set[str] = set()
+MULTI_PROCESS: set[str] = {"failures/replicas_diverge.yaml"}
 
 
 def all_recipes() -> list[str]:

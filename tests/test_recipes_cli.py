@@ -8,6 +8,8 @@ import csv
 import glob
 import json
 import os
+import subprocess
+import sys
 import textwrap
 
 import pytest
@@ -227,3 +229,20 @@ def test_hf_reporters_get_finding_counts_in_logs(tmp_path, monkeypatch, capsys):
     # HF's PrinterCallback (a reporter placed after the integrity callback) prints each logs dict
     printed = [line for line in capsys.readouterr().out.splitlines() if "'loss'" in line]
     assert len(printed) == 2 and all("'integrity/TIE_BROKEN': '1'" in line for line in printed), printed
+
+
+def test_frozen_embedding_without_max_norm_stays_frozen(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path = _twin(tmp_path, "frozen_weight_moves.yaml", lambda d: d["model"]["args"].update(embedding_max_norm=None))
+    assert main(["run", path]) == 0
+
+
+def test_replicas_without_rank_local_noise_agree(tmp_path):
+    path = _twin(tmp_path, "replicas_diverge.yaml", lambda d: d.pop("faults"))
+    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-m", "callbacks", "run", path], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert result.stdout.count("integrity: 0 error finding(s); exit 0") == 1
+    report = json.loads((tmp_path / "out/failures/replicas_diverge/integrity.json").read_text())
+    assert not [f for f in report["findings"] if f["severity"] == "error"]
