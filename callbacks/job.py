@@ -80,13 +80,18 @@ class ModelSpec(_Strict):
     task: Task = "causal_lm"
     freeze: list[str] = Field(default_factory=list, description="parameter name patterns to freeze")
 
+    @field_validator("factory")
+    @classmethod
+    def _factory_is_callable(cls, value: str | None) -> str | None:
+        if value is not None and not callable(resolve_import_path(value)):
+            raise ValueError(f"factory {value!r} is not callable")
+        return value
+
     @model_validator(mode="after")
     def _one_source(self) -> ModelSpec:
         if sum(x is not None for x in (self.config, self.path, self.factory)) != 1:
             raise ValueError("give exactly one of 'config' (an HF config class name), 'path' (a local folder) "
                              "or 'factory' ('module:function')")
-        if self.factory is not None and not callable(resolve_import_path(self.factory)):
-            raise ValueError(f"factory {self.factory!r} is not callable")
         return self
 
 
@@ -169,15 +174,14 @@ class FaultSpec(_Strict):
             raise ValueError(f"{value!r} is not a callbacks.gallery.Fault subclass")
         return value
 
-    @model_validator(mode="after")
-    def _args_fit(self) -> FaultSpec:
+    def validate_args(self, source: str, key: str) -> None:
+        """Validate ``args`` with the fault's ``Config``; a :class:`RecipeError` at ``key`` otherwise."""
         config_cls = resolve_import_path(self.fault).Config
         try:
             config_cls.model_validate(self.args)
         except ValidationError as err:
-            key, problem = describe_validation_error(config_cls, err, "args")
-            raise ValueError(f"{key}: {problem}") from None
-        return self
+            where, problem = describe_validation_error(config_cls, err, key)
+            raise RecipeError(source, where, problem) from None
 
     def build(self) -> Any:
         """The fault instance."""
@@ -219,7 +223,9 @@ def load_job(path: str) -> tuple[JobRecipe, IntegrityConfig]:
         job = JobRecipe.model_validate(data)
     except ValidationError as err:
         key, problem = describe_validation_error(JobRecipe, err, "")
-        raise RecipeError(path, key, problem) from None
+        raise RecipeError(path, key, problem.replace("Value error, ", "")) from None
+    for i, fault in enumerate(job.faults):
+        fault.validate_args(path, f"faults.{i}.args")
     return job, integrity
 
 

@@ -78,7 +78,7 @@ def test_schema_covers_every_key_of_every_recipe(tmp_path, capsys):
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        ("model: {factory: callbacks.gallery:nothing_here}\n", "has no attribute 'nothing_here'"),
+        ("model: {factory: callbacks.gallery:nothing_here}\n", "model.factory: module"),
         ("model: {factory: callbacks.gallery}\n", "expected 'package.module:name'"),
         ("model: {factory: callbacks.gallery:lingua_lm, args: {dim: wide}}\n", "model.args.dim"),
         ("model: {factory: callbacks.gallery:lingua_lm, args: {width: 3}}\n", "model.args"),
@@ -87,9 +87,10 @@ def test_schema_covers_every_key_of_every_recipe(tmp_path, capsys):
         ("model: {factory: callbacks.gallery:lingua_lm}\nfaults: [{fault: callbacks.gallery:lingua_lm}]\n",
          "faults.0.fault"),
         ("model: {factory: callbacks.gallery:lingua_lm}\n"
-         "faults: [{fault: callbacks.gallery:RankGradientNoise, args: {rank: -1}}]\n", "args.rank"),
+         "faults: [{fault: callbacks.gallery:RankGradientNoise, args: {rank: -1}}]\n", "faults.0.args.rank"),
         ("model: {factory: callbacks.gallery:lingua_lm}\n"
-         "faults: [{fault: callbacks.gallery:ZeroAdapters, args: {strength: 2}}]\n", "unknown key 'strength'"),
+         "faults: [{fault: callbacks.gallery:ZeroAdapters, args: {strength: 2}}]\n",
+         "faults.0.args.strength: unknown key 'strength'"),
         ("model: {factory: callbacks.gallery:lingua_lm}\ntrainer: {type: accelerate, args: {max_stepz: 3}}\n",
          "trainer.args.max_stepz"),
         ("model: {factory: callbacks.gallery:lingua_lm}\ntrainer: {type: lightning, args: {logger: paper}}\n",
