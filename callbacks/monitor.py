@@ -187,11 +187,13 @@ class Monitor:
                 fh.write(report.to_json())
 
     # -- merge ------------------------------------------------------------------------------------------------
-    def checked_merge(self, model: Any, **kwargs: Any) -> Any:
-        """Merge adapters (``merge_and_unload``) and run the merge checks; returns the merged model."""
+    def checked_merge(self, model: Any, method: str | None = None, **kwargs: Any) -> Any:
+        """Merge adapters (PEFT ``merge_and_unload`` by default; ``merge_adapter``, ``unmerge_adapter``, or the
+        ``adapters`` library's ``merge_adapter``/``reset_adapter``) and run the merge checks; returns the merged
+        model. See :func:`callbacks.checks.merge.checked_merge`."""
         from callbacks.checks.merge import checked_merge
 
-        return checked_merge(self, model, **kwargs)
+        return checked_merge(self, model, method, **kwargs)
 
     # -- state ------------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -1,19 +1,607 @@
-"""Adapter initialisation audit (issue 3): mis-initialised, frozen and dead adapters."""
+"""Adapter initialisation audit (issue 3): mis-initialised, frozen and dead adapters.
+
+Codes: ``ADAPTER_INIT_WRONG`` (init: a parameter breaks its method's init contract, is non-finite, on another
+device than its base layer, or not floating point), ``ADAPTER_NOT_IDENTITY`` (init: a fresh adapter that promises
+an unchanged output changes it, measured by a probe forward), ``ADAPTER_NOT_TRAINABLE`` (init: an active adapter's
+parameters are frozen), ``ADAPTER_DEAD`` (step: an adapter with no non-zero gradient at the first step, or a
+trainable adapter parameter still without one after ``dead_after_steps`` steps). ``CHECK_NOT_APPLICABLE`` (info)
+says what was not judged and why (PiSSA-style inits, ``init_lora_weights=False``, bert/houlsby bottlenecks...).
+
+The contract of each unit is read from the adapter's own config (``LoraConfig.init_lora_weights``,
+``IA3Config.init_ia3_weights``, ``BnConfig.init_weights``...), never guessed from the values. Functions hold the
+logic; :class:`AdapterInitCheck` is the thin stateful class the engine runs.
+"""
 
 from __future__ import annotations
 
-from pydantic import Field
+import dataclasses
+import logging
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+from pydantic import Field, field_validator
+from torch import nn
 
 from callbacks.checks.base import Check, CheckConfig
+from callbacks.events import EventContext
+from callbacks.findings import Finding
+from callbacks.primitives.adapters import (
+    AdapterPart,
+    AdapterUnit,
+    base_device,
+    discover_adapters,
+    find_adapters_config,
+    normalise_custom_roles,
+)
+from callbacks.primitives.naming import unwrap_model
 
 
 class AdapterInitConfig(CheckConfig):
-    """Recipe section ``checks.adapter_init``."""
+    """Recipe section ``checks.adapter_init``.
+
+    ``probe``: run the identity probe at init. ``tolerance``: the probe's allowed output change, relative to
+    ``max(1, max |logit|)``. ``dead_after_steps``: K, the steps within which every trainable adapter parameter
+    must get a non-zero gradient. ``modules``: hand-written adapters, ``{module name pattern: role}`` with roles
+    ``zero`` (up / B: all zero), ``random`` (down / A: finite, not all zero), ``norm`` (LayerNorm: weight 1, bias
+    0), ``ones`` (scales: all one), ``any`` (only finite / trainable / alive). ``fresh``: whether the adapters
+    are freshly initialised, so that their values must match the init contract and the probe applies; ``None``
+    (auto) means fresh unless a ``load`` event (resume) came first. Set ``false`` when training continues from a
+    saved adapter (``PeftModel.from_pretrained(..., is_trainable=True)``): non-finite values, dtype, device,
+    trainability and dead adapters are still checked.
+    """
 
     probe: bool = True
+    fresh: bool | None = None
     tolerance: float = Field(1.0e-6, ge=0)
     dead_after_steps: int = Field(3, ge=1)
     modules: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("modules")
+    @classmethod
+    def _roles_known(cls, value: dict[str, str]) -> dict[str, str]:
+        normalise_custom_roles(value)  # raises ValueError naming the pattern and the allowed roles
+        return value
+
+
+# -- contracts -------------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    """What one role's values must be at init: ``zero``, ``ones``, ``const`` (``value``), ``nonzero``,
+    ``spread`` (not all zero, std within 2x of ``value`` when the tensor has 64+ elements), ``dora_norm``
+    (the DoRA magnitude equals the row norms of the base weight)."""
+
+    role: str
+    kind: str
+    value: float = 0.0
+
+
+@dataclasses.dataclass
+class Contract:
+    """The init contract of one unit as its config states it.
+
+    ``identity``: True when the config promises an unchanged output at init, False when it promises a change,
+    None when the output is unchanged but only because the base weight was rewritten (PiSSA...) or the method
+    is not known here. ``init``: the config value it was read from (``init_lora_weights=True``). ``product``:
+    (B role, A role) whose product must be zero (LoRA ``orthogonal``).
+    """
+
+    rules: list[Rule]
+    identity: bool | None
+    init: str
+    product: tuple[str, str] | None = None
+
+
+def _kaiming_std(fan_in: int) -> float:
+    # kaiming_uniform_(a=sqrt(5)) is U(-1/sqrt(fan_in), 1/sqrt(fan_in)): std 1/sqrt(3 fan_in)
+    return 1.0 / math.sqrt(3.0 * max(fan_in, 1))
+
+
+def _fan_in(tensor: torch.Tensor) -> int:
+    return int(tensor.shape[1] * math.prod(tensor.shape[2:])) if tensor.dim() >= 2 else int(tensor.numel())
+
+
+def _cfg(config: Any, key: str, default: Any = None) -> Any:
+    if config is None:
+        return default
+    if isinstance(config, Mapping):
+        return config.get(key, default)
+    try:
+        return config[key]  # adapters library configs are mappings with attribute access
+    except (KeyError, TypeError, AttributeError):
+        return getattr(config, key, default)
+
+
+#: PEFT LoRA inits that rewrite the base weight (W - s·BA): output unchanged, but not an "identity" contract
+LORA_BASE_REWRITING = ("pissa", "olora", "corda", "loftq", "eva", "lora_ga", "mica")
+
+
+def _peft_lora_contract(unit: AdapterUnit) -> Contract:
+    init = _cfg(unit.config, "init_lora_weights", None)
+    label = f"init_lora_weights={init!r}"
+    if unit.config is None:
+        return Contract([], None, "no LoraConfig found")
+    if init is False:
+        return Contract([], False, label)
+    if isinstance(init, str) and init.lower().startswith(LORA_BASE_REWRITING):
+        return Contract([Rule("lora_A", "nonzero"), Rule("lora_B", "nonzero")], None, label)
+    rules: list[Rule] = []
+    if init == "orthogonal":
+        rules = [Rule("lora_A", "nonzero"), Rule("lora_B", "nonzero")]
+        contract = Contract(rules, True, label, product=("lora_B", "lora_A"))
+    elif init is True or (isinstance(init, str) and init.lower() == "gaussian"):
+        gaussian = init is not True
+        if unit.kind == "embedding":
+            rules = [Rule("lora_embedding_A", "zero"), Rule("lora_embedding_B", "spread", 1.0)]
+        else:
+            a = unit.part("lora_A")
+            std = (1.0 / float(_cfg(unit.config, "r", 8) if a is None else a.param.shape[0]) if gaussian
+                   else _kaiming_std(_fan_in(a.param)) if a is not None else 0.0)
+            rules = [Rule("lora_A", "spread", std), Rule("lora_B", "zero"), Rule("lora_B.bias", "zero")]
+        contract = Contract(rules, True, label)
+    else:
+        return Contract([], None, label)
+    if unit.dora and unit.kind == "linear":
+        contract.rules.append(Rule("lora_magnitude_vector", "dora_norm"))
+    return contract
+
+
+def peft_contract(unit: AdapterUnit) -> Contract:
+    """The init contract of a PEFT unit, from its config (``init_lora_weights``, ``init_ia3_weights``...)."""
+    method, cfg = unit.method, unit.config
+    if method == "lora":
+        return _peft_lora_contract(unit)
+    if cfg is None:
+        return Contract([], None, f"no {method} config found")
+    if method == "adalora":
+        init = _cfg(cfg, "init_lora_weights", True)
+        if init is True:
+            return Contract([Rule("lora_E", "zero"), Rule("lora_A", "spread", 0.02), Rule("lora_B", "spread", 0.02)],
+                            True, "init_lora_weights=True")
+        return Contract([], False, f"init_lora_weights={init!r}")
+    if method == "ia3":
+        init = _cfg(cfg, "init_ia3_weights", True)
+        return Contract([Rule("ia3_l", "ones")], True, "init_ia3_weights=True") if init else \
+            Contract([], False, "init_ia3_weights=False")
+    init = _cfg(cfg, "init_weights", True)
+    label = f"init_weights={init!r}"
+    if init is not True:
+        return Contract([], False if init is False else None, label)
+    if method == "loha":
+        return Contract([Rule("hada_w2_b", "zero"), Rule("hada_w1_a", "nonzero"), Rule("hada_w2_a", "nonzero")],
+                        True, label)
+    if method == "lokr":
+        zero = "lokr_w1" if unit.part("lokr_w1") is not None else "lokr_w1_a"
+        return Contract([Rule(zero, "zero")], True, label)
+    if method == "vera":
+        return Contract([Rule("vera_lambda_b", "zero"), Rule("vera_lambda_d", "const", float(_cfg(cfg, "d_initial",
+                                                                                                   0.1)))],
+                        True, label)
+    if method == "oft":
+        return Contract([Rule("oft_R", "zero"), Rule("oft_embedding_R", "zero")], True, label)
+    if method == "boft":
+        return Contract([Rule("boft_R", "zero"), Rule("boft_s", "ones")], True, label)
+    return Contract([], None, f"{method}: no init contract known here")
+
+
+def adapters_lib_contract(unit: AdapterUnit) -> Contract:
+    """The init contract of an ``adapters`` library unit, from its ``BnConfig`` / ``LoRAConfig``."""
+    cfg = unit.config
+    if unit.method == "prefix":
+        return Contract([], False, "prefix tuning adds prefixes: never identity")
+    if cfg is None:
+        return Contract([], None, f"no config found for adapter {unit.adapter!r}")
+    init = _cfg(cfg, "init_weights", None)
+    label = f"init_weights={init!r}"
+    if unit.method == "bottleneck":
+        rules = [Rule("norm_before.weight", "ones"), Rule("norm_before.bias", "zero"),
+                 Rule("norm_after.weight", "ones"), Rule("norm_after.bias", "zero"), Rule("scaling", "ones")]
+        down = unit.part("down.weight")
+        if init == "mam_adapter":
+            rules += [Rule("up.weight", "zero"), Rule("up.bias", "zero"), Rule("down.bias", "zero")]
+            if down is not None and down.param.dim() == 2:
+                rules.append(Rule("down.weight", "spread", _kaiming_std(_fan_in(down.param))))
+            # an output LayerNorm after the residual changes the output even with a zero up-projection
+            return Contract(rules, not bool(_cfg(cfg, "ln_after", False)), label)
+        if init == "bert":
+            rules += [Rule("up.weight", "spread", 0.02), Rule("down.weight", "spread", 0.02),
+                      Rule("up.bias", "zero"), Rule("down.bias", "zero")]
+        elif init == "houlsby":
+            # trunc_normal(std 0.01, +-2 std) has std ~0.0088
+            rules += [Rule("up.weight", "spread", 0.0088), Rule("down.weight", "spread", 0.0088),
+                      Rule("up.bias", "zero"), Rule("down.bias", "zero")]
+        return Contract(rules, False, label)
+    if unit.method == "lora":
+        if init == "lora":
+            a = unit.part("lora_A")
+            std = _kaiming_std(_fan_in(a.param)) if a is not None else 0.0
+            return Contract([Rule("lora_A", "spread", std), Rule("lora_B", "zero")], True, label)
+        if init == "bert":
+            return Contract([Rule("lora_A", "spread", 0.02), Rule("lora_B", "spread", 0.02)], False, label)
+        if init == "ia3":
+            return Contract([Rule("lora_A", "ones"), Rule("lora_B", "ones")], None, label)
+    return Contract([], None, label)
+
+
+def custom_contract(unit: AdapterUnit) -> Contract:
+    """A hand-written adapter's contract, from the roles declared for its modules."""
+    roles: Mapping[str, str] = unit.config["roles"]
+    rules = []
+    for role, declared in roles.items():
+        is_bias = role.endswith(".bias")
+        if declared == "zero":
+            rules.append(Rule(role, "zero"))
+        elif declared == "random":
+            rules.append(Rule(role, "zero" if is_bias else "nonzero"))
+        elif declared == "norm":
+            rules.append(Rule(role, "zero" if is_bias else "ones"))
+        elif declared == "ones":
+            rules.append(Rule(role, "ones"))
+    return Contract(rules, None, "declared roles")
+
+
+def init_contract(unit: AdapterUnit) -> Contract:
+    """The init contract of any unit."""
+    if unit.library == "peft":
+        return peft_contract(unit)
+    if unit.library == "adapters":
+        return adapters_lib_contract(unit)
+    return custom_contract(unit)
+
+
+# -- evaluation ------------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Violation:
+    """One parameter breaking one expectation. ``problem`` groups violations into findings."""
+
+    unit: AdapterUnit
+    part: AdapterPart
+    problem: str
+    expected: str
+    found: str
+
+
+def _describe(t: torch.Tensor) -> str:
+    t = t.detach().double()
+    if t.numel() == 0:
+        return "empty"
+    std = t.std().item() if t.numel() > 1 else 0.0
+    return f"std {std:.4g}, mean {t.mean().item():.4g}, max |x| {t.abs().max().item():.4g}"
+
+
+def _dora_expected_norm(unit: AdapterUnit) -> torch.Tensor | None:
+    base = unit.base
+    weight = getattr(base, "weight", None)
+    a, b = unit.part("lora_A"), unit.part("lora_B")
+    if weight is None or a is None or b is None or weight.dim() != 2 or weight.device.type == "meta":
+        return None
+    w = weight.detach().float()
+    if getattr(unit.module, "fan_in_fan_out", False):
+        w = w.T
+    scaling = getattr(unit.module, "scaling", {}).get(unit.adapter, 1.0)
+    delta = (b.param.detach().float() @ a.param.detach().float()) * scaling
+    if delta.shape != w.shape:
+        return None
+    return torch.linalg.norm(w.to(delta.device) + delta, dim=1)
+
+
+def rule_violation(unit: AdapterUnit, part: AdapterPart, rule: Rule) -> Violation | None:
+    """Check one part against one rule (values only; non-finite and meta tensors are handled before)."""
+    t = part.param.detach()
+    if rule.kind == "zero":
+        if torch.count_nonzero(t).item() == 0:
+            return None
+        return Violation(unit, part, "not zero", "0 (all zero)", _describe(t))
+    if rule.kind in ("ones", "const"):
+        target = 1.0 if rule.kind == "ones" else rule.value
+        if bool(torch.all(t == target)):
+            return None
+        return Violation(unit, part, f"not {target:g}", f"{target:g} everywhere", _describe(t))
+    if rule.kind == "nonzero":
+        if torch.count_nonzero(t).item() > 0:
+            return None
+        return Violation(unit, part, "all zero", "non-zero values", "all zero")
+    if rule.kind == "spread":
+        if torch.count_nonzero(t).item() == 0:
+            return Violation(unit, part, "all zero", f"random values with std ~{rule.value:.4g}", "all zero")
+        if t.numel() >= 64 and rule.value > 0:
+            std = t.double().std().item()
+            if not 0.5 * rule.value <= std <= 2.0 * rule.value:
+                return Violation(unit, part, "wrong spread", f"std ~{rule.value:.4g}", _describe(t))
+        return None
+    if rule.kind == "dora_norm":
+        expected = _dora_expected_norm(unit)
+        if expected is None:
+            return None
+        found = t.float().reshape(-1).to(expected.device)
+        if found.shape == expected.shape and torch.allclose(found, expected, rtol=1e-4, atol=1e-6):
+            return None
+        diff = (found - expected).abs().max().item() if found.shape == expected.shape else float("nan")
+        return Violation(unit, part, "DoRA magnitude is not the base weight norm",
+                         "the row norms of the base weight (W + s·BA)", f"max difference {diff:.4g}")
+    raise ValueError(f"unknown rule kind {rule.kind!r}")
+
+
+def product_violation(unit: AdapterUnit, roles: tuple[str, str]) -> Violation | None:
+    """B·A must be zero (LoRA ``orthogonal``: both factors non-zero, their product zero)."""
+    b, a = unit.part(roles[0]), unit.part(roles[1])
+    if a is None or b is None or a.param.dim() != 2 or b.param.dim() != 2:
+        return None
+    prod = b.param.detach().double() @ a.param.detach().double()
+    scale = b.param.detach().double().abs().max().item() * a.param.detach().double().abs().max().item()
+    worst = prod.abs().max().item()
+    if worst <= 1e-5 * max(scale, 1e-12) * a.param.shape[0]:
+        return None
+    return Violation(unit, b, "product B·A not zero", "B·A = 0 (orthogonal init)", f"max |B·A| {worst:.4g}")
+
+
+def audit_units(units: Sequence[AdapterUnit], fresh: bool = True) -> list[Violation]:
+    """Every init-contract violation of ``units``: non-floating dtype, device, non-finite, then (for ``fresh``
+    adapters) the values their method's contract promises."""
+    out: list[Violation] = []
+    for unit in units:
+        device = base_device(unit)
+        bad_parts: set[int] = set()
+        for part in unit.parts:
+            t = part.param
+            if not t.is_floating_point():
+                out.append(Violation(unit, part, "not floating point", "a floating-point dtype", str(t.dtype)))
+                bad_parts.add(id(part))
+                continue
+            if device is not None and t.device != device:
+                out.append(Violation(unit, part, "on another device than its base layer", str(device),
+                                     str(t.device)))
+                bad_parts.add(id(part))
+                continue
+            if t.device.type == "meta":
+                bad_parts.add(id(part))
+                continue
+            finite = torch.isfinite(t.detach())
+            if not bool(finite.all()):
+                bad = int(finite.numel() - finite.sum().item())
+                out.append(Violation(unit, part, "non-finite", "finite values",
+                                     f"{bad} of {t.numel()} values are NaN/Inf"))
+                bad_parts.add(id(part))
+        if not fresh:
+            continue
+        contract = init_contract(unit)
+        for rule in contract.rules:
+            part = unit.part(rule.role)
+            if part is None or id(part) in bad_parts:
+                continue
+            violation = rule_violation(unit, part, rule)
+            if violation is not None:
+                out.append(violation)
+        if contract.product is not None and not any(id(p) in bad_parts for p in unit.parts):
+            violation = product_violation(unit, contract.product)
+            if violation is not None:
+                out.append(violation)
+    return out
+
+
+def fix_for(problem: str, unit: AdapterUnit) -> str:
+    """The concrete fix for a kind of violation."""
+    if problem == "non-finite":
+        return ("the adapter holds NaN/Inf: if it was loaded from a file, that file is corrupt (re-save or re-train "
+                "the adapter); otherwise find the init or load step that produced it before training on it")
+    if problem == "on another device than its base layer":
+        return ("move the model after adding adapters (model.to(device)); get_peft_model(low_cpu_mem_usage=True) "
+                "leaves adapters on the meta device until their weights are loaded")
+    if problem == "not floating point":
+        return "adapter parameters must be floating point: do not cast or quantise the adapter weights"
+    if unit.library == "adapters" and any(problem.startswith(p) for p in ("not 1", "not 0")):
+        return ("an init routine touched the adapter's LayerNorm (e.g. treating adapter_down[0] as the down "
+                "projection when ln_before=True): initialise only the nn.Linear layers of adapter_down and reset "
+                "the norm to weight 1, bias 0")
+    if problem == "DoRA magnitude is not the base weight norm":
+        return ("the DoRA magnitude must start as the base weight's row norm: add the adapter after the base "
+                "weights are final (loaded), or re-create it")
+    if unit.library == "custom":
+        return "re-run the hand-written adapter's init after the model's own init, or fix the declared role"
+    return ("something re-initialised the adapter after it was added: a model.post_init() / init_weights() / "
+            "apply(model._init_weights) call or an init loop over every nn.Linear. Initialise the base model "
+            "before adding adapters, skip adapter modules in custom init code, or reset the adapter "
+            "(PEFT: layer.reset_lora_parameters(name, True); adapters: add it again)")
+
+
+# -- identity probe ----------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class ProbeResult:
+    """Outcome of the identity probe: the largest output change, or why the probe was not run."""
+
+    max_change: float | None = None
+    reference_max: float | None = None
+    skipped: str | None = None
+
+
+def probe_target(model: nn.Module) -> nn.Module | None:
+    """The module the probe runs: the model itself when it carries an HF config, else the first submodule that
+    does (the HF / PEFT model inside a LightningModule or another wrapper)."""
+    inner = unwrap_model(model)
+    if getattr(inner, "config", None) is not None and hasattr(inner, "main_input_name"):
+        return model
+    for module in model.modules():
+        if getattr(module, "config", None) is not None and hasattr(module, "main_input_name"):
+            return module
+    return None
+
+
+def probe_inputs(model: nn.Module, extra: Mapping[str, Any] | None = None) -> dict[str, torch.Tensor] | None:
+    """A small deterministic batch built from the model's config (no RNG used), or ``extra['probe_batch']``."""
+    if extra and isinstance(extra.get("probe_batch"), Mapping):
+        return dict(extra["probe_batch"])
+    inner = unwrap_model(model)
+    config = getattr(inner, "config", None)
+    if config is None:
+        return None
+    param = next(inner.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    main = getattr(inner, "main_input_name", "input_ids")
+    if main == "pixel_values":
+        size = getattr(config, "image_size", None)
+        channels = getattr(config, "num_channels", 3)
+        if not isinstance(size, int):
+            return None
+        n = channels * size * size
+        dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
+        pixels = torch.linspace(-1.0, 1.0, n, device=device).sin().reshape(1, channels, size, size).to(dtype)
+        return {"pixel_values": pixels}
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    vocab = getattr(text, "vocab_size", None)
+    if main != "input_ids" or not isinstance(vocab, int) or vocab < 2:
+        return None
+    seq = min(16, int(getattr(text, "max_position_embeddings", 16) or 16))
+    ids = ((torch.arange(seq, device=device) * 7 + 3) % vocab).reshape(1, seq)
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    if getattr(config, "is_encoder_decoder", False):
+        batch["decoder_input_ids"] = ids.clone()
+    return batch
+
+
+def _first_tensor(output: Any) -> torch.Tensor | None:
+    if isinstance(output, torch.Tensor):
+        return output
+    logits = getattr(output, "logits", None)
+    if isinstance(logits, torch.Tensor):
+        return logits
+    if isinstance(output, Mapping):
+        output = list(output.values())
+    if isinstance(output, (tuple, list)):
+        return next((t for t in output if isinstance(t, torch.Tensor)), None)
+    return None
+
+
+class _AdaptersDisabled:
+    """Context that switches off the adapters of ``units`` by their own flags and restores every flag exactly.
+
+    PEFT: ``BaseTunerLayer._disable_adapters`` (not ``enable_adapters(False)``, which also changes
+    ``requires_grad``). ``adapters``: the model config's ``active_setup``.
+    """
+
+    def __init__(self, model: nn.Module, units: Iterable[AdapterUnit]):
+        self.model = model
+        self.layers = list({id(u.module): u.module for u in units if u.library == "peft"}.values())
+        self.adapters_config = find_adapters_config(model) if any(u.library == "adapters" for u in units) else None
+        self.saved: list[tuple[nn.Module, bool]] = []
+        self.saved_setup: Any = None
+        # the library warns "none are activated" on every forward without adapters: expected here, so muted
+        self.library_logger = logging.getLogger("adapters.model_mixin")
+
+    @staticmethod
+    def _mute(record: logging.LogRecord) -> bool:
+        return "none are activated" not in record.getMessage()
+
+    def __enter__(self) -> _AdaptersDisabled:
+        for layer in self.layers:
+            self.saved.append((layer, layer._disable_adapters))
+            layer._disable_adapters = True
+        if self.adapters_config is not None:
+            self.saved_setup = self.adapters_config.active_setup
+            self.adapters_config.active_setup = None
+            self.library_logger.addFilter(self._mute)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for layer, flag in self.saved:
+            layer._disable_adapters = flag
+        if self.adapters_config is not None:
+            self.adapters_config.active_setup = self.saved_setup
+            self.library_logger.removeFilter(self._mute)
+
+
+def _rng_state() -> tuple[torch.Tensor, list[torch.Tensor] | None]:
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    return torch.get_rng_state(), cuda
+
+
+def _restore_rng(state: tuple[torch.Tensor, list[torch.Tensor] | None]) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state_all(state[1])
+
+
+def probe_identity(model: nn.Module, units: Sequence[AdapterUnit], batch: Mapping[str, Any]) -> ProbeResult:
+    """Output with adapters active vs disabled on ``batch``: the largest change (eval mode, no grad).
+
+    Leaves RNG state, every module's train/eval mode, gradients and adapter flags as they were.
+    """
+    if any(getattr(u.module, "merged", False) for u in units if u.library == "peft"):
+        return ProbeResult(skipped="adapters are merged into the base weights")
+    modes = [(m, m.training) for m in model.modules()]
+    rng = _rng_state()
+    try:
+        model.eval()
+        with torch.no_grad():
+            adapted = _first_tensor(model(**batch))
+            with _AdaptersDisabled(model, units):
+                base = _first_tensor(model(**batch))
+    finally:
+        for module, training in modes:
+            module.training = training
+        _restore_rng(rng)
+    if adapted is None or base is None or adapted.shape != base.shape:
+        return ProbeResult(skipped="the model's output has no comparable tensor")
+    diff = (adapted.double() - base.double()).abs()
+    change = float("nan") if not bool(torch.isfinite(adapted).all()) else diff.max().item()
+    return ProbeResult(max_change=change, reference_max=base.double().abs().max().item())
+
+
+# -- gradients -------------------------------------------------------------------------------------------------
+
+def grad_state(parts: Sequence[AdapterPart]) -> list[str]:
+    """Per part: ``none`` (no gradient), ``zero`` (all-zero gradient) or ``nonzero``. One host sync."""
+    flags = []
+    tensors = []
+    for part in parts:
+        grad = part.param.grad
+        if grad is None:
+            flags.append("none")
+        else:
+            flags.append("?")
+            tensors.append(grad.detach().ne(0).any().to("cpu"))
+    values = torch.stack(tensors).tolist() if tensors else []
+    it = iter(values)
+    return [("nonzero" if next(it) else "zero") if f == "?" else f for f in flags]
+
+
+def dead_reason(unit: AdapterUnit, states: Sequence[str]) -> str:
+    """Why a unit got no non-zero gradient, from what is visible."""
+    if not unit.active:
+        return "the adapter is not active (never named by set_adapter / set_active_adapters / train_adapter)"
+    if all(s == "none" for s in states):
+        return "no gradient reached it: the adapter is outside the forward path"
+    params = [p.param for p in unit.parts if p.param.requires_grad and p.param.device.type != "meta"]
+    if params and all(torch.count_nonzero(p.detach()).item() == 0 for p in params):
+        return "every parameter is zero (e.g. LoRA A and B both zero): each factor's gradient is zero"
+    return "its gradients are all zero"
+
+
+DEAD_HINTS = {
+    "not active": "activate the adapter (PEFT: model.set_adapter(name); adapters: model.train_adapter(name))",
+    "forward path": ("the adapter's layer is not used by the forward pass: check target_modules / the adapter's "
+                     "location, and that the model you train is the one the adapter was added to"),
+    "zero": ("initialise one factor randomly (PEFT: init_lora_weights=True or 'gaussian'); zeroing both A and B "
+             "(or up and down) leaves the adapter at a saddle where no gradient flows"),
+    "all zero": ("check the loss reaches this adapter's output, and that nothing zeroes or detaches it "
+                 "(torch.no_grad, .detach(), a frozen branch)"),
+}
+
+
+def _dead_hint(reason: str) -> str:
+    for key in ("not active", "forward path", "every parameter is zero"):
+        if key in reason:
+            return DEAD_HINTS["zero" if key.startswith("every") else key]
+    return DEAD_HINTS["all zero"]
+
+
+# -- the check ---------------------------------------------------------------------------------------------------
+
+def _names(parts: Iterable[AdapterPart]) -> list[str]:
+    return list(dict.fromkeys(p.name for p in parts))
 
 
 class AdapterInitCheck(Check):
@@ -21,3 +609,197 @@ class AdapterInitCheck(Check):
 
     name = "adapter_init"
     Config = AdapterInitConfig
+
+    def __init__(self, config: AdapterInitConfig | None = None, **kwargs: Any):
+        super().__init__(config, **kwargs)
+        self.custom = dict(self.config.modules)
+        self._units: list[AdapterUnit] | None = None
+        self._model_id: int | None = None
+        self.first_step: int | None = None
+        self.nonzero: set[str] = set()
+        self.flagged: set[str] = set()
+        self.done = False
+        self.loaded = False
+        self.summary: dict[str, Any] = {}
+
+    @property
+    def fresh(self) -> bool:
+        """Whether adapters are judged as freshly initialised (config ``fresh``, else: no load event seen)."""
+        return self.config.fresh if self.config.fresh is not None else not self.loaded
+
+    def on_load(self, ctx: EventContext) -> Iterable[Finding]:
+        """A resume: the adapters hold trained values, so init contracts no longer apply."""
+        self.loaded = True
+        return []
+
+    def units(self, model: nn.Module) -> list[AdapterUnit]:
+        """Discovered adapter units of ``model`` (cached per model object)."""
+        if self._units is None or self._model_id != id(model):
+            self._units = discover_adapters(model, self.custom)
+            self._model_id = id(model)
+        return self._units
+
+    # -- init ----------------------------------------------------------------------------------------------------
+    def on_init(self, ctx: EventContext) -> Iterable[Finding]:
+        """ADAPTER_INIT_WRONG, ADAPTER_NOT_TRAINABLE, ADAPTER_NOT_IDENTITY (probe), CHECK_NOT_APPLICABLE."""
+        self._units = None
+        units = self.units(ctx.model)
+        self.summary = {"units": len(units), "methods": sorted({f"{u.library}:{u.method}" for u in units})}
+        if not units:
+            return []
+        findings = self._init_findings(ctx, units)
+        findings += self._trainable_findings(ctx, units)
+        findings += self._identity_findings(ctx, units)
+        return findings
+
+    def _init_findings(self, ctx: EventContext, units: Sequence[AdapterUnit]) -> list[Finding]:
+        groups: dict[tuple[str, str, str], list[Violation]] = {}
+        for v in audit_units(units, fresh=self.fresh):
+            groups.setdefault((v.unit.adapter, v.part.role, v.problem), []).append(v)
+        findings = []
+        for (adapter, role, problem), vs in groups.items():
+            first = vs[0]
+            contract = init_contract(first.unit)
+            layers = list(dict.fromkeys(v.unit.layer for v in vs))
+            where = first.unit.layer + (f" and {len(layers) - 1} more layer(s)" if len(layers) > 1 else "")
+            message = (f"{first.unit.library} {first.unit.method} adapter {adapter!r}: {role} {problem} at {where} "
+                       f"({contract.init}): found {first.found}, expected {first.expected}")
+            findings.append(self.finding(
+                "ADAPTER_INIT_WRONG", ctx, params=_names(v.part for v in vs), message=message,
+                hint=fix_for(problem, first.unit), adapter=adapter, role=role, problem=problem,
+                expected=first.expected, found={v.part.name: v.found for v in vs[:20]}, layers=layers[:20],
+                init=contract.init))
+        return findings
+
+    def _trainable_findings(self, ctx: EventContext, units: Sequence[AdapterUnit]) -> list[Finding]:
+        frozen: dict[str, list[AdapterPart]] = {}
+        total: dict[str, int] = {}
+        for unit in units:
+            if not unit.active:
+                continue
+            total[unit.adapter] = total.get(unit.adapter, 0) + len(unit.parts)
+            frozen.setdefault(unit.adapter, []).extend(p for p in unit.parts if not p.param.requires_grad)
+        findings = []
+        for adapter, parts in frozen.items():
+            if not parts:
+                continue
+            library = next(u.library for u in units if u.adapter == adapter)
+            hint = ("call model.train_adapter(name) (it unfreezes the adapter and freezes the base)"
+                    if library == "adapters" else
+                    "freeze the base before adding adapters, not after (model.requires_grad_(False) after "
+                    "get_peft_model also freezes them); re-enable with model.set_adapter(name) or "
+                    "p.requires_grad_(True) on the adapter parameters; PeftModel.from_pretrained needs "
+                    "is_trainable=True to train")
+            findings.append(self.finding(
+                "ADAPTER_NOT_TRAINABLE", ctx, params=_names(parts),
+                message=f"{len(parts)} of {total[adapter]} parameters of active adapter {adapter!r} have "
+                        f"requires_grad=False (e.g. {parts[0].name}) while training runs",
+                hint=hint, adapter=adapter))
+        return findings
+
+    def _identity_findings(self, ctx: EventContext, units: Sequence[AdapterUnit]) -> list[Finding]:
+        if not self.config.probe or not self.fresh:
+            return []
+        probed = [u for u in units if u.active and u.library in ("peft", "adapters")]
+        if not probed:
+            return []
+        unjudged: dict[str, str] = {}
+        for unit in probed:
+            contract = init_contract(unit)
+            if contract.identity is not True:
+                why = "promises a changed output" if contract.identity is False else \
+                    "does not promise an unchanged model (base rewritten or contract unknown)"
+                unjudged.setdefault(f"{unit.adapter} ({unit.library} {unit.method}, {contract.init})", why)
+        if unjudged:
+            listed = "; ".join(f"{k}: {v}" for k, v in unjudged.items())
+            return [self.finding(
+                "CHECK_NOT_APPLICABLE", ctx, message=f"identity probe not run: {listed}",
+                hint="nothing to fix: this init is not meant to leave the output unchanged; the parameter checks "
+                     "still ran", adapters=sorted(unjudged))]
+        target = ctx.model if ctx.extra.get("probe_batch") is not None else probe_target(ctx.model)
+        batch = probe_inputs(target, ctx.extra) if target is not None else None
+        if target is None or batch is None:
+            return [self.finding(
+                "CHECK_NOT_APPLICABLE", ctx, message="identity probe not run: no probe batch can be built from "
+                "the model's config", hint="pass extra={'probe_batch': {...}} to dispatch('init', ...) to probe")]
+        result = probe_identity(target, probed, batch)
+        if result.skipped:
+            return [self.finding("CHECK_NOT_APPLICABLE", ctx, message=f"identity probe not run: {result.skipped}",
+                                 hint="unmerge adapters before training to probe them")]
+        self.summary["probe_max_change"] = result.max_change
+        limit = self.config.tolerance * max(1.0, result.reference_max or 0.0)
+        change = result.max_change
+        if change is not None and not (change > limit or math.isnan(change)):
+            return []
+        adapters = sorted({u.adapter for u in probed})
+        found = "NaN/Inf in the output" if change is None or math.isnan(change) else f"max |change| {change:.4g}"
+        return [self.finding(
+            "ADAPTER_NOT_IDENTITY", ctx, params=_names(p for u in probed for p in u.parts)[:50],
+            message=f"fresh adapter(s) {', '.join(map(repr, adapters))} promise an unchanged output, but the "
+                    f"model's output with adapters active vs disabled differs: {found} (tolerance {limit:.3g})",
+            hint="look at the ADAPTER_INIT_WRONG findings for the parameter that broke the contract; if none, the "
+                 "adapter's forward breaks it (e.g. DoRA on a base weight with an all-zero row divides 0/0): fix "
+                 "the base weights or use plain LoRA", max_change=change, tolerance=limit, adapters=adapters)]
+
+    # -- step ----------------------------------------------------------------------------------------------------
+    def on_step(self, ctx: EventContext) -> Iterable[Finding]:
+        """ADAPTER_DEAD at the first step (per unit) and after ``dead_after_steps`` steps (per parameter)."""
+        if ctx.phase != "before_optimizer" or self.done:
+            return []
+        units = [u for u in self.units(ctx.model) if any(p.param.requires_grad for p in u.parts)]
+        if not units:
+            self.done = True
+            return []
+        step = ctx.step or 0
+        findings: list[Finding] = []
+        trainable = [p for u in units for p in u.parts if p.param.requires_grad]
+        states = dict(zip((p.name for p in trainable), grad_state(trainable), strict=True))
+        self.nonzero |= {n for n, s in states.items() if s == "nonzero"}
+        if self.first_step is None:
+            self.first_step = step
+            dead: dict[tuple[str, str], list[AdapterUnit]] = {}
+            for unit in units:
+                unit_states = [states[p.name] for p in unit.parts if p.param.requires_grad]
+                if "nonzero" not in unit_states:
+                    dead.setdefault((unit.adapter, dead_reason(unit, unit_states)), []).append(unit)
+            for (adapter, reason), dead_units in dead.items():
+                parts = [p for u in dead_units for p in u.parts if p.param.requires_grad]
+                self.flagged |= {p.name for p in parts}
+                layers = [u.layer for u in dead_units]
+                findings.append(self.finding(
+                    "ADAPTER_DEAD", ctx, params=_names(parts),
+                    message=f"adapter {adapter!r}: no parameter received a non-zero gradient at step {step} in "
+                            f"{len(layers)} layer(s) (e.g. {layers[0]}): {reason}",
+                    hint=_dead_hint(reason), adapter=adapter, layers=layers[:20], reason=reason))
+        if step - self.first_step + 1 >= self.config.dead_after_steps:
+            self.done = True
+            never = [p for p in trainable if p.name not in self.nonzero and p.name not in self.flagged]
+            by_adapter: dict[str, list[AdapterPart]] = {}
+            unit_of = {p.name: u for u in units for p in u.parts}
+            for part in never:
+                by_adapter.setdefault(unit_of[part.name].adapter, []).append(part)
+            for adapter, parts in by_adapter.items():
+                findings.append(self.finding(
+                    "ADAPTER_DEAD", ctx, params=_names(parts),
+                    message=f"adapter {adapter!r}: {len(parts)} trainable parameter(s) (e.g. {parts[0].name}) "
+                            f"received no non-zero gradient in {step - self.first_step + 1} steps",
+                    hint=DEAD_HINTS["all zero"], adapter=adapter))
+        return findings
+
+    # -- report and state ----------------------------------------------------------------------------------------
+    def report_section(self) -> dict[str, Any] | None:
+        """Units found, methods, and the probe's measured output change."""
+        return dict(self.summary) if self.summary else None
+
+    def state_dict(self) -> dict[str, Any]:
+        """Step bookkeeping of the dead-adapter check (plain data)."""
+        return {"first_step": self.first_step, "nonzero": sorted(self.nonzero), "flagged": sorted(self.flagged),
+                "done": self.done, "loaded": self.loaded}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`."""
+        self.first_step = state.get("first_step")
+        self.nonzero = set(state.get("nonzero", ()))
+        self.flagged = set(state.get("flagged", ()))
+        self.done = bool(state.get("done", False))
+        self.loaded = bool(state.get("loaded", self.loaded))

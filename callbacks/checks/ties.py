@@ -230,7 +230,10 @@ class TieCheck(Check):
             return []
         findings = []
         now_broken = set()
-        for tie, what in broken_ties(ctx.model, self.expected, self.names):
+        # names as the model spells them now first: a merge_and_unload or a re-wrap changes raw names
+        # (``x.base_layer.weight`` -> ``x.weight``) without changing user names
+        names = {**self.names, **raw_names(ctx.model)}
+        for tie, what in broken_ties(ctx.model, self.expected, names):
             now_broken.add(tie.names)
             if tie.names in self.reported:
                 continue  # reported once until it holds again

@@ -1,0 +1,354 @@
+"""Adapter discovery: every adapter in a model, as units of (adapter name, layer, parameters by role, config).
+
+Three sources, none imported unless the model already uses it:
+
+* PEFT tuner layers (``BaseTunerLayer``: LoRA and DoRA, AdaLoRA, IA3, LoHa, LoKr, VeRA, OFT, BOFT, ...). The
+  adapter's config is the ``peft_config`` dict that PEFT keeps on the ``PeftModel``, the tuner model, or the
+  transformers model (``add_adapter``).
+* The ``adapters`` library (successor of adapter-transformers): bottleneck ``Adapter`` modules, its ``LoRA`` and
+  ``IA3`` modules and prefix tuning. The config is the model's ``adapters_config``.
+* Hand-written adapters: modules matched by name patterns (``fnmatch`` on user names) with a declared role.
+
+A unit is one adapter (one adapter name) at one layer. Discovery reads module structure and parameter
+identities only; it never touches values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import sys
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from callbacks.primitives.naming import user_name
+
+#: roles a hand-written adapter module can be declared with, and the aliases accepted for them
+CUSTOM_ROLES: dict[str, str] = {
+    "zero": "zero", "up": "zero", "lora_b": "zero", "b": "zero",
+    "random": "random", "down": "random", "lora_a": "random", "a": "random",
+    "norm": "norm", "layernorm": "norm", "ln": "norm",
+    "ones": "ones", "scale": "ones", "ia3": "ones",
+    "any": "any",
+}
+
+#: PEFT classes that live in tuner packages but are not adapters whose init we judge
+PEFT_SKIPPED_METHODS = frozenset({"trainable_tokens"})
+
+
+@dataclasses.dataclass
+class AdapterPart:
+    """One parameter of an adapter unit.
+
+    Attributes:
+        role: what the parameter is for its method (``lora_A``, ``lora_B.bias``, ``up.weight``, ``ia3_l``...).
+        name: the parameter's user name.
+        raw_name: the name under the model passed to discovery (for fetching it again).
+        param: the parameter itself.
+    """
+
+    role: str
+    name: str
+    raw_name: str
+    param: nn.Parameter
+
+
+@dataclasses.dataclass
+class AdapterUnit:
+    """One adapter (one adapter name) at one layer.
+
+    Attributes:
+        library: ``peft``, ``adapters`` or ``custom``.
+        method: ``lora``, ``adalora``, ``ia3``, ``loha``, ``lokr``, ``vera``, ``oft``, ``boft``, ...
+            (PEFT), ``bottleneck``, ``lora``, ``ia3``, ``vera``, ``prefix`` (adapters), ``custom``.
+        adapter: the adapter's name (``default`` for PEFT's first adapter).
+        layer: user name of the module holding the adapter.
+        module: that module.
+        parts: the adapter's parameters by role.
+        config: the adapter's own config object (``LoraConfig``, ``BnConfig``...) or, for hand-written
+            adapters, ``{"roles": {...}}``; ``None`` when the config cannot be found.
+        active: whether the adapter takes part in the forward pass now.
+        base: the module the adapter modifies (PEFT's ``base_layer``, the ``adapters`` host module), if known.
+        kind: ``linear``, ``embedding``, ``conv`` or ``other`` (what the base layer is).
+        dora: PEFT LoRA with ``use_dora`` for this adapter.
+    """
+
+    library: str
+    method: str
+    adapter: str
+    layer: str
+    module: nn.Module
+    parts: list[AdapterPart]
+    config: Any
+    active: bool
+    base: nn.Module | None = None
+    kind: str = "other"
+    dora: bool = False
+
+    def part(self, role: str) -> AdapterPart | None:
+        """The part with ``role``, if present."""
+        return next((p for p in self.parts if p.role == role), None)
+
+    @property
+    def label(self) -> str:
+        """``adapter 'default' at transformer.h.0.attn.c_attn`` — how findings name the unit."""
+        return f"adapter {self.adapter!r} ({self.library} {self.method}) at {self.layer or '<root>'}"
+
+
+def _is_peft_tuner_layer(module: nn.Module) -> bool:
+    peft = sys.modules.get("peft")
+    if peft is None:
+        return False
+    tuners_utils = sys.modules.get("peft.tuners.tuners_utils")
+    base = getattr(tuners_utils, "BaseTunerLayer", None)
+    return base is not None and isinstance(module, base)
+
+
+def find_peft_configs(model: nn.Module) -> dict[str, Any]:
+    """PEFT's ``{adapter name: config}`` from the first module that carries a ``peft_config`` dict."""
+    for module in _self_and_modules(model):
+        configs = getattr(module, "peft_config", None)
+        if isinstance(configs, Mapping) and configs:
+            return dict(configs)
+    return {}
+
+
+def _self_and_modules(model: Any) -> Iterator[Any]:
+    yield model
+    if isinstance(model, nn.Module):
+        yield from model.modules()
+
+
+def find_adapters_config(model: nn.Module) -> Any:
+    """The ``adapters`` library's ``ModelAdaptersConfig`` of the model (``None`` if it has none)."""
+    for module in _self_and_modules(model):
+        config = getattr(module, "adapters_config", None)
+        if config is not None and hasattr(config, "get") and hasattr(config, "adapters"):
+            return config
+    return None
+
+
+def _peft_method(module: nn.Module, config: Any) -> str:
+    peft_type = getattr(config, "peft_type", None)
+    if peft_type is not None:
+        return str(getattr(peft_type, "value", peft_type)).lower()
+    # no config: the tuner package the layer class comes from (peft.tuners.<method>.layer)
+    parts = type(module).__module__.split(".")
+    return parts[2] if len(parts) > 2 and parts[1] == "tuners" else type(module).__name__.lower()
+
+
+def _base_kind(base: nn.Module | None) -> str:
+    if isinstance(base, nn.Embedding):
+        return "embedding"
+    if isinstance(base, nn.modules.conv._ConvNd):
+        return "conv"
+    if isinstance(base, nn.Linear) or type(base).__name__ == "Conv1D":  # GPT-2's Conv1D is a linear layer
+        return "linear"
+    return "other"
+
+
+def _join(*names: str) -> str:
+    return ".".join(n for n in names if n)
+
+
+def _peft_units(model: nn.Module) -> list[AdapterUnit]:
+    configs = find_peft_configs(model)
+    units = []
+    for raw_layer, module in model.named_modules():
+        if not _is_peft_tuner_layer(module):
+            continue
+        active_names = set(getattr(module, "active_adapters", []) or [])
+        disabled = bool(getattr(module, "disable_adapters", False))
+        by_adapter: dict[str, list[AdapterPart]] = {}
+        for attr in getattr(module, "adapter_layer_names", ()):
+            container = getattr(module, attr, None)
+            if container is None or not hasattr(container, "keys"):
+                continue
+            for adapter in list(container.keys()):
+                value = container[adapter]
+                if isinstance(value, nn.Parameter):
+                    raw = _join(raw_layer, attr, adapter)
+                    by_adapter.setdefault(adapter, []).append(AdapterPart(attr, user_name(raw), raw, value))
+                elif isinstance(value, nn.Module):
+                    for sub, param in value.named_parameters():
+                        raw = _join(raw_layer, attr, adapter, sub)
+                        role = attr if sub == "weight" else f"{attr}.{sub}"
+                        by_adapter.setdefault(adapter, []).append(AdapterPart(role, user_name(raw), raw, param))
+        base = module.get_base_layer() if hasattr(module, "get_base_layer") else None
+        for adapter, parts in by_adapter.items():
+            config = configs.get(adapter)
+            method = _peft_method(module, config)
+            if method in PEFT_SKIPPED_METHODS:
+                continue
+            use_dora = getattr(module, "use_dora", {})
+            units.append(AdapterUnit(
+                library="peft", method=method, adapter=adapter, layer=user_name(raw_layer), module=module,
+                parts=parts, config=config, active=adapter in active_names and not disabled, base=base,
+                kind=_base_kind(base), dora=bool(use_dora.get(adapter, False)) if isinstance(use_dora, dict)
+                else False))
+    return units
+
+
+def _adapters_lib_kind(module: nn.Module) -> str | None:
+    """Which ``adapters`` library module class this is (``bottleneck``, ``lora``, ``ia3``, ``vera``, ``prefix``)."""
+    cls = type(module)
+    if not cls.__module__.startswith("adapters.methods"):
+        return None
+    names = {c.__name__ for c in cls.__mro__}
+    if "Adapter" in names and hasattr(module, "adapter_up"):
+        return "bottleneck"
+    for class_name, kind in (("LoRA", "lora"), ("IA3", "ia3"), ("Vera", "vera"), ("PrefixTuning", "prefix"),
+                             ("FlatPrefixTuning", "prefix")):
+        if class_name in names:
+            return kind
+    return None
+
+
+def _adapters_lib_config(root_config: Any, adapter: str, kind: str, module: nn.Module) -> Any:
+    """The config of this adapter for this kind of module (a ConfigUnion is searched for the matching part)."""
+    if root_config is None:
+        return None
+    config = root_config.get(adapter)
+    if config is None:
+        return None
+    children = list(getattr(config, "configs", None) or [config])
+    wanted = {"bottleneck": "BnConfig", "lora": "LoRAConfig", "ia3": "LoRAConfig", "vera": "LoRAConfig",
+              "prefix": "PrefixTuningConfig"}[kind]
+    matches = [c for c in children if wanted in {k.__name__ for k in type(c).__mro__}]
+    if kind == "bottleneck" and len(matches) > 1:
+        flags = (bool(getattr(module, "add_layer_norm_before", False)), bool(getattr(module, "add_layer_norm_after",
+                                                                                     False)))
+        matches = [c for c in matches if (bool(c["ln_before"]), bool(c["ln_after"])) == flags] or matches
+    return matches[0] if matches else None
+
+
+def _active_adapters_lib(root_config: Any) -> set[str]:
+    setup = getattr(root_config, "active_setup", None)
+    if setup is None:
+        return set()
+    flatten = getattr(setup, "flatten", None)
+    return set(flatten()) if callable(flatten) else {str(setup)}
+
+
+def _bottleneck_roles(module: nn.Module) -> dict[int, str]:
+    """param id -> role for a bottleneck ``Adapter`` (the LayerNorm inside ``adapter_down`` is ``norm_before``)."""
+    roles: dict[int, str] = {}
+
+    def add(prefix: str, sub: nn.Module | None) -> None:
+        if sub is None:
+            return
+        for pname, param in sub.named_parameters():
+            roles.setdefault(id(param), f"{prefix}.{pname}")
+
+    add("norm_before", getattr(module, "adapter_norm_before", None))
+    down = getattr(module, "adapter_down", None)
+    if down is not None:
+        for layer in down:
+            if not isinstance(layer, nn.LayerNorm) and any(True for _ in layer.parameters()):
+                add("down", layer)
+    add("up", getattr(module, "adapter_up", None))
+    add("norm_after", getattr(module, "adapter_norm_after", None))
+    add("gate", getattr(module, "gate", None))
+    scaling = getattr(module, "scaling", None)
+    if isinstance(scaling, nn.Parameter):
+        roles.setdefault(id(scaling), "scaling")
+    return roles
+
+
+def _parent_name(name: str) -> str:
+    return name.rsplit(".", 1)[0] if "." in name else ""
+
+
+def _adapters_lib_units(model: nn.Module) -> list[AdapterUnit]:
+    root_config = find_adapters_config(model)
+    active = _active_adapters_lib(root_config)
+    modules = dict(model.named_modules())
+    found = [(raw, m, kind) for raw, m in modules.items() if (kind := _adapters_lib_kind(m)) is not None]
+    adapter_params = {id(p) for _, m, _ in found for p in m.parameters()}
+    units = []
+    for raw_layer, module, kind in found:
+        if kind == "prefix":  # PrefixTuning.name is its location (self_prefix); the adapter keys its group
+            adapter = _parent_name(raw_layer).rsplit(".", 1)[-1]
+        else:
+            adapter = str(getattr(module, "name", raw_layer.rsplit(".", 1)[-1]))
+        roles = _bottleneck_roles(module) if kind == "bottleneck" else {}
+        parts = [AdapterPart(roles.get(id(p), pname), user_name(_join(raw_layer, pname)), _join(raw_layer, pname), p)
+                 for pname, p in module.named_parameters()]
+        units.append(AdapterUnit(
+            library="adapters", method=kind, adapter=adapter, layer=user_name(raw_layer), module=module, parts=parts,
+            config=_adapters_lib_config(root_config, adapter, kind, module), active=adapter in active,
+            base=_host_module(modules, raw_layer, adapter_params), kind="other"))
+    return units
+
+
+def _host_module(modules: Mapping[str, nn.Module], raw_layer: str, adapter_params: set[int]) -> nn.Module | None:
+    """The nearest ancestor holding a parameter of its own that no adapter owns (the layer being adapted)."""
+    name = raw_layer
+    while name:
+        name = _parent_name(name)
+        module = modules.get(name)
+        if module is not None and any(id(p) not in adapter_params for p in module.parameters()):
+            return module
+    return None
+
+
+def normalise_custom_roles(modules: Mapping[str, str]) -> dict[str, str]:
+    """Declared ``{module name pattern: role}`` with roles mapped to their canonical names; bad roles raise."""
+    out = {}
+    for pattern, role in modules.items():
+        canonical = CUSTOM_ROLES.get(str(role).lower())
+        if canonical is None:
+            raise ValueError(f"adapter module pattern {pattern!r}: unknown role {role!r}; roles are "
+                             f"{sorted(set(CUSTOM_ROLES))}")
+        out[pattern] = canonical
+    return out
+
+
+def _custom_units(model: nn.Module, modules: Mapping[str, str], taken: set[int]) -> list[AdapterUnit]:
+    """Hand-written adapters: each matched module is a part with its role; units group parts by parent module."""
+    if not modules:
+        return []
+    roles = normalise_custom_roles(modules)
+    named = dict(model.named_modules())
+    grouped: dict[str, list[AdapterPart]] = {}
+    role_of: dict[str, dict[str, str]] = {}
+    for raw, module in named.items():
+        name = user_name(raw)
+        role = next((r for pattern, r in roles.items() if fnmatch.fnmatchcase(name, pattern)), None)
+        if role is None:
+            continue
+        parent = _parent_name(raw)
+        short = raw[len(parent) + 1:] if parent else raw
+        for pname, param in module.named_parameters():
+            if id(param) in taken:
+                continue
+            full = _join(raw, pname)
+            grouped.setdefault(parent, []).append(AdapterPart(f"{short}.{pname}", user_name(full), full, param))
+            role_of.setdefault(parent, {})[f"{short}.{pname}"] = role
+    units = []
+    for parent, parts in grouped.items():
+        units.append(AdapterUnit(
+            library="custom", method="custom", adapter="custom", layer=user_name(parent),
+            module=named[parent], parts=parts, config={"roles": role_of[parent]}, active=True, base=None))
+    return units
+
+
+def discover_adapters(model: nn.Module, custom_modules: Mapping[str, str] | None = None) -> list[AdapterUnit]:
+    """Every adapter unit of ``model`` (PEFT, ``adapters`` library, hand-written by ``custom_modules``)."""
+    units = _peft_units(model) + _adapters_lib_units(model)
+    taken = {id(p.param) for u in units for p in u.parts}
+    units += _custom_units(model, custom_modules or {}, taken)
+    return units
+
+
+def base_device(unit: AdapterUnit) -> torch.device | None:
+    """The device of the layer an adapter modifies (its first parameter not owned by an adapter)."""
+    if unit.base is None:
+        return None
+    own = {id(p.param) for p in unit.parts}
+    if unit.library == "adapters":
+        own |= {id(p) for m in unit.base.modules() if _adapters_lib_kind(m) for p in m.parameters()}
+    return next((p.device for p in unit.base.parameters() if id(p) not in own), None)
