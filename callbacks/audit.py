@@ -1,10 +1,11 @@
 """``python -m callbacks audit CHECKPOINT [--recipe R]``: the checks on a checkpoint folder, offline.
 
-For a run that did not use the callbacks. The model is rebuilt with nothing downloaded: from the folder's
-``config.json`` (and weights), from ``adapter_config.json`` over a base model found locally (its
-``base_model_name_or_path`` folder, or the recipe's ``model:``), or wholly from a recipe. Then the ``load`` and
-``checkpoint`` events run with ``checkpoint_dir`` = the folder: tie conflicts in the files, trainable parameters
-the files do not hold, unreadable files, adapters that load frozen.
+For a run that did not use the callbacks. The model is rebuilt from configs with nothing downloaded and no
+weights loaded (the checks read the files themselves): from the folder's ``config.json``, from
+``adapter_config.json`` (PEFT) over a base model found locally (its ``base_model_name_or_path`` folder, or the
+recipe's ``model:``), or wholly from a recipe (whose ``model.freeze`` / ``adapter.unfreeze`` say what trained).
+Then the ``load`` and ``checkpoint`` events run with ``checkpoint_dir`` = the folder: tie conflicts in the
+files, trainable parameters the files do not hold, unreadable files.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ def _model_from_folder(folder: str) -> torch.nn.Module:
 
 
 def build_audit_model(folder: str, recipe: str | None) -> tuple[torch.nn.Module, IntegrityConfig | None]:
-    """The model the checkpoint belongs to, built from configs; a PEFT adapter's weights are loaded into it."""
+    """The model the checkpoint belongs to, built from its configs (weights are not loaded)."""
     from callbacks.job import _set_trainable, build_model, load_job
 
     job, integrity = load_job(recipe) if recipe else (None, None)
@@ -64,7 +65,7 @@ def build_audit_model(folder: str, recipe: str | None) -> tuple[torch.nn.Module,
         if job is not None:
             _set_trainable(model, job.model.freeze, False, recipe, "model.freeze")
         return model, integrity
-    from peft import PeftModel
+    from peft import PeftConfig, get_peft_model
 
     if job is not None:
         base = build_model(job.model, recipe)
@@ -75,7 +76,12 @@ def build_audit_model(folder: str, recipe: str | None) -> tuple[torch.nn.Module,
                               f"{base_path!r} is not a local model folder (nothing is downloaded); pass --recipe "
                               "with the base model's model: section")
         base = _model_from_folder(base_path)
-    model = PeftModel.from_pretrained(base, folder, is_trainable=True)
+    # the adapter's structure from its config, not its weights: the checks read the files themselves, and
+    # PeftModel.from_pretrained fails on some folders PEFT itself wrote (peft 0.21.2: modules_to_save naming a
+    # module with children raises KeyError on load)
+    config = PeftConfig.from_pretrained(folder)
+    config.inference_mode = False
+    model = get_peft_model(base, config)
     if job is not None and job.adapter is not None:
         _set_trainable(model, job.adapter.unfreeze, True, recipe, "adapter.unfreeze")
     return model, integrity

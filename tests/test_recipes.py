@@ -35,11 +35,27 @@ EXPECTED: dict[str, tuple[int, list[tuple[str, str, int | None, tuple[str, ...]]
     "failures/replicas_diverge.yaml": (
         1, [("GRAD_REPLICA_MISMATCH", "step", 1, ("tok_embeddings.weight", "layers.0.1.weight")),
             ("PARAM_REPLICA_MISMATCH", "step", 1, ("tok_embeddings.weight", "layers.0.1.weight"))]),
+    "failures/tied_lm_head_merge.yaml": (
+        1, [("MERGE_SIDE_EFFECT", "merge", 2, ("model.embed_tokens.weight",)),
+            ("MERGE_MISMATCH", "merge", 2, ("model.embed_tokens.weight",)),
+            ("TIE_BROKEN", "merge", 2, ("lm_head.weight", "model.embed_tokens.weight"))]),
+    "failures/vit_unsaved_position_embeddings.yaml": (
+        1, [("UNSAVED_TRAINABLE", "init", 0, ("vit.embeddings.position_embeddings",)),
+            ("UNSAVED_TRAINABLE", "checkpoint", 2, ("vit.embeddings.position_embeddings",))]),
+    "failures/reinit_adapter.yaml": (
+        1, [("ADAPTER_INIT_WRONG", "init", 0, ("transformer.h.0.attn.c_attn.lora_B.default.weight",)),
+            ("ADAPTER_NOT_IDENTITY", "init", 0, ("transformer.h.0.attn.c_attn.lora_B.default.weight",))]),
+    "failures/dead_adapter.yaml": (
+        1, [("ADAPTER_DEAD", "step", 1, ("transformer.h.0.attn.c_attn.lora_A.default.weight",
+                                         "transformer.h.0.attn.c_attn.lora_B.default.weight"))]),
+    "failures/mam_adapter_ln_before.yaml": (
+        1, [("ADAPTER_INIT_WRONG", "init", 0, ("bert.encoder.layer.0.output.adapters.bn.adapter_norm_before.weight",
+                                               "bert.encoder.layer.1.output.adapters.bn.adapter_norm_before.weight"))]),
 }
 
 #: recipes that need the `adapters` library (transformers 4.x): run by test_recipes_adapters_lib.py in the
 #: second environment
-ADAPTERS_LIB: set[str] = set()
+ADAPTERS_LIB: set[str] = {"failures/mam_adapter_ln_before.yaml"}
 
 #: recipes that launch several processes (torchrun): run as a subprocess, not in-process
 MULTI_PROCESS: set[str] = {"failures/replicas_diverge.yaml"}

@@ -117,12 +117,44 @@ def _twin(tmp_path, name: str, edit) -> str:
     return str(path)
 
 
-def test_meta_init_twin_without_meta_device_is_clean(tmp_path, monkeypatch, capsys):
+def _set(*keys_and_value):
+    """An edit of a recipe dict: set the value at the key path."""
+    *keys, last, value = keys_and_value
+
+    def edit(data):
+        for key in keys:
+            data = data[key]
+        data[last] = value
+    return edit
+
+
+def _drop_faults(data):
+    data.pop("faults")
+
+
+def _save_parent_module(data):
+    """The fix: the module holding the Parameter in modules_to_save (which also makes it trainable)."""
+    data["adapter"]["args"]["modules_to_save"] = ["classifier", "embeddings"]
+    data["adapter"].pop("unfreeze")
+
+
+#: gallery recipe -> the edit that removes its failure (the fix, or the fault left out): the run must be clean
+TWINS = {
+    "meta_init_tie.yaml": _set("model", "args", "meta_init", False),
+    "frozen_weight_moves.yaml": _set("model", "args", "embedding_max_norm", None),
+    "tied_lm_head_merge.yaml": _set("adapter", "args", "target_modules", ["q_proj", "v_proj"]),
+    "vit_unsaved_position_embeddings.yaml": _save_parent_module,
+    "reinit_adapter.yaml": _drop_faults,
+    "dead_adapter.yaml": _set("adapter", "args", "lora_dropout", 0.1),
+}
+
+
+@pytest.mark.parametrize("name", sorted(TWINS))
+def test_healthy_twin_of_gallery_recipe_is_clean(name, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    path = _twin(tmp_path, "meta_init_tie.yaml", lambda d: d["model"]["args"].update(meta_init=False))
-    assert main(["run", path]) == 0
-    out = capsys.readouterr().out
-    assert "tied: output.weight = tok_embeddings.weight" in out and "TIE_BROKEN" not in out
+    assert main(["run", _twin(tmp_path, name, TWINS[name])]) == 0, capsys.readouterr().out[-3000:]
+    (report,) = glob.glob(str(tmp_path / "out" / "**" / "integrity.json"), recursive=True)
+    assert not [f for f in findings_of(report) if f.severity != "info"]
 
 
 def test_resume_from_a_consistent_checkpoint_is_clean(tmp_path, monkeypatch, capsys):
@@ -232,12 +264,6 @@ def test_hf_reporters_get_finding_counts_in_logs(tmp_path, monkeypatch, capsys):
     assert len(printed) == 2 and all("'integrity/TIE_BROKEN': '1'" in line for line in printed), printed
 
 
-def test_frozen_embedding_without_max_norm_stays_frozen(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    path = _twin(tmp_path, "frozen_weight_moves.yaml", lambda d: d["model"]["args"].update(embedding_max_norm=None))
-    assert main(["run", path]) == 0
-
-
 def test_replicas_without_rank_local_noise_agree(tmp_path):
     path = _twin(tmp_path, "replicas_diverge.yaml", lambda d: d.pop("faults"))
     env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
@@ -247,3 +273,24 @@ def test_replicas_without_rank_local_noise_agree(tmp_path):
     assert result.stdout.count("integrity: 0 error finding(s); exit 0") == 1
     report = json.loads((tmp_path / "out/failures/replicas_diverge/integrity.json").read_text())
     assert not [f for f in report["findings"] if f["severity"] == "error"]
+
+
+@pytest.mark.parametrize("healthy", [False, True], ids=["hand-unfrozen", "parent-module-saved"])
+def test_audit_of_an_adapter_folder_rebuilt_from_the_recipe(tmp_path, monkeypatch, capsys, healthy):
+    monkeypatch.chdir(tmp_path)
+    edit = _save_parent_module if healthy else (lambda data: None)
+    recipe = _twin(tmp_path, "vit_unsaved_position_embeddings.yaml", edit)
+    main(["run", recipe])
+    folder = tmp_path / "out" / "failures" / "vit_unsaved_position_embeddings" / "checkpoint-2"
+    assert (folder / "adapter_config.json").exists()
+    capsys.readouterr()
+    code = main(["audit", str(folder), "--recipe", recipe, "--report", str(tmp_path / "audit.json")])
+    found = [(f.code, f.event, f.step, f.params) for f in findings_of(tmp_path / "audit.json") if f.severity != "info"]
+    if healthy:
+        assert code == 0 and found == []
+    else:
+        assert code == 1
+        assert found == [("UNSAVED_TRAINABLE", "checkpoint", 2, ("vit.embeddings.position_embeddings",))]
+        assert "modules_to_save" in capsys.readouterr().out
+    # without the recipe the base model cannot be rebuilt: it was never saved locally and nothing is downloaded
+    assert main(["audit", str(folder)]) == 2
