@@ -115,6 +115,10 @@ def check_recipe(name: str, tmp_path, monkeypatch, capsys) -> None:
         assert "no findings" in out
     html_paths = glob.glob(str(tmp_path / "out" / "**" / "integrity.html"), recursive=True)
     assert len(html_paths) == 1
+    with open(html_paths[0], encoding="utf-8") as fh:
+        page = fh.read()
+    for code, event, step, _ in expected:  # a timeline row per code, a column per moment
+        assert f'<td class="code">{code}</td>' in page and f"<th>{event}@{step}</th>" in page
 
 
 @pytest.mark.parametrize("name", sorted(set(EXPECTED) - ADAPTERS_LIB))
