@@ -582,6 +582,9 @@ def _run_accelerate(job: JobRecipe, integrity: IntegrityConfig, model, dataset, 
     holder["callback"] = hooks = AcceleratorHooks(accelerator, config=integrity)
     if job.trainer.resume_from:
         accelerator.load_state(job.trainer.resume_from)
+        # this runner names its save_state folders checkpoint-N: the step count goes on from N
+        suffix = os.path.basename(os.path.normpath(job.trainer.resume_from)).rpartition("-")[2]
+        hooks.step = int(suffix) if suffix.isdigit() else 0
     hooks.begin(model, resumed_from=job.trainer.resume_from)
     while hooks.step < opts.max_steps:
         for batch in loader:

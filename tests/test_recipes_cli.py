@@ -294,3 +294,30 @@ def test_audit_of_an_adapter_folder_rebuilt_from_the_recipe(tmp_path, monkeypatc
         assert "modules_to_save" in capsys.readouterr().out
     # without the recipe the base model cannot be rebuilt: it was never saved locally and nothing is downloaded
     assert main(["audit", str(folder)]) == 2
+
+
+@pytest.mark.parametrize("trainer", ["accelerate", "lightning"])
+def test_resume_from_a_checkpoint_the_runner_wrote(tmp_path, monkeypatch, trainer):
+    monkeypatch.chdir(tmp_path)
+    args = ({"max_steps": 2, "batch_size": 8, "save_steps": 2} if trainer == "accelerate" else
+            {"max_steps": 2, "batch_size": 8, "accelerator": "cpu"})
+
+    def healthy(data, max_steps=2, resume_from=None):
+        data["model"]["args"]["meta_init"] = False
+        data["trainer"].update(type=trainer, args={**args, "max_steps": max_steps}, resume_from=resume_from)
+        data["integrity"]["checks"]["hashes"] = {"ledger": f"out/steps-{max_steps}.jsonl"}
+
+    assert main(["run", _twin(tmp_path, "meta_init_tie.yaml", healthy)]) == 0
+    out = tmp_path / "out" / "failures" / "meta_init_tie"
+    if trainer == "accelerate":
+        checkpoint = out / "checkpoint-2"
+    else:
+        (checkpoint,) = glob.glob(str(out / "**" / "*step=2.ckpt"), recursive=True)
+    assert main(["run", _twin(tmp_path, "meta_init_tie.yaml",
+                              lambda d: healthy(d, max_steps=4, resume_from=str(checkpoint)))]) == 0
+    found = findings_of(out / "integrity.json")
+    assert not [f for f in found if f.severity != "info"]
+    # the step count went on from the checkpoint's: the resumed run hashed the gradients of steps 3 and 4 only
+    from callbacks.ledger import read_ledger
+
+    assert [r.step for r in read_ledger(tmp_path / "out" / "steps-4.jsonl") if r.kind == "grad"] == [3, 4]
