@@ -523,9 +523,21 @@ def _run_lightning(job: JobRecipe, integrity: IntegrityConfig, model, dataset, f
     class FaultCallback(pl.Callback):
         """Runs the recipe's faults at Lightning's step hooks (placed before the integrity callback)."""
 
+        def __init__(self):
+            self.last_step = 0
+
+        def on_fit_start(self, trainer, pl_module) -> None:
+            self.last_step = trainer.global_step
+
         def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
             for fault in faults:
                 fault.before_optimizer_step(pl_module, trainer.global_step + 1)
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            if trainer.global_step != self.last_step:  # the optimizer stepped (not an accumulation batch)
+                self.last_step = trainer.global_step
+                for fault in faults:
+                    fault.after_optimizer_step(pl_module, trainer.global_step)
 
     pl.seed_everything(job.seed, verbose=False)
     holder["callback"] = callback = IntegrityCallback(config=integrity)
@@ -598,6 +610,9 @@ def _run_accelerate(job: JobRecipe, integrity: IntegrityConfig, model, dataset, 
                         fault.before_optimizer_step(model, hooks.step + 1)
                 hooks.before_optimizer_step(model, optimizer, grads_clipped=bool(opts.max_grad_norm))
                 optimizer.step()
+                if accelerator.sync_gradients:
+                    for fault in faults:
+                        fault.after_optimizer_step(model, hooks.step + 1)
                 hooks.after_optimizer_step(model, optimizer)
                 optimizer.zero_grad()
             if accelerator.sync_gradients:

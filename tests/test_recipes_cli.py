@@ -17,6 +17,7 @@ import yaml
 
 from callbacks.cli import main
 from callbacks.findings import Finding
+from callbacks.gallery import Fault
 from callbacks.report import Report
 from callbacks.report_html import render_html, timeline_columns
 
@@ -321,3 +322,41 @@ def test_resume_from_a_checkpoint_the_runner_wrote(tmp_path, monkeypatch, traine
     from callbacks.ledger import read_ledger
 
     assert [r.step for r in read_ledger(tmp_path / "out" / "steps-4.jsonl") if r.kind == "grad"] == [3, 4]
+
+
+# -- faults: the same moments under every trainer ----------------------------------------------------------------------
+class RecordingFault(Fault):
+    """Records the hooks the runner calls (class-level: the runner builds the instance from the recipe)."""
+
+    calls: list = []
+
+    def setup(self, model, output_dir):
+        RecordingFault.calls.append(("setup", None))
+
+    def before_optimizer_step(self, model, step):
+        grads = [p.grad for p in model.parameters() if p.requires_grad]
+        RecordingFault.calls.append(("before", step, all(g is not None for g in grads)))
+
+    def after_optimizer_step(self, model, step):
+        RecordingFault.calls.append(("after", step))
+
+
+@pytest.mark.parametrize("trainer", ["hf", "lightning", "accelerate"])
+def test_fault_hooks_run_at_the_same_moments_under_every_trainer(tmp_path, monkeypatch, trainer):
+    monkeypatch.chdir(tmp_path)
+    args = {"hf": {"max_steps": 2, "per_device_train_batch_size": 4, "save_strategy": "no",
+                   "gradient_accumulation_steps": 2},
+            "lightning": {"max_steps": 2, "batch_size": 4, "accelerator": "cpu", "enable_checkpointing": False,
+                          "accumulate_grad_batches": 2},
+            "accelerate": {"max_steps": 2, "batch_size": 4, "gradient_accumulation_steps": 2}}[trainer]
+    path = write(tmp_path, f"""
+        model: {{factory: callbacks.gallery:lingua_lm, args: {{n_layers: 1, tie: false}}}}
+        data: {{source: corpus, seq_len: 16, rows: 32}}
+        trainer: {{type: {trainer}, output_dir: out/faults, args: {json.dumps(args)}}}
+        faults: [{{fault: "test_recipes_cli:RecordingFault"}}]
+        integrity: {{policy: log}}
+    """)
+    RecordingFault.calls = []
+    assert main(["run", path]) == 0
+    assert RecordingFault.calls == [("setup", None), ("before", 1, True), ("after", 1), ("before", 2, True),
+                                    ("after", 2)]
