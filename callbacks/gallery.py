@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import copy
 import os
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -128,18 +128,6 @@ class ReinitAfterWrap(Fault):
         base.init_weights() if hasattr(base, "init_weights") else base.apply(base._init_weights)
 
 
-class ZeroAdapters(Fault):
-    """Both LoRA factors set to zero (a user's "start the adapter from nothing"): B·A = 0 and neither factor
-    can receive a gradient, because each one's gradient is multiplied by the other. The adapter never trains."""
-
-    def setup(self, model: nn.Module, output_dir: str) -> None:
-        """Zero every ``lora_A`` / ``lora_B`` weight in place."""
-        with torch.no_grad():
-            for name, param in model.named_parameters():
-                if ".lora_A." in name or ".lora_B." in name:
-                    param.zero_()
-
-
 class LegacyMamAdapterInit(Fault):
     """adapter-transformers' ``mam_adapter`` init, which assumes ``adapter_down[0]`` is the down projection.
 
@@ -243,14 +231,3 @@ class UntiedCheckpoint(Fault):
 def _first_name_of(model: nn.Module, tensor: torch.Tensor) -> str:
     """The name ``named_parameters()`` keeps for a shared tensor (its first name)."""
     return next(n for n, p in model.named_parameters() if p is tensor)
-
-
-#: every fault class defined here, for the README and the schema's examples
-FAULTS: dict[str, type[Fault]] = {cls.__name__: cls for cls in
-                                  (ReinitAfterWrap, ZeroAdapters, LegacyMamAdapterInit, RankGradientNoise,
-                                   UntiedCheckpoint)}
-
-
-def fault_summary() -> dict[str, Any]:
-    """Name -> first docstring line of each gallery fault."""
-    return {name: (cls.__doc__ or "").strip().splitlines()[0] for name, cls in FAULTS.items()}

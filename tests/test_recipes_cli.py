@@ -90,7 +90,7 @@ def test_schema_covers_every_key_of_every_recipe(tmp_path, capsys):
         ("model: {factory: callbacks.gallery:lingua_lm}\n"
          "faults: [{fault: callbacks.gallery:RankGradientNoise, args: {rank: -1}}]\n", "faults.0.args.rank"),
         ("model: {factory: callbacks.gallery:lingua_lm}\n"
-         "faults: [{fault: callbacks.gallery:ZeroAdapters, args: {strength: 2}}]\n",
+         "faults: [{fault: callbacks.gallery:ReinitAfterWrap, args: {strength: 2}}]\n",
          "faults.0.args.strength: unknown key 'strength'"),
         ("model: {factory: callbacks.gallery:lingua_lm}\ntrainer: {type: accelerate, args: {max_stepz: 3}}\n",
          "trainer.args.max_stepz"),
