@@ -100,6 +100,8 @@ class Monitor:
             self.checks.append(check)
         self._findings: list[Finding] = []
         self._summary_printed = False
+        self._last_step: int | None = None
+        self._merge_watch: Any = None
         self.rank = distributed_rank()
 
     @classmethod
@@ -139,6 +141,10 @@ class Monitor:
         ``context`` fills :class:`~callbacks.events.EventContext` (``step``, ``phase``, ``state_dict``, ...).
         """
         ctx = EventContext(event=event, model=model, **context)
+        if ctx.step is not None:
+            self._last_step = ctx.step
+        if event == "init":
+            self._watch_merges(model)
         new: list[Finding] = []
         for check in self.checks:
             try:
@@ -159,10 +165,12 @@ class Monitor:
     def _apply_policy(self, new: list[Finding]) -> None:
         for finding in new:
             level = {"error": logging.ERROR, "warning": logging.WARNING}.get(finding.severity, logging.INFO)
-            if self.policy == "warn" and finding.severity != "info":
+            if self.rank != 0:
+                level = logging.DEBUG  # every rank checks; rank 0 speaks for the job (raise still raises)
+            elif self.policy == "warn" and finding.severity != "info":
                 warnings.warn(str(finding), IntegrityWarning, stacklevel=3)
-            else:
-                logger.log(level, "%s", finding)
+                continue
+            logger.log(level, "%s", finding)
         errors = [f for f in new if f.severity == "error"]
         if errors and not self._summary_printed:
             self._summary_printed = True  # the first error gets the table at once; the end prints it again
@@ -187,6 +195,23 @@ class Monitor:
                 fh.write(report.to_json())
 
     # -- merge ------------------------------------------------------------------------------------------------
+    def _watch_merges(self, model: Any) -> None:
+        """With ``merge: {watch: true}``, wrap the model's merge methods so the user's own merges are checked.
+
+        The watch outlives training on purpose (a merge right after ``trainer.train()`` is the case it is for);
+        :meth:`close` removes it.
+        """
+        if self._merge_watch is None:
+            from callbacks.checks.merge import install_merge_watch
+
+            self._merge_watch = install_merge_watch(self, model, step=lambda: self._last_step)
+
+    def close(self) -> None:
+        """Remove what the monitor installed on the model (the merge watch). Safe to call twice."""
+        if self._merge_watch is not None:
+            self._merge_watch.remove()
+            self._merge_watch = None
+
     def checked_merge(self, model: Any, method: str | None = None, **kwargs: Any) -> Any:
         """Merge adapters (PEFT ``merge_and_unload`` by default; ``merge_adapter``, ``unmerge_adapter``, or the
         ``adapters`` library's ``merge_adapter``/``reset_adapter``) and run the merge checks; returns the merged

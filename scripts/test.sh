@@ -21,7 +21,7 @@ setup_venv .venv -e '.[dev]'
 .venv/bin/python -m pytest -q -p no:cacheprovider "$@"
 
 if [ -f tests/test_adapters_lib.py ] || ls tests/*_adapters_lib.py >/dev/null 2>&1; then
-  setup_venv .venv-adapters transformers==4.57.6 adapters==1.3.0 peft==0.17.1 safetensors accelerate \
-    pydantic PyYAML pytest pytorch-lightning
+  setup_venv .venv-adapters transformers==4.57.6 adapters==1.3.0 peft==0.21.2 safetensors accelerate \
+    pydantic PyYAML pytest
   PYTHONPATH="$PWD" .venv-adapters/bin/python -m pytest -q -p no:cacheprovider tests/*adapters_lib.py
 fi

@@ -15,13 +15,14 @@ from models import tiny_bert_mlm, tiny_gemma2, tiny_gpt2, tiny_vit_classifier
 from torch import nn
 
 from callbacks import Monitor
+from callbacks.checks import REGISTRY
 from callbacks.errors import ConfigError
 from callbacks.primitives.adapters import discover_adapters
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 peft = pytest.importorskip("peft")
 
-ONLY = {"ties": {"enabled": False}}
+ONLY = {name: {"enabled": False} for name in REGISTRY if name != "adapter_init"}
 
 
 def monitor(**options) -> Monitor:
@@ -76,6 +77,8 @@ HEALTHY = {
     "lora-orthogonal": lambda: gemma_lora(init_lora_weights="orthogonal"),
     "rslora": lambda: gemma_lora(use_rslora=True),
     "dora": lambda: gemma_lora(use_dora=True),
+    "dora-gpt2-conv1d": lambda: peft.get_peft_model(tiny_gpt2(), peft.LoraConfig(
+        r=4, target_modules=["c_attn"], use_dora=True, fan_in_fan_out=True)),
     "lora-embedding": lambda: peft.get_peft_model(tiny_gemma2(tie=False), peft.LoraConfig(
         r=4, target_modules=["embed_tokens", "q_proj"])),
     "lora-bert": lambda: peft.get_peft_model(tiny_bert_mlm(), peft.LoraConfig(r=4, target_modules=["query", "value"])),
@@ -160,6 +163,22 @@ def test_non_identity_inits_are_not_checked(build):
     found = monitor().dispatch("init", build(), step=0)
     assert codes(found) == ["CHECK_NOT_APPLICABLE"], [str(f) for f in found]
     assert found[0].severity == "info" and "identity probe not run" in found[0].message
+
+
+@pytest.mark.parametrize("config", [
+    lambda: peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4),
+    lambda: peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4),
+], ids=["prompt", "prefix"])
+def test_prompt_learning_is_found_and_judged_where_checkable(config):
+    model = peft.get_peft_model(tiny_gpt2(), config())
+    found = monitor().dispatch("init", model, step=0)
+    assert [f.code for f in found] == ["CHECK_NOT_APPLICABLE"]  # virtual tokens change the output by design
+    with torch.no_grad():
+        model.prompt_encoder["default"].embedding.weight[0, 0] = float("nan")
+    model.requires_grad_(False)
+    found = monitor().dispatch("init", model, step=0)
+    assert {f.code for f in found} == {"ADAPTER_INIT_WRONG", "ADAPTER_NOT_TRAINABLE", "CHECK_NOT_APPLICABLE"}
+    assert of(found, "ADAPTER_INIT_WRONG")[0].params == ("prompt_encoder.default.embedding.weight",)
 
 
 # -- mis-initialisation reproductions -----------------------------------------------------------------------------

@@ -13,11 +13,12 @@ from models import TokenDataset, tiny_bert_mlm, tiny_gpt2
 from torch import nn
 
 from callbacks import IntegrityError, Monitor
+from callbacks.checks import REGISTRY
 from callbacks.primitives.adapters import discover_adapters
 
 adapters = pytest.importorskip("adapters")
 
-ONLY = {name: {"enabled": False} for name in ("ties", "saved_state", "hashes", "merge")}
+ONLY = {name: {"enabled": False} for name in REGISTRY if name != "adapter_init"}
 
 
 def monitor(**options):
@@ -74,6 +75,16 @@ def test_non_identity_inits_are_reported_not_checked(build):
     found = monitor().dispatch("init", build(), step=0)
     assert [f.code for f in found] == ["CHECK_NOT_APPLICABLE"], [str(f) for f in found]
     assert found[0].severity == "info"
+
+
+def test_gate_reinitialised_is_wrong():
+    model = bottleneck(ln_after=False, use_gating=True)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".gate.bias" in name:
+                p.fill_(2.0)  # a gate opened by hand-written init code
+    wrong = of(monitor().dispatch("init", model, step=0), "ADAPTER_INIT_WRONG")
+    assert [f.details["role"] for f in wrong] == ["gate.bias"] and len(wrong[0].params) == 2
 
 
 def test_bottleneck_contract_is_read_from_config():

@@ -8,10 +8,11 @@ import torch
 from models import TokenDataset, lm_batches, tiny_gemma2, tiny_gpt2
 
 from callbacks import IntegrityError
+from callbacks.checks import REGISTRY
 
 peft = pytest.importorskip("peft")
 
-ONLY_ADAPTERS = {name: {"enabled": False} for name in ("ties", "saved_state", "hashes", "merge")}
+ONLY_ADAPTERS = {name: {"enabled": False} for name in REGISTRY if name != "adapter_init"}
 
 
 def lora(model, targets=("q_proj", "v_proj"), **kw):
@@ -39,14 +40,15 @@ class CountingDataset(TokenDataset):
         return super().__getitem__(i)
 
 
-def hf_train(model, tmp_path, callbacks, max_steps=3, dataset=None):
+def hf_train(model, tmp_path, callbacks, max_steps=3, dataset=None, save_steps=None, resume=None):
     from transformers import Trainer, TrainingArguments
 
+    saving = {"save_strategy": "steps", "save_steps": save_steps} if save_steps else {"save_strategy": "no"}
     args = TrainingArguments(output_dir=str(tmp_path), max_steps=max_steps, per_device_train_batch_size=4,
-                             save_strategy="no", report_to=[], logging_steps=1, use_cpu=True, disable_tqdm=True,
-                             learning_rate=1e-2, seed=0)
+                             report_to=[], logging_steps=1, use_cpu=True, disable_tqdm=True, learning_rate=1e-2,
+                             seed=0, **saving)
     trainer = Trainer(model=model, args=args, train_dataset=dataset or TokenDataset(), callbacks=callbacks)
-    trainer.train()
+    trainer.train(resume_from_checkpoint=resume)
     return trainer
 
 
@@ -94,6 +96,21 @@ def test_hf_healthy_lora_is_clean_and_the_probe_changes_nothing(tmp_path):
     assert cb_on.report.sections["adapter_init"]["probe_max_change"] == 0.0
     assert len(losses_on) == 3 and losses_on == losses_off
     assert read_on == read_off
+
+
+def test_hf_resumed_run_does_not_judge_trained_adapters_as_fresh(tmp_path):
+    """After a resume, B is non-zero by training: no init-contract finding, no probe (the run is not fresh)."""
+    from callbacks.hf import IntegrityCallback
+
+    hf_train(lora(tiny_gemma2()), tmp_path, [IntegrityCallback(policy="raise", checks=ONLY_ADAPTERS)],
+             max_steps=2, save_steps=2)
+    callback = IntegrityCallback(policy="raise", checks=ONLY_ADAPTERS)
+    hf_train(lora(tiny_gemma2()), tmp_path, [callback], max_steps=4, save_steps=2, resume=True)
+    assert callback.findings == []
+    assert callback.monitor.check("adapter_init").loaded
+    forced = IntegrityCallback(policy="log", checks={**ONLY_ADAPTERS, "adapter_init": {"fresh": True}})
+    hf_train(lora(tiny_gemma2()), tmp_path, [forced], max_steps=4, save_steps=2, resume=True)
+    assert {f.details.get("role") for f in forced.findings if f.code == "ADAPTER_INIT_WRONG"} >= {"lora_B"}
 
 
 # -- Lightning -----------------------------------------------------------------------------------------------------

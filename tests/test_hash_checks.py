@@ -4,7 +4,10 @@ TIE_DIVERGED, the hash ledger and its diff. Each failure is reproduced for real,
 from __future__ import annotations
 
 import json
+import os
 import pickle
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -362,3 +365,43 @@ def test_recipe_runs_give_identical_ledgers_and_a_changed_learning_rate_diverges
     assert main(["diff", ledgers[0], ledgers[2]]) == 1
     out = capsys.readouterr().out
     assert "first at step 1, trainable parameters (after the optimizer step)" in out
+
+
+def test_fused_backend_under_the_interpreter_writes_the_same_ledger(tmp_path):
+    """``backend: triton`` (the fused kernel, under Triton's CPU interpreter in a subprocess) gives a ledger
+    identical to the torch reference's and the same GRAD_NONFINITE, counted by the fused pass."""
+    pytest.importorskip("triton")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    proc = subprocess.run([sys.executable, os.path.join(root, "tests", "dist_scripts", "fused_backend.py"),
+                           str(tmp_path)], cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = json.loads(next(x for x in proc.stdout.splitlines() if x.startswith("RESULT"))[len("RESULT"):])
+    assert result["triton"] == result["torch"] == [["GRAD_NONFINITE", 2, ["2.bias"], {"2.bias": 1}]]
+    code, text = diff_ledgers(tmp_path / "torch.jsonl", tmp_path / "triton.jsonl")
+    assert code == 0, text
+
+
+@pytest.mark.parametrize("base_changed", [True, False])
+def test_frozen_baseline_travels_with_the_state_across_a_resume(base_changed):
+    """The frozen baselines are saved with the monitor's state; a resume whose frozen weights differ from the ones
+    trained with (e.g. a different base model under an adapter-only checkpoint) is FROZEN_CHANGED at init."""
+    model = Net()
+    model.emb.requires_grad_(False)
+    first = Monitor(policy="log")
+    train(model, first, steps=2)
+    state = json.loads(json.dumps(first.state_dict()))  # HF keeps it in trainer_state.json
+    resumed_model = Net()
+    resumed_model.emb.requires_grad_(False)
+    if base_changed:
+        with torch.no_grad():
+            resumed_model.emb.weight[3, 1] += 1e-6
+    second = Monitor(policy="log")
+    second.load_state_dict(state)
+    second.dispatch("load", resumed_model, step=2)
+    found = codes(second.dispatch("init", resumed_model, step=2), "FROZEN_CHANGED")
+    if not base_changed:
+        assert found == []
+        return
+    assert [(f.params, f.event, f.step) for f in found] == [(("emb.weight",), "init", 2)]
+    assert "between the checkpoint and the resume at step 2" in found[0].message

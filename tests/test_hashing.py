@@ -18,7 +18,7 @@ import torch
 
 import callbacks
 from callbacks.errors import ConfigError
-from callbacks.hashing import hash_tensors, hash_with_stats, reference, resolve_backend, spec
+from callbacks.hashing import hash_stats_tensor, hash_tensors, hash_with_stats, reference, resolve_backend, spec
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -177,10 +177,14 @@ def test_dispatch_torch_backend_and_auto_on_cpu():
     assert resolve_backend("auto", ts) == "torch"
     stats = hash_with_stats(ts, backend="torch")
     assert stats.hashes == reference.hash_tensors(ts) == hash_tensors(ts)
-    assert stats.nonfinite == [0, 1] or stats.nonfinite[1] == 1
+    assert stats.nonfinite == [reference.nonfinite_count(ts[0]), 1]
     assert stats.nonzero[1] == 2
     with pytest.raises(ConfigError):
         resolve_backend("cuda", ts)
+    table = hash_stats_tensor(ts, backend="torch")
+    assert table[:, 0].view(torch.uint64).tolist() == stats.hashes
+    assert table[:, 1].tolist() == stats.nonfinite and table[:, 2].tolist() == stats.nonzero
+    assert hash_stats_tensor([]).shape == (0, 3)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -204,7 +208,6 @@ for n in (0, 1, BLOCK - 1, BLOCK, BLOCK + 1, CHUNK - 1, CHUNK, CHUNK + 1, 3 * CH
     add(f"bf16:numel={n}", _random(torch.bfloat16, (n,), seed=n))
 add("f32:scalar", torch.tensor(2.5))
 add("f32:noncontiguous", _random(torch.float32, (20, 30), seed=8).t())
-add("u8:unaligned", _random(torch.uint8, (300,), seed=9)[1:])
 add("f32:-0.0", torch.tensor([0.0, -0.0, 0.0]))
 
 names = list(cases)
@@ -217,6 +220,13 @@ for i, n in enumerate(names):
         "kernel": [str(stats.hashes[i]), stats.nonfinite[i], stats.nonzero[i]],
         "reference": [str(reference.hash_tensor(t)), reference.nonfinite_count(t), reference.nonzero_count(t)],
     }
+
+# a tensor whose address is not 16-byte aligned: its own launch takes the unhinted path
+unaligned = _random(torch.bfloat16, (300,), seed=9)[1:]
+result["unaligned_equal"] = (
+    fused.fused_hash_with_stats([unaligned], chunk=CHUNK, rows=ROWS).hashes == [reference.hash_tensor(unaligned)]
+    and not fused._plan_for([unaligned], CHUNK).aligned and fused._plan_for(tensors, CHUNK).aligned
+)
 
 # the layout cache: same tensors, no rebuild, and a data change is seen through the cached table
 group = [_random(torch.float32, (100,), seed=10), _random(torch.int32, (40,), seed=11)]
@@ -238,6 +248,13 @@ result["cache"] = {
 # default chunk and block on a tensor of a few chunks (the production configuration)
 big = _random(torch.bfloat16, (70000,), seed=12)
 result["default_config_equal"] = fused.fused_hash_with_stats([big]).hashes == [reference.hash_tensor(big)]
+# the public dispatch with backend="triton" runs the kernel (here: interpreted on CPU tensors)
+from callbacks.hashing import hash_stats_tensor, hash_with_stats
+few = [cases["torch.bfloat16:specials"], cases["f32:noncontiguous"], cases["bf16:numel=0"]]
+result["dispatch_equal"] = (
+    hash_with_stats(few, backend="triton") == hash_with_stats(few, backend="torch")
+    and torch.equal(hash_stats_tensor(few, backend="triton"), hash_stats_tensor(few, backend="torch"))
+)
 print("RESULT" + json.dumps(result))
 """
 
@@ -272,6 +289,46 @@ def test_kernel_layout_cache_under_the_interpreter(interpreted):
     assert cache["builds_after_new_ptr"] == 2
     assert cache["repeat_equal"] and cache["change_seen"] and cache["after_new_ptr_equal"]
     assert interpreted["default_config_equal"]
+    assert interpreted["dispatch_equal"]
+    assert interpreted["unaligned_equal"]
+
+
+_COMPILE_SCRIPT = r"""
+import json, sys, triton
+try:
+    from triton.backends.nvidia.compiler import CUDABackend  # noqa: F401
+except ImportError:
+    print("NOBACKEND")
+    sys.exit(0)
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from callbacks.hashing import fused
+
+def compile_ptx(widths, aligned):
+    signature = {"table_ptr": "*i64", "chunk_ptr": "*i64", "out_ptr": "*i64", "CHUNK": "constexpr",
+                 "ROWS": "constexpr", "WIDTHS": "constexpr", "ALIGNED": "constexpr"}
+    constexprs = {"CHUNK": fused.DEFAULT_CHUNK, "ROWS": fused.DEFAULT_ROWS, "WIDTHS": widths, "ALIGNED": aligned}
+    src = ASTSource(fn=fused._hash_kernel, signature=signature, constexprs=constexprs)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8}).asm["ptx"]
+
+bf16 = compile_ptx(2, True)
+every = compile_ptx(31, False)
+print("RESULT" + json.dumps({"bf16_v4": "ld.global.v4" in bf16, "every_width": "ld.global" in every}))
+"""
+
+
+def test_kernel_compiles_for_sm90_without_a_gpu():
+    """The interpreter does not type-check like the compiler: compile every width for H100 (no GPU needed)."""
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", TRITON_DEFAULT_FP_FUSION="1")
+    proc = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    if "NOBACKEND" in proc.stdout:
+        pytest.skip("this triton has no CUDA backend")
+    result = json.loads(next(x for x in proc.stdout.splitlines() if x.startswith("RESULT"))[len("RESULT"):])
+    assert result == {"bf16_v4": True, "every_width": True}  # 16-byte vector loads on the aligned bf16 path
 
 
 def test_kernel_constants_are_the_spec_constants():
@@ -302,6 +359,7 @@ def test_cuda_kernel_equals_reference_for_every_dtype():
     want = hash_with_stats(tensors, backend="torch")
     assert got == want
     assert want.hashes == hash_with_stats([t.cpu() for t in tensors], backend="torch").hashes
+    assert torch.equal(hash_stats_tensor(tensors, backend="triton"), hash_stats_tensor(tensors, backend="torch"))
 
 
 @pytest.mark.cuda

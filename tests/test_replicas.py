@@ -6,18 +6,12 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
 
 import pytest
-
-
-def free_port() -> int:
-    """A TCP port free now on localhost (for the rendezvous of one launch)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
@@ -26,15 +20,29 @@ TARGET = "transformer.h.1.mlp.c_fc.weight"
 pytestmark = pytest.mark.slow
 
 
+def free_port() -> int:
+    """A TCP port free now on localhost (for the rendezvous of one launch)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def launch(args: list[str], out_dir, timeout: int = 120) -> None:
+    """Run a launcher in its own session; on timeout kill the whole group (workers included), never leave
+    orphaned ranks behind."""
     env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
            "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    env.pop("RANK", None)
-    env.pop("LOCAL_RANK", None)
-    env.pop("WORLD_SIZE", None)
-    run = subprocess.run([sys.executable, *args, str(out_dir)], cwd=REPO, env=env, capture_output=True,
-                         text=True, timeout=timeout)
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-6000:]
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    proc = subprocess.Popen([sys.executable, *args, str(out_dir)], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        pytest.fail(f"launch timed out after {timeout}s:\n{stdout[-2000:]}\n{stderr[-4000:]}")
+    assert proc.returncode == 0, stdout[-3000:] + stderr[-6000:]
 
 
 def load(out_dir, job: str, rank: int) -> dict:
@@ -62,6 +70,10 @@ def test_hf_trainer_under_torchrun(tmp_path):
         ]
         # a parameter nudged on rank 1 after the step: DDP keeps averaging gradients, so gradients still agree
         assert problems(load(tmp_path, "param", rank)) == [("PARAM_REPLICA_MISMATCH", "step", 2, (TARGET,), (0, 1))]
+        tied = [(f["code"], f["event"], f["step"], tuple(f["params"]))
+                for f in load(tmp_path, "tied", rank)["findings"]]
+        assert tied == [("CHECK_NOT_APPLICABLE", "init", 0, ()),
+                        ("TIE_DIVERGED", "step", 2, ("emb.weight", "head.weight"))]
     # bounded wait: rank 1 skipped an exchange; rank 0 gets CHECK_FAILED after timeout_s=3 instead of hanging
     timeout = load(tmp_path, "timeout", 0)
     assert [f["code"] for f in timeout["findings"]] == ["CHECK_FAILED"]

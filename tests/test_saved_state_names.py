@@ -54,3 +54,17 @@ def test_dora_magnitude_maps_to_the_key_peft_saves():
     live = {saved_name(n, adapters) for n, p in model.named_parameters() if p.requires_grad}
     assert "transformer.h.0.attn.c_attn.lora_magnitude_vector" in saved
     assert live <= saved
+
+
+def test_prompt_tuning_is_saved_as_prompt_embeddings(tmp_path):
+    from models import tiny_gpt2
+    from peft import PromptTuningConfig, get_peft_model
+
+    from callbacks import Monitor
+
+    model = get_peft_model(tiny_gpt2(), PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4))
+    monitor = Monitor(policy="log", checks={"saved_state": {"enabled": True}})
+    assert [f.code for f in monitor.dispatch("init", model, step=0) if f.code == "UNSAVED_TRAINABLE"] == []
+    model.save_pretrained(tmp_path)
+    found = monitor.dispatch("checkpoint", model, step=1, checkpoint_dir=str(tmp_path))
+    assert [f.code for f in found if f.severity == "error"] == []

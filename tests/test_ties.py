@@ -178,3 +178,16 @@ def test_unknown_declared_name_is_check_failed_not_a_crash():
     findings = only_ties(declare_ties=[("tok_embeddings.weight", "head.weight")]).dispatch("init", LinguaLM(), step=0)
     assert codes(findings) == ["CHECK_FAILED"]
     assert "head.weight" in findings[0].message
+
+
+@pytest.mark.parametrize("method", ["prompt_tuning", "lora"])
+def test_peft_wrapped_tied_model_keeps_its_expected_tie(method):
+    from peft import LoraConfig, PromptTuningConfig, get_peft_model
+
+    config = (PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4) if method == "prompt_tuning"
+              else LoraConfig(r=4, target_modules=["q_proj"]))
+    model = get_peft_model(tiny_gemma2(tie=True), config)
+    assert [f.code for f in only_ties().dispatch("init", model, step=0) if f.severity != "info"] == []
+    inner = model.get_base_model()
+    inner.lm_head.weight = nn.Parameter(inner.lm_head.weight.detach().clone())
+    assert codes(only_ties().dispatch("init", model, step=0), "error") == ["TIE_BROKEN"]

@@ -155,6 +155,8 @@ def peft_contract(unit: AdapterUnit) -> Contract:
         return _peft_lora_contract(unit)
     if cfg is None:
         return Contract([], None, f"no {method} config found")
+    if getattr(cfg, "is_prompt_learning", False):
+        return Contract([], False, f"{method} adds virtual tokens: never identity")
     if method == "adalora":
         init = _cfg(cfg, "init_lora_weights", True)
         if init is True:
@@ -199,6 +201,8 @@ def adapters_lib_contract(unit: AdapterUnit) -> Contract:
         rules = [Rule("norm_before.weight", "ones"), Rule("norm_before.bias", "zero"),
                  Rule("norm_after.weight", "ones"), Rule("norm_after.bias", "zero"), Rule("scaling", "ones")]
         down = unit.part("down.weight")
+        if init in ("mam_adapter", "bert"):  # both initialise the gate with BERT's N(0, 0.02), bias 0
+            rules += [Rule("gate.weight", "spread", 0.02), Rule("gate.bias", "zero")]
         if init == "mam_adapter":
             rules += [Rule("up.weight", "zero"), Rule("up.bias", "zero"), Rule("down.bias", "zero")]
             if down is not None and down.param.dim() == 2:
@@ -454,7 +458,7 @@ def probe_inputs(model: nn.Module, extra: Mapping[str, Any] | None = None) -> di
     vocab = getattr(text, "vocab_size", None)
     if main != "input_ids" or not isinstance(vocab, int) or vocab < 2:
         return None
-    seq = min(16, int(getattr(text, "max_position_embeddings", 16) or 16))
+    seq = min(8, int(getattr(text, "max_position_embeddings", 8) or 8))
     ids = ((torch.arange(seq, device=device) * 7 + 3) % vocab).reshape(1, seq)
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     if getattr(config, "is_encoder_decoder", False):
@@ -541,7 +545,10 @@ def probe_identity(model: nn.Module, units: Sequence[AdapterUnit], batch: Mappin
                 base = _first_tensor(model(**batch))
     finally:
         for module, training in modes:
-            module.training = training
+            if module.training != training:
+                # the plain attribute nn.Module.train() sets, written without its per-call overhead and without
+                # recursing (each module gets its own saved mode back)
+                module.__dict__["training"] = training
         _restore_rng(rng)
     if adapted is None or base is None or adapted.shape != base.shape:
         return ProbeResult(skipped="the model's output has no comparable tensor")
@@ -794,12 +801,12 @@ class AdapterInitCheck(Check):
     def state_dict(self) -> dict[str, Any]:
         """Step bookkeeping of the dead-adapter check (plain data)."""
         return {"first_step": self.first_step, "nonzero": sorted(self.nonzero), "flagged": sorted(self.flagged),
-                "done": self.done, "loaded": self.loaded}
+                "done": self.done}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict`."""
+        """Restore :meth:`state_dict` (a resume: from here on the adapters are not judged as fresh)."""
         self.first_step = state.get("first_step")
         self.nonzero = set(state.get("nonzero", ()))
         self.flagged = set(state.get("flagged", ()))
         self.done = bool(state.get("done", False))
-        self.loaded = bool(state.get("loaded", self.loaded))
+        self.loaded = True  # state is restored only on resume: the adapters hold trained values

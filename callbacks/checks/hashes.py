@@ -205,6 +205,11 @@ class HashCheck(Check):
     @property
     def replicas_active(self) -> bool:
         """Whether replica hashes are exchanged (distributed, world size > 1, not sharded, not broken)."""
+        return self.group is not None and self.group.broken is None and self.replicas_note is None
+
+    @property
+    def group_usable(self) -> bool:
+        """Whether the bounded gloo group can be used (tied copies on other ranks are gathered through it)."""
         return self.group is not None and self.group.broken is None
 
     def _hash_due(self, step: int | None) -> bool:
@@ -247,14 +252,15 @@ class HashCheck(Check):
         if exchange.status == "failed":
             return []  # the failing rank reports CHECK_FAILED itself
         if exchange.status == "layout":
-            new = self._new_only(code + ":layout", ["<layout>"])
-            if not new:
-                return []
+            # every rank saw the same headers, so every rank stops exchanging at the same point
+            self.replicas_note = f"not compared: ranks hold different parameter layouts (counts {exchange.counts})"
             return [self.finding(
-                code, ctx, params=(),
-                message=f"ranks hold different {what} layouts (tensor counts per rank: {exchange.counts}); "
-                        "replicas cannot be compared",
-                hint="every data-parallel rank must build the same model and the same set of gradients",
+                "CHECK_NOT_APPLICABLE", ctx, params=(),
+                message=f"ranks hold different {what} layouts (tensor counts per rank: {exchange.counts}), so they "
+                        "are not data-parallel replicas; replica comparison is off from here",
+                hint="for pipeline stages or other model-parallel layouts set hashes.replicas: false (and declare "
+                     "copies of a tie kept on different stages in hashes.tied_copies); under plain DDP every rank "
+                     "must build the same model",
                 counts=exchange.counts)]
         mismatched = replica_mismatches(names, exchange.by_rank)
         new = self._new_only(code, mismatched)
@@ -287,11 +293,13 @@ class HashCheck(Check):
         self.rank, self.world_size = distributed_world()
         findings: list[Finding] = []
         self.sharded = self.world_size > 1 and is_sharded(ctx.model, params)
-        if self.config.replicas and self.world_size > 1 and self.group is None:
-            if self.sharded:
+        if self.world_size > 1 and self.group is None:
+            if not self.config.replicas:
+                self.replicas_note = "not compared (replicas: false)"
+            elif self.sharded:
                 self.replicas_note = "parameters are sharded (FSDP): shards differ by design and are not compared"
-            else:
-                self.group = ReplicaGroup(self.config.timeout_s)
+            if self.replicas_note is None or self.config.tied_copies:
+                self.group = ReplicaGroup(self.config.timeout_s)  # a collective: every rank decides alike
         if self.config.ledger and self.ledger is None:
             self.ledger = LedgerWriter(self.config.ledger, rank=self.rank, append=self.resumed)
         names = [n for n, _ in params]
@@ -353,7 +361,8 @@ class HashCheck(Check):
                     out[i] = value
                 return out
 
-            hashes, exchange = self._exchange(names, grads, compute)
+            # the layout key is built from the parameters: a gradient missing on one rank is a mismatch, not a layout
+            hashes, exchange = self._exchange(names, [p for _, p in params], compute)
             findings += self._replica_findings("GRAD_REPLICA_MISMATCH", ctx, names, exchange, "gradient")
             if self.ledger is not None:
                 self.ledger.write(ctx.step, "grad", names, hashes, clipped=ctx.grads_clipped)
@@ -486,8 +495,10 @@ class HashCheck(Check):
         if not new:
             return []
         first = min(since[n] for n in new) + 1
-        window = "before training" if now == 0 else (f"in step {now}" if first >= now else
-                                                      f"in steps {first}..{now}")
+        if ctx.event in ("init", "load"):  # a baseline restored with the monitor's state on resume
+            window = "before training" if now == 0 else f"between the checkpoint and the resume at step {now}"
+        else:
+            window = f"in step {now}" if first >= now else f"in steps {first}..{now}"
         return [self.finding(
             "FROZEN_CHANGED", ctx, params=new,
             message=f"{len(new)} parameter(s) with requires_grad=False changed {window}: "
@@ -507,7 +518,7 @@ class HashCheck(Check):
         values = hash_or_none(list(local.values()), self.config.backend)
         mine = {n: (v, tuple(local[n].shape), str(local[n].dtype)) for n, v in zip(local, values, strict=True)}
         merged: dict[str, tuple[int | None, tuple[int, ...], str]] = {}
-        if self.replicas_active:  # copies on other ranks (pipeline stages) join in; the lowest rank's value wins
+        if self.group_usable:  # copies on other ranks (pipeline stages) join in; the lowest rank's value wins
             for rank_values in self.group.all_gather_object(mine):
                 for n, v in rank_values.items():
                     merged.setdefault(n, v)
@@ -539,7 +550,7 @@ class HashCheck(Check):
     def report_section(self) -> dict[str, Any] | None:
         return {"frozen_tracked": len(self.frozen_baseline), "frozen_verified_step": self.frozen_verified_step,
                 "replicas": f"compared across {self.world_size} ranks" if self.replicas_active
-                else (self.replicas_note or "not compared (single process or disabled)"),
+                else (self.replicas_note or "not compared (single process)"),
                 "ledger": self.config.ledger}
 
     def state_dict(self) -> dict[str, Any]:

@@ -39,7 +39,7 @@ from callbacks.events import EventContext
 from callbacks.findings import Finding
 from callbacks.hashing import hash_tensors
 from callbacks.primitives.naming import named_parameters_all, storage_key, user_name
-from callbacks.primitives.probe import ProbeUnavailable, build_probe_batch, run_probe
+from callbacks.primitives.probe import build_probe_batch, run_probe
 from callbacks.primitives.tiemap import TieMap, build_tie_map
 
 # -- configuration ------------------------------------------------------------------------------------------------
@@ -99,17 +99,25 @@ class ParamSnapshot:
     memory: dict[str, tuple[Any, ...]]  # (device, storage pointer): views of one buffer share it
     dtypes: dict[str, torch.dtype]
     ties: TieMap
+    #: the parameters themselves (for sampling and NaN counts right after the snapshot; not compared)
+    tensors: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict, compare=False, repr=False)
 
 
-def snapshot_parameters(model: nn.Module, backend: str = "auto") -> ParamSnapshot:
-    """Hash every parameter of ``model`` once per tensor (tied names share one hash)."""
+def snapshot_parameters(model: nn.Module, backend: str = "auto", skip: set[int] | None = None) -> ParamSnapshot:
+    """Hash every parameter of ``model`` once per tensor (tied names share one hash).
+
+    ``skip``: ids of parameters left out (adapter weights that ``merge_and_unload`` removes: nothing after the
+    merge could be compared with them).
+    """
     storage: dict[str, tuple[Any, ...]] = {}
     memory: dict[str, tuple[Any, ...]] = {}
     dtypes: dict[str, torch.dtype] = {}
+    tensors: dict[str, torch.Tensor] = {}
     unique: dict[tuple[Any, ...], torch.Tensor] = {}
     for _raw, name, param in named_parameters_all(model):
-        if name in storage:
+        if name in storage or (skip and id(param) in skip):
             continue
+        tensors[name] = param
         key = storage_key(param)
         storage[name] = key
         dtypes[name] = param.dtype
@@ -120,7 +128,8 @@ def snapshot_parameters(model: nn.Module, backend: str = "auto") -> ParamSnapsho
     values = hash_tensors([unique[k].detach() for k in keys], backend=backend) if keys else []
     by_key = dict(zip(keys, values, strict=True))
     hashes = {name: by_key.get(key, -1) for name, key in storage.items()}
-    return ParamSnapshot(hashes=hashes, storage=storage, memory=memory, dtypes=dtypes, ties=build_tie_map(model))
+    return ParamSnapshot(hashes=hashes, storage=storage, memory=memory, dtypes=dtypes, ties=build_tie_map(model),
+                         tensors=tensors)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -518,6 +527,8 @@ class MergeCheck(Check):
         self.merges: list[dict[str, Any]] = []
 
     def on_merge(self, ctx: EventContext) -> Iterable[Finding]:
+        if ctx.extra.get("merge_check_error"):  # the engine turns this into CHECK_FAILED; the merge itself ran
+            raise RuntimeError(f"{ctx.extra['merge_check_error']} (the {ctx.extra.get('merge_method')} ran unchecked)")
         obs = ctx.extra.get("merge")
         if not isinstance(obs, MergeObservation):
             return ()
@@ -590,6 +601,17 @@ def _base_params(raw: str, layer: nn.Module, attr: str | None) -> tuple[str, ...
     return tuple(sorted({user_name(f"{path}.{pname}".lstrip(".")) for pname, _ in params}))
 
 
+def unloaded_parameters(library: str, model: nn.Module) -> set[int]:
+    """ids of the adapter weights an unload removes (every tuner-layer parameter that is not a base weight)."""
+    if library != "peft":
+        return set()
+    out: set[int] = set()
+    for _raw, layer in _peft_layers(model):
+        base = {id(p) for p in layer.get_base_layer().parameters()}
+        out |= {id(p) for p in layer.parameters()} - base
+    return out
+
+
 def _as_list(names: Any) -> list[str] | None:
     if names is None:
         return None
@@ -644,7 +666,10 @@ def probe_adapters(library: str, model: nn.Module, adapters: Sequence[str] | Non
     """
     saved: list[tuple[Any, str, Any]] = []
     try:
-        if library == "peft" and adapters is not None:
+        model_active = getattr(model, "active_adapters", None) if library == "peft" else None
+        if isinstance(model_active, (list, tuple, str)) and _as_list(model_active) == _as_list(adapters):
+            pass  # already the active set (PEFT keeps its layers in step with the model's active adapters)
+        elif library == "peft" and adapters is not None:
             for _raw, layer in _peft_layers(model):
                 if list(layer.active_adapters) != list(adapters):
                     saved.append((layer, "_active_adapter", layer.__dict__.get("_active_adapter", _MISSING)))
@@ -734,7 +759,11 @@ def checked_merge(monitor: Any, model: Any, method: str | None = None, *,
 def run_checked_merge(monitor: Any, model: Any, library: str, method: str, call: Callable[..., Any],
                       args: Sequence[Any], kwargs: Mapping[str, Any], *, step: int | None = None,
                       probe_inputs: Mapping[str, Any] | None = None) -> Any:
-    """Observe ``call(*args, **kwargs)`` (the merge method ``method`` of ``model``) and dispatch ``merge``."""
+    """Observe ``call(*args, **kwargs)`` (the merge method ``method`` of ``model``) and dispatch ``merge``.
+
+    The user's merge always runs: if observing the model fails, the merge runs unchecked and the failure is
+    reported as ``CHECK_FAILED`` (the merge check raises at the event).
+    """
     kind = MERGE_METHODS[library][method]
     check = monitor.check("merge")
     token = _IN_CHECKED_MERGE.set(True)
@@ -745,34 +774,15 @@ def run_checked_merge(monitor: Any, model: Any, library: str, method: str, call:
             monitor.dispatch("merge", model, step=step, extra={"merge_method": method})
             return merged
         config: MergeConfig = check.config
-        arguments = _bind(call, args, kwargs)
-        adapters, targets = discover_targets(library, model, kind, arguments)
-        before = snapshot_parameters(model, config.backend)
-        target_names = {p for t in targets for p in t.params}
-        target_memory = {before.memory[n] for n in target_names if n in before.memory}
-        # targets and the names sharing their memory (tied): what an unmerge must bring back
-        sampled = target_names | {n for n, m in before.memory.items() if m in target_memory}
-        samples: dict[str, WeightSample] = {}
-        samples_merged: dict[str, WeightSample] = {}
-        if kind == "merge" and method != "merge_and_unload":
-            samples = _samples(model, sampled, before, config.unmerge_sample)
-        elif kind == "unmerge":
-            samples_merged = _samples(model, sampled, before, config.unmerge_sample)
-
-        batch, probe_before, probe_skipped = None, None, None
-        if config.probe:
-            try:
-                batch = dict(probe_inputs) if probe_inputs is not None else build_probe_batch(model)
-                with probe_adapters(library, model, adapters):
-                    probe_before = run_probe(model, batch)
-            except ProbeUnavailable as err:
-                batch, probe_skipped = None, f"no probe: {err}"
-        batch_key = None
-        if batch is not None:
-            tensors = [v for _, v in sorted(batch.items()) if isinstance(v, torch.Tensor)]
-            batch_key = tuple(hash_tensors(tensors, backend=config.backend))
-        else:
-            probe_skipped = "probe disabled (checks.merge.probe: false)"
+        try:
+            state = _observe_before(library, model, kind, method, call, args, kwargs, config, probe_inputs)
+        except Exception as err:  # noqa: BLE001 - the user's merge must not fail because the check did
+            result = call(*args, **kwargs)
+            merged = result if isinstance(result, nn.Module) else model
+            monitor.dispatch("merge", model, step=step, extra={
+                "merge_method": method, "merge_check_error": f"observing the model before the merge: "
+                                                             f"{type(err).__name__}: {err}"})
+            return merged
 
         error: BaseException | None = None
         result = None
@@ -781,31 +791,13 @@ def run_checked_merge(monitor: Any, model: Any, library: str, method: str, call:
         except Exception as err:  # noqa: BLE001 - checked below, then re-raised
             error = err
         merged = result if isinstance(result, nn.Module) else model
-        after = snapshot_parameters(merged, config.backend)
-        changed = [n for n, h in before.hashes.items() if after.hashes.get(n, h) != h]
-        nonfinite_after = _nonfinite(merged, changed)
-        if kind == "unmerge":
-            samples = _samples(merged, sampled, after, config.unmerge_sample)
-        probe_after = None
-        if batch is not None and error is None:
-            # the merged model stands alone: the adapters library keeps the adapter, so it is switched off
-            after_adapters = None if (library == "adapters" and kind == "merge") else adapters
-            with probe_adapters(library, merged, after_adapters):
-                probe_after = run_probe(merged, batch)
-
-        covered: frozenset[tuple[str, ...]] = frozenset()
-        ties = monitor.check("ties")
-        if ties is not None and getattr(ties, "tie_map", None) is not None:
-            covered = frozenset(t.names for t in getattr(ties, "expected", ()))
-        obs = MergeObservation(
-            library=library, method=method, kind=kind, adapters=tuple(adapters), targets=targets, before=before,
-            after=after, probe_before=probe_before, probe_after=probe_after, probe_skipped=probe_skipped,
-            batch_key=batch_key,
-            error=error, samples=samples, samples_merged=samples_merged, nonfinite_after=nonfinite_after,
-            ties_covered=covered)
+        extra: dict[str, Any] = {"merge_method": method, "merged_model": merged}
         try:
-            monitor.dispatch("merge", model, step=step,
-                             extra={"merge": obs, "merge_method": method, "merged_model": merged})
+            extra["merge"] = _observe_after(library, monitor, merged, kind, method, state, error, config)
+        except Exception as err:  # noqa: BLE001 - reported as CHECK_FAILED by the merge check
+            extra["merge_check_error"] = f"observing the model after the merge: {type(err).__name__}: {err}"
+        try:
+            monitor.dispatch("merge", model, step=step, extra=extra)
         except IntegrityError as integrity:
             if error is not None:
                 raise integrity from error
@@ -817,24 +809,79 @@ def run_checked_merge(monitor: Any, model: Any, library: str, method: str, call:
         _IN_CHECKED_MERGE.reset(token)
 
 
-def _named_tensors(model: nn.Module, names: set[str]) -> dict[str, torch.Tensor]:
-    out: dict[str, torch.Tensor] = {}
-    for _raw, name, param in named_parameters_all(model):
-        if name in names and name not in out:
-            out[name] = param
-    return out
+def _observe_before(library: str, model: Any, kind: str, method: str, call: Callable[..., Any],
+                    args: Sequence[Any], kwargs: Mapping[str, Any], config: MergeConfig,
+                    probe_inputs: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Targets, hashes, samples and the probe output before the merge."""
+    adapters, targets = discover_targets(library, model, kind, _bind(call, args, kwargs))
+    skip = unloaded_parameters(library, model) if method == "merge_and_unload" else None
+    before = snapshot_parameters(model, config.backend, skip)
+    target_names = {p for t in targets for p in t.params}
+    target_memory = {before.memory[n] for n in target_names if n in before.memory}
+    # targets and the names sharing their memory (tied): what an unmerge must bring back
+    sampled = target_names | {n for n, m in before.memory.items() if m in target_memory}
+    state: dict[str, Any] = {
+        "adapters": tuple(adapters), "targets": targets, "before": before, "sampled": sampled, "samples": {},
+        "samples_merged": {}, "batch": None, "probe_before": None, "probe_skipped": None, "batch_key": None}
+    if kind == "merge" and method != "merge_and_unload":
+        state["samples"] = _samples(sampled, before, config.unmerge_sample)
+    elif kind == "unmerge":
+        state["samples_merged"] = _samples(sampled, before, config.unmerge_sample)
+    if not config.probe:
+        state["probe_skipped"] = "probe disabled (checks.merge.probe: false)"
+        return state
+    try:
+        batch = dict(probe_inputs) if probe_inputs is not None else build_probe_batch(model)
+        with probe_adapters(library, model, adapters):
+            state["probe_before"] = run_probe(model, batch)
+    except Exception as err:  # noqa: BLE001 - no probe input or a forward that fails: judged by hashes alone
+        state["probe_skipped"] = f"no probe: {type(err).__name__}: {err}"
+        return state
+    tensors = [v for _, v in sorted(batch.items()) if isinstance(v, torch.Tensor)]
+    state["batch"], state["batch_key"] = batch, tuple(hash_tensors(tensors, backend=config.backend))
+    return state
 
 
-def _samples(model: nn.Module, names: set[str], snapshot: ParamSnapshot, count: int) -> dict[str, WeightSample]:
+def _observe_after(library: str, monitor: Any, merged: Any, kind: str, method: str, state: dict[str, Any],
+                   error: BaseException | None, config: MergeConfig) -> MergeObservation:
+    """Hashes, samples and the probe output after the merge, with what was seen before: the observation."""
+    before: ParamSnapshot = state["before"]
+    after = snapshot_parameters(merged, config.backend)
+    changed = [n for n, h in before.hashes.items() if after.hashes.get(n, h) != h]
+    samples = state["samples"]
+    if kind == "unmerge":
+        samples = _samples(state["sampled"], after, config.unmerge_sample)
+    probe_after, probe_skipped = None, state["probe_skipped"]
+    if state["batch"] is not None and error is None:
+        # the merged model stands alone: the adapters library keeps the adapter, so it is switched off
+        after_adapters = None if (library == "adapters" and kind == "merge") else state["adapters"]
+        try:
+            with probe_adapters(detect_library(merged) or "none", merged, after_adapters):
+                probe_after = run_probe(merged, state["batch"])
+        except Exception as err:  # noqa: BLE001 - the merged model's forward fails: say so, judge by hashes
+            probe_skipped = f"probe of the merged model failed: {type(err).__name__}: {err}"
+    covered: frozenset[tuple[str, ...]] = frozenset()
+    ties = monitor.check("ties")
+    if ties is not None and getattr(ties, "tie_map", None) is not None:
+        covered = frozenset(t.names for t in getattr(ties, "expected", ()))
+    return MergeObservation(
+        library=library, method=method, kind=kind, adapters=state["adapters"], targets=state["targets"],
+        before=before, after=after, probe_before=state["probe_before"], probe_after=probe_after,
+        probe_skipped=probe_skipped, batch_key=state["batch_key"], error=error, samples=samples,
+        samples_merged=state["samples_merged"], nonfinite_after=_nonfinite(after, changed), ties_covered=covered)
+
+
+def _samples(names: set[str], snapshot: ParamSnapshot, count: int) -> dict[str, WeightSample]:
     return {name: WeightSample(hash=snapshot.hashes[name], sample=strided_sample(param, count), dtype=param.dtype)
-            for name, param in _named_tensors(model, names).items() if param.device.type != "meta"}
+            for name, param in snapshot.tensors.items() if name in names and param.device.type != "meta"}
 
 
-def _nonfinite(model: nn.Module, names: Iterable[str]) -> dict[str, int]:
+def _nonfinite(snapshot: ParamSnapshot, names: Iterable[str]) -> dict[str, int]:
     """NaN/Inf counts of the (changed) parameters ``names`` that are floating point."""
     out = {}
-    for name, param in _named_tensors(model, set(names)).items():
-        if param.is_floating_point() and param.device.type != "meta":
+    for name in names:
+        param = snapshot.tensors.get(name)
+        if param is not None and param.is_floating_point() and param.device.type != "meta":
             out[name] = int((~torch.isfinite(param.detach())).sum())
     return out
 

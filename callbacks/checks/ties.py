@@ -202,6 +202,9 @@ class TieCheck(Check):
         return self._broken(ctx)
 
     def on_merge(self, ctx: EventContext) -> Iterable[Finding]:
+        # a merge_and_unload changes raw names (``x.base_layer.weight`` -> ``x.weight``), not user names:
+        # look the parameters up as the model spells them now
+        self.names = {**self.names, **raw_names(ctx.model)}
         return self._broken(ctx)
 
     def on_load(self, ctx: EventContext) -> Iterable[Finding]:
@@ -230,10 +233,7 @@ class TieCheck(Check):
             return []
         findings = []
         now_broken = set()
-        # names as the model spells them now first: a merge_and_unload or a re-wrap changes raw names
-        # (``x.base_layer.weight`` -> ``x.weight``) without changing user names
-        names = {**self.names, **raw_names(ctx.model)}
-        for tie, what in broken_ties(ctx.model, self.expected, names):
+        for tie, what in broken_ties(ctx.model, self.expected, self.names):
             now_broken.add(tie.names)
             if tie.names in self.reported:
                 continue  # reported once until it holds again

@@ -61,6 +61,27 @@ def hash_with_stats(tensors: Sequence[torch.Tensor], backend: Backend = "auto") 
     )
 
 
+def hash_stats_tensor(tensors: Sequence[torch.Tensor], backend: Backend = "auto") -> torch.Tensor:
+    """(n, 3) int64 tensor on the tensors' device: hash bits (as int64), NaN/Inf count, non-zero count.
+
+    No host synchronisation on the fused path: all-gather column 0 across replicas (8 bytes per tensor) and
+    compare bitwise; ``tensor[:, 0].view(torch.uint64)`` (or ``& (2**64 - 1)`` per value) gives the unsigned hashes.
+    """
+    tensors = list(tensors)
+    if resolve_backend(backend, tensors) == "triton":
+        from callbacks.hashing.fused import fused_hash_table
+
+        return fused_hash_table(tensors)
+    device = tensors[0].device if tensors else torch.device("cpu")
+    if not tensors:
+        return torch.zeros((0, 3), dtype=torch.int64)
+    sums = torch.stack([reference.unit_sum_tensor(t) for t in tensors])
+    hashes = reference.finalize_tensor(sums, reference.headers_tensor(tensors, device))
+    counts = torch.tensor([[reference.nonfinite_count(t), reference.nonzero_count(t)] for t in tensors],
+                          dtype=torch.int64, device=device)
+    return torch.cat([hashes[:, None], counts], dim=1)
+
+
 def hash_tensors(tensors: Sequence[torch.Tensor], backend: Backend = "auto") -> list[int]:
     """64-bit hashes (unsigned Python ints) of ``tensors``; equal bytes, dtype and shape give equal hashes."""
     tensors = list(tensors)
@@ -69,4 +90,12 @@ def hash_tensors(tensors: Sequence[torch.Tensor], backend: Backend = "auto") -> 
     return reference.hash_tensors(tensors)
 
 
-__all__ = ["BACKENDS", "HashStats", "hash_tensors", "hash_with_stats", "resolve_backend", "triton_available"]
+__all__ = [
+    "BACKENDS",
+    "HashStats",
+    "hash_stats_tensor",
+    "hash_tensors",
+    "hash_with_stats",
+    "resolve_backend",
+    "triton_available",
+]

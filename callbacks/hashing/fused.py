@@ -304,7 +304,7 @@ def fused_hash_table(
         raise ValueError("fused hash: all tensors must be on one device")
     if device.type != "cuda" and not INTERPRET:
         raise RuntimeError("the fused hash kernel needs CUDA tensors (or TRITON_INTERPRET=1 on CPU)")
-    if rows & (rows - 1) or chunk % (16 * rows):
+    if rows & (rows - 1) or chunk % (16 * rows) or chunk > 1 << 30:  # per-chunk counts are int32
         raise ValueError("rows must be a power of two and chunk a multiple of 16 * rows")
     # the hash is defined on contiguous bytes; keep the copies alive until the kernel has run
     tensors = [t if t.is_contiguous() else t.contiguous() for t in tensors]

@@ -154,12 +154,32 @@ def _join(*names: str) -> str:
     return ".".join(n for n in names if n)
 
 
-def _peft_units(model: nn.Module) -> list[AdapterUnit]:
-    configs = find_peft_configs(model)
+def _peft_prompt_units(modules: Mapping[str, nn.Module], configs: Mapping[str, Any]) -> list[AdapterUnit]:
+    """PEFT prompt learning (prompt / prefix / p-tuning): the ``prompt_encoder`` of a ``PeftModel``."""
     units = []
-    for raw_layer, module in model.named_modules():
-        if not _is_peft_tuner_layer(module):
+    for raw_owner, owner in modules.items():
+        encoders = owner.__dict__.get("_modules", {}).get("prompt_encoder")
+        if not isinstance(encoders, nn.ModuleDict) or not isinstance(getattr(owner, "peft_config", None), Mapping):
             continue
+        active = getattr(owner, "active_adapter", None)
+        for adapter, encoder in encoders.items():
+            raw_layer = _join(raw_owner, "prompt_encoder", adapter)
+            parts = [AdapterPart(pname, user_name(_join(raw_layer, pname)), _join(raw_layer, pname), p)
+                     for pname, p in encoder.named_parameters()]
+            config = configs.get(adapter)
+            units.append(AdapterUnit(
+                library="peft", method=_peft_method(encoder, config), adapter=adapter, layer=user_name(raw_layer),
+                module=encoder, parts=parts, config=config, active=adapter == active, base=None))
+    return units
+
+
+def _peft_units(model: nn.Module, modules: Mapping[str, nn.Module]) -> list[AdapterUnit]:
+    if "peft" not in sys.modules:
+        return []
+    configs = find_peft_configs(model)
+    units = _peft_prompt_units(modules, configs) if configs else []
+    tuner_layers = [(raw, m) for raw, m in modules.items() if _is_peft_tuner_layer(m)]
+    for raw_layer, module in tuner_layers:
         active_names = set(getattr(module, "active_adapters", []) or [])
         disabled = bool(getattr(module, "disable_adapters", False))
         by_adapter: dict[str, list[AdapterPart]] = {}
@@ -262,11 +282,14 @@ def _parent_name(name: str) -> str:
     return name.rsplit(".", 1)[0] if "." in name else ""
 
 
-def _adapters_lib_units(model: nn.Module) -> list[AdapterUnit]:
+def _adapters_lib_units(model: nn.Module, modules: Mapping[str, nn.Module]) -> list[AdapterUnit]:
+    if "adapters" not in sys.modules:
+        return []
+    found = [(raw, m, kind) for raw, m in modules.items() if (kind := _adapters_lib_kind(m)) is not None]
+    if not found:
+        return []
     root_config = find_adapters_config(model)
     active = _active_adapters_lib(root_config)
-    modules = dict(model.named_modules())
-    found = [(raw, m, kind) for raw, m in modules.items() if (kind := _adapters_lib_kind(m)) is not None]
     adapter_params = {id(p) for _, m, _ in found for p in m.parameters()}
     units = []
     for raw_layer, module, kind in found:
@@ -307,12 +330,11 @@ def normalise_custom_roles(modules: Mapping[str, str]) -> dict[str, str]:
     return out
 
 
-def _custom_units(model: nn.Module, modules: Mapping[str, str], taken: set[int]) -> list[AdapterUnit]:
+def _custom_units(named: Mapping[str, nn.Module], modules: Mapping[str, str], taken: set[int]) -> list[AdapterUnit]:
     """Hand-written adapters: each matched module is a part with its role; units group parts by parent module."""
     if not modules:
         return []
     roles = normalise_custom_roles(modules)
-    named = dict(model.named_modules())
     grouped: dict[str, list[AdapterPart]] = {}
     role_of: dict[str, dict[str, str]] = {}
     for raw, module in named.items():
@@ -338,9 +360,10 @@ def _custom_units(model: nn.Module, modules: Mapping[str, str], taken: set[int])
 
 def discover_adapters(model: nn.Module, custom_modules: Mapping[str, str] | None = None) -> list[AdapterUnit]:
     """Every adapter unit of ``model`` (PEFT, ``adapters`` library, hand-written by ``custom_modules``)."""
-    units = _peft_units(model) + _adapters_lib_units(model)
+    modules = dict(model.named_modules())
+    units = _peft_units(model, modules) + _adapters_lib_units(model, modules)
     taken = {id(p.param) for u in units for p in u.parts}
-    units += _custom_units(model, custom_modules or {}, taken)
+    units += _custom_units(modules, custom_modules or {}, taken)
     return units
 
 

@@ -62,7 +62,11 @@ def unwrap_model(model: Any) -> Any:
             continue
         peft_cls = _peft_model_class()
         if peft_cls is not None and isinstance(model, peft_cls):
-            model = model.base_model.model
+            # tuners: PeftModel.base_model is the tuner model and .model the user's; prompt learning:
+            # base_model is the user's model itself
+            inner = model.base_model
+            model = getattr(inner, "model", inner) if not hasattr(inner, "config") or hasattr(inner, "peft_config") \
+                else inner
             continue
         inner = getattr(model, "_fsdp_wrapped_module", None)
         if isinstance(inner, nn.Module):

@@ -28,6 +28,8 @@ from callbacks.primitives.naming import named_parameters_all, user_name
 MODULES_TO_SAVE = "modules_to_save"
 #: DoRA's magnitude: live ``<layer>.lora_magnitude_vector.<adapter>.weight``, saved ``<layer>.lora_magnitude_vector``
 DORA_MAGNITUDE = "lora_magnitude_vector"
+#: PEFT prompt learning: every ``prompt_encoder.<adapter>.*`` parameter is saved as the one ``prompt_embeddings``
+PROMPT_ENCODER, PROMPT_EMBEDDINGS = "prompt_encoder", "prompt_embeddings"
 
 
 def find_peft_model(model: Any) -> Any | None:
@@ -71,6 +73,8 @@ def _saved_name(name: str, adapters: tuple[str, ...]) -> str:
     # cached: every checkpoint event maps the same few thousand names again
     name = user_name(name)
     adapters = set(adapters)
+    if adapters and name.split(".", 1)[0] == PROMPT_ENCODER:
+        return PROMPT_EMBEDDINGS  # prompt learning saves the encoder's output under one key
     if not adapters and f".{MODULES_TO_SAVE}." not in name:
         return name
     parts = name.split(".")

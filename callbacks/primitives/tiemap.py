@@ -125,9 +125,13 @@ def hf_expected_ties(model: Any) -> list[ExpectedTie]:
     if config is None or not hasattr(inner, "get_input_embeddings"):
         return []
     ties: dict[tuple[str, ...], ExpectedTie] = {}
+    # names relative to the HF model, made raw names of the model we were given, then user names: the same
+    # path the tie map's names take, so both agree whatever the wrappers (PEFT tuners or prompt learning)
+    path = _module_name(model, inner) if isinstance(model, nn.Module) else ""
+    prefix = f"{path}." if path else ""
 
     def add(a: str, b: str) -> None:
-        names = tuple(sorted({user_name(a), user_name(b)}))
+        names = tuple(sorted({user_name(prefix + a), user_name(prefix + b)}))
         if len(names) == 2:
             ties[names] = ExpectedTie(names=names, source="config")
 

@@ -4,7 +4,8 @@
 Runs, in one launch, three short Trainer jobs with the IntegrityCallback (policy log, defaults otherwise):
 ``healthy``; ``grad`` (rank 1 adds 1e-3 to one gradient after the all-reduce, before the optimizer step 2);
 ``param`` (rank 1 adds 1e-3 to one parameter after optimizer step 2). Then ``timeout``: rank 1 skips one
-exchange of a plain Monitor and rank 0 must get CHECK_FAILED within the bounded wait instead of hanging.
+exchange of a plain Monitor and rank 0 must get CHECK_FAILED within the bounded wait instead of hanging;
+before it, ``tied``: a tie kept by copying across two ranks (pipeline-like), diverged on rank 1 at step 2.
 Each rank writes ``OUT_DIR/<job>.rank<r>.json`` with its findings.
 """
 
@@ -72,6 +73,7 @@ def run_trainer(job):
 
 def run_timeout():
     """Rank 1 never reaches the step-1 exchange (as if it crashed there): rank 0 must not hang."""
+    torch.manual_seed(0)  # replicas start equal (an unseeded init would be a PARAM_REPLICA_MISMATCH at init)
     model = torch.nn.Linear(4, 4)
     mon = Monitor(policy="log", checks={"hashes": {"timeout_s": 3}})
     mon.dispatch("init", model, step=0)
@@ -83,7 +85,32 @@ def run_timeout():
     dump("timeout", mon.findings, waited_s=time.monotonic() - start)
 
 
+def run_tied():
+    """Pipeline-like: rank 0 holds the embedding, rank 1 the head, a tie kept by copying across ranks. Rank 1
+    updates its copy at step 2 without syncing it back: TIE_DIVERGED on every rank. The ranks hold different
+    layouts, so replica comparison (on by default) turns itself off with CHECK_NOT_APPLICABLE at init."""
+    torch.manual_seed(0)
+    weight = torch.randn(8, 4)
+    model = torch.nn.Module()
+    if dist.get_rank() == 0:
+        model.emb = torch.nn.Embedding(8, 4, _weight=weight.clone())
+    else:
+        model.head = torch.nn.Linear(4, 8, bias=False)
+        model.head.weight.data.copy_(weight)
+    mon = Monitor(policy="log", checks={"hashes": {"tied_copies": [["emb.weight", "head.weight"]], "timeout_s": 30}})
+    mon.dispatch("init", model, step=0)
+    for step in (1, 2, 3):
+        if step == 2 and dist.get_rank() == 1:
+            with torch.no_grad():
+                model.head.weight.add_(0.01)
+        mon.dispatch("step", model, step=step, phase="before_optimizer")
+        mon.dispatch("step", model, step=step, phase="after_optimizer")
+    mon.dispatch("end", model, step=3)
+    dump("tied", mon.findings)
+
+
 for job in ("healthy", "grad", "param"):
     run_trainer(job)
+run_tied()
 run_timeout()
 dist.barrier()
