@@ -74,6 +74,19 @@ def test_sharded_safetensors_with_index(tmp_path):
     assert len(listing.files) == 1 + len(shards)
 
 
+def test_lightning_ckpt_with_hyperparameter_objects_lists(tmp_path):
+    """weights_only=True refuses a ckpt whose hyper_parameters hold a custom object; listing keys does not."""
+    from argparse import Namespace
+
+    state = small_state()
+    torch.save({"state_dict": state, "hyper_parameters": {"args": Namespace(lr=0.1)}}, tmp_path / "x.ckpt")
+    with pytest.raises(Exception, match="Weights only load failed"):
+        torch.load(tmp_path / "x.ckpt", weights_only=True)
+    listing = list_checkpoint(str(tmp_path / "x.ckpt"))
+    assert not listing.errors and set(listing.keys) == set(state)
+    assert listing.tensors["head.bias"].dtype == "bfloat16" and listing.tensors["emb.weight"].shape == (8, 4)
+
+
 def test_torch_bin_lightning_ckpt_and_nested_dicts(tmp_path):
     state = small_state()
     torch.save(state, tmp_path / "pytorch_model.bin")
@@ -202,8 +215,11 @@ def test_pickle_with_code_is_refused_not_run(tmp_path):
             return (os.system, ("touch " + str(tmp_path / "pwned"),))
 
     torch.save({"w": torch.zeros(1), "x": Evil()}, tmp_path / "pytorch_model.bin")
-    err = the_error(list_checkpoint(str(tmp_path)))
-    assert "weights_only=True refuses" in err.reason and not (tmp_path / "pwned").exists()
+    listing = list_checkpoint(str(tmp_path))  # keys from data.pkl: the payload is an opaque stand-in, never run
+    assert not listing.errors and listing.keys == ["w"] and not (tmp_path / "pwned").exists()
+    with pytest.raises(CheckpointReadError, match="weights_only=True refuses"):
+        read_tensors(str(tmp_path))  # reading values is torch.load(weights_only=True): refused, not run
+    assert not (tmp_path / "pwned").exists()
     os.makedirs(tmp_path / "dcp")
     with open(tmp_path / "dcp" / ".metadata", "wb") as fh:
         pickle.dump(Evil(), fh)

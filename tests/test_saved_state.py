@@ -339,3 +339,24 @@ def test_check_changes_no_file_no_flag_no_rng(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(params, model.parameters(), strict=True))
     assert torch.equal(torch.get_rng_state(), rng[0]) and random.getstate() == rng[1]
     assert mon.check("saved_state").state_dict()["history"]  # plain picklable data
+
+
+@pytest.mark.parametrize("in_modules_to_save", [False, True], ids=["unfrozen_by_hand", "in_modules_to_save"])
+def test_hand_unfrozen_layernorm_under_peft(tmp_path, in_modules_to_save):
+    from models import tiny_vit_classifier
+
+    norm = "vit.layers.1.layernorm_after"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        saved_modules = ["classifier", *([norm] if in_modules_to_save else [])]
+        model = get_peft_model(tiny_vit_classifier(),
+                               LoraConfig(target_modules=["q_proj", "v_proj"], modules_to_save=saved_modules))
+    if not in_modules_to_save:
+        model.base_model.model.get_submodule(norm).requires_grad_(True)
+    model.save_pretrained(tmp_path)
+    found = monitor(verify_values=True).dispatch("checkpoint", model, step=3, checkpoint_dir=str(tmp_path))
+    if in_modules_to_save:
+        assert found == []
+    else:
+        assert sorted(f.params for f in found) == [(f"{norm}.bias",), (f"{norm}.weight",)]
+        assert f"add the module that holds it, {norm!r}, to modules_to_save" in found[0].hint

@@ -192,8 +192,8 @@ def fix_hint(model: Any, missing: Unsaved, framework: str) -> str:
                 "(model.tie_weights()), or set tie_word_embeddings=False in the config so both are saved")
     if framework == "peft":
         peft_model = find_peft_model(model)
-        config = getattr(peft_model, "peft_config", {}).get(getattr(peft_model, "active_adapter", "default"))
-        listed = list(getattr(config, "modules_to_save", None) or [])
+        listed = [entry for config in getattr(peft_model, "peft_config", {}).values()
+                  for entry in (getattr(config, "modules_to_save", None) or [])]
         embedding = _input_embedding_weight(model)
         if embedding is not None and embedding is missing.tensor.tensor:
             return (f"PEFT saves only adapters and modules_to_save: for new token rows add "

@@ -5,8 +5,10 @@ Formats:
 - safetensors: one file, or shards with a ``*.safetensors.index.json``. Keys, dtypes and shapes come from the
   JSON header (parsed and validated here: the header length, the JSON, each entry's byte range against the
   file size); no tensor data is read to list keys.
-- torch zip pickles: ``pytorch_model.bin``, Lightning ``.ckpt``, accelerate ``pytorch_model[_i].bin``. Always
-  ``torch.load(weights_only=True, mmap=True)``: storages are memory-mapped, never read, to list keys.
+- torch zip pickles: ``pytorch_model.bin``, Lightning ``.ckpt``, accelerate ``pytorch_model[_i].bin``. Keys come
+  from the zip's ``data.pkl`` alone, unpickled by a restricted unpickler that builds (dtype, shape) records and
+  imports nothing else: no storage is read and no code from the file runs. Reading values (``read_tensors``)
+  is ``torch.load(weights_only=True, mmap=True)``.
 - ``torch.distributed.checkpoint`` folders: the ``.metadata`` file only, unpickled by a restricted unpickler that
   builds nothing but DCP metadata classes (``FileSystemReader.read_metadata`` would use plain ``pickle``).
 
@@ -21,6 +23,7 @@ listing's ``errors`` (the file and the reason). :func:`read_tensors` raises the 
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import os
 import pickle
@@ -198,13 +201,13 @@ def torch_load_mmap(path: str) -> Any:
         raise CheckpointReadError(path, f"unreadable torch file ({type(err).__name__}: {reason})") from None
 
 
-def _flatten_tensors(obj: Any, prefix: str, out: dict[str, torch.Tensor]) -> None:
-    if isinstance(obj, torch.Tensor):
+def _flatten(obj: Any, prefix: str, out: dict[str, Any], leaf: type = torch.Tensor) -> None:
+    if isinstance(obj, leaf):
         out[prefix[:-1]] = obj
     elif isinstance(obj, Mapping):
         for key, value in obj.items():
             if isinstance(key, str):
-                _flatten_tensors(value, f"{prefix}{key}.", out)
+                _flatten(value, f"{prefix}{key}.", out, leaf)
 
 
 def torch_state_dict(obj: Any, path: str) -> tuple[Mapping[str, Any], str]:
@@ -219,19 +222,125 @@ def torch_state_dict(obj: Any, path: str) -> tuple[Mapping[str, Any], str]:
         if all(isinstance(v, torch.Tensor) for v in obj.values()):
             return obj, "torch"
         flat: dict[str, torch.Tensor] = {}
-        _flatten_tensors(obj, "", flat)
+        _flatten(obj, "", flat)
         return flat, "torch"
     raise CheckpointReadError(path, f"expected a state dict, found {type(obj).__name__}")
 
 
+#: legacy typed-storage class names in torch pickles -> dtype name
+_STORAGE_DTYPES = {
+    "FloatStorage": "float32", "DoubleStorage": "float64", "HalfStorage": "float16", "BFloat16Storage": "bfloat16",
+    "LongStorage": "int64", "IntStorage": "int32", "ShortStorage": "int16", "CharStorage": "int8",
+    "ByteStorage": "uint8", "BoolStorage": "bool", "ComplexFloatStorage": "complex64",
+    "ComplexDoubleStorage": "complex128", "Float8_e4m3fnStorage": "float8_e4m3fn", "Float8_e5m2Storage": "float8_e5m2",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class _StorageMeta:
+    dtype: str
+    key: str
+    numel: int
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorMeta:
+    """A tensor as a torch pickle describes it (dtype and shape), built without its storage."""
+
+    dtype: str
+    shape: tuple[int, ...]
+
+
+class _Opaque:
+    """Stands in for any object of a torch pickle other than tensors and containers; runs nothing."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        pass
+
+    def __setstate__(self, state: Any) -> None:
+        pass
+
+    def __call__(self, *args: Any, **kwargs: Any) -> _Opaque:
+        return _Opaque()
+
+
+def _rebuild_tensor_meta(storage: Any, storage_offset: int, size: Any, *args: Any, **kwargs: Any) -> Any:
+    if isinstance(storage, _StorageMeta):
+        return TensorMeta(dtype=storage.dtype, shape=tuple(int(s) for s in size))
+    return _Opaque()
+
+
+def _rebuild_parameter_meta(data: Any, *args: Any, **kwargs: Any) -> Any:
+    return data
+
+
+class _TorchMetadataUnpickler(pickle.Unpickler):
+    """Unpickles a torch zip's ``data.pkl`` into :class:`TensorMeta` and containers: storages are never loaded
+    and no global is imported except the safe containers below (everything else becomes :class:`_Opaque`)."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if module == "torch._utils" and name == "_rebuild_tensor_v2":
+            return _rebuild_tensor_meta
+        if module == "torch._utils" and name in ("_rebuild_parameter", "_rebuild_parameter_with_state"):
+            return _rebuild_parameter_meta
+        if module == "collections" and name == "OrderedDict":
+            import collections
+
+            return collections.OrderedDict
+        if module == "torch" and name in _STORAGE_DTYPES:
+            return _STORAGE_DTYPES[name]
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return str(getattr(torch, name)).removeprefix("torch.")
+        return _Opaque
+
+    def persistent_load(self, pid: Any) -> Any:
+        # ("storage", storage type (a dtype name from find_class, or a torch.dtype), key, location, numel)
+        if isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage":
+            dtype = pid[1] if isinstance(pid[1], str) else "unknown"
+            return _StorageMeta(dtype=dtype, key=str(pid[2]), numel=int(pid[4]))
+        return _Opaque()
+
+
+def read_torch_metadata(path: str) -> Any:
+    """The object a torch zip pickle holds, with every tensor as a :class:`TensorMeta` (dtype, shape).
+
+    Reads the zip directory and ``data.pkl`` only; no storage is read and no code from the file runs, so
+    checkpoints whose extra entries (hyper-parameters, configs) ``weights_only=True`` would refuse still list.
+    """
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            pickles = [n for n in archive.namelist() if n == "data.pkl" or n.endswith("/data.pkl")]
+            if not pickles:
+                raise CheckpointReadError(path, "unreadable torch file (a zip without data.pkl)")
+            data = archive.read(pickles[0])
+    except zipfile.BadZipFile as err:
+        reason = "not a zip archive: truncated, corrupt, or the legacy (pre-1.6) torch format"
+        raise CheckpointReadError(path, f"unreadable torch file ({reason}: {err})") from None
+    except OSError as err:
+        raise CheckpointReadError(path, f"cannot read file ({err})") from None
+    try:
+        return _TorchMetadataUnpickler(io.BytesIO(data)).load()
+    except Exception as err:  # noqa: BLE001 - any unpickling failure is a bad file
+        raise CheckpointReadError(path, f"unreadable torch file (data.pkl: {type(err).__name__}: {err})") from None
+
+
 def list_torch_file(path: str) -> tuple[dict[str, SavedTensor], str]:
-    """Tensor entries of a torch zip pickle (memory-mapped; tensor data is not read) and its format."""
-    state, fmt = torch_state_dict(torch_load_mmap(path), path)
+    """Tensor entries of a torch zip pickle from its ``data.pkl`` only (:func:`read_torch_metadata`), and its
+    format (``lightning`` or ``torch``)."""
+    obj = read_torch_metadata(path)
+    if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
+        state, fmt = obj["state_dict"], "lightning"
+    elif isinstance(obj, Mapping):
+        state, fmt = {}, "torch"
+        _flatten(obj, "", state, TensorMeta)
+    else:
+        raise CheckpointReadError(path, f"expected a state dict, found {type(obj).__name__}")
     entries = {}
     for key, value in state.items():
-        if isinstance(value, torch.Tensor):
-            entries[key] = SavedTensor(key=key, dtype=str(value.dtype).removeprefix("torch."),
-                                       shape=tuple(value.shape), file=path)
+        if isinstance(value, TensorMeta) and isinstance(key, str):
+            entries[key] = SavedTensor(key=key, dtype=value.dtype, shape=value.shape, file=path)
     return entries, fmt
 
 

@@ -132,6 +132,8 @@ def choose_prefix(keys: Iterable[str], live: Iterable[str], adapters: Iterable[s
         hits = len(live_set & names)
         if hits > best_hits:
             best_prefix, best_hits = prefix, hits
+        if best_hits == len(live_set):
+            break  # every live name found (the usual case, prefix ""): no other prefix can do better
     return best_prefix
 
 
