@@ -1,6 +1,7 @@
-"""Replica checks under FSDP2 (``fully_shard``), real torch.distributed (gloo, 2 CPU processes, one torchrun
-launch running every job of tests/dist_scripts/fsdp_replicas.py in sequence), and the partition arithmetic that
-decides which ranks must agree (HSDP meshes larger than 2 ranks, checked without launching them)."""
+"""Replica checks under FSDP2 (``fully_shard``) with real torch.distributed (gloo, CPU): one torchrun launch of
+2 processes running the 2-rank jobs of tests/dist_scripts/fsdp_replicas.py in sequence, one of 4 processes for a
+(2, 2) HSDP mesh whose replicate groups are real subgroups; and the partition arithmetic that decides which
+ranks must agree."""
 
 from __future__ import annotations
 
@@ -45,6 +46,7 @@ def test_fsdp2_replicate_groups_under_torchrun(tmp_path):
         assert fsdp["local_shapes"][TARGET] == [16, 32]
         assert [(f["code"], f["severity"], f["event"]) for f in fsdp["findings"]] == [
             ("CHECK_NOT_APPLICABLE", "info", "init")]
+        assert "(pure FSDP)" in fsdp["findings"][0]["message"]
         assert fsdp["section"]["replicas"].startswith("not compared: parameters are sharded with no replicate")
         # the root left out of fully_shard: its plain ``scale`` is a DDP-style replica that nothing synchronises.
         # Its gradient differs from step 1; AdamW's first update is lr*sign(grad), equal on both ranks, so the
@@ -53,6 +55,36 @@ def test_fsdp2_replicate_groups_under_torchrun(tmp_path):
             ("GRAD_REPLICA_MISMATCH", "step", 1, ("scale",), (0, 1)),
             ("PARAM_REPLICA_MISMATCH", "step", 2, ("scale",), (0, 1)),
         ]
+
+
+@pytest.mark.slow
+def test_hsdp_2x2_compares_only_within_replicate_subgroups(tmp_path):
+    """4 processes (the smallest world where a replicate group is a real subgroup, not every rank): mesh (2, 2)
+    as (replicate, shard); ranks 0 and 2 hold shard 0, ranks 1 and 3 shard 1."""
+    launch(["-m", "torch.distributed.run", "--nproc_per_node", "4", "--master_addr", "127.0.0.1",
+            "--master_port", str(free_port()), os.path.join(HERE, "dist_scripts", "fsdp_replicas.py")], tmp_path,
+           timeout=90)
+    for rank in range(4):
+        healthy = load(tmp_path, "hsdp4_healthy", rank)
+        assert healthy["findings"] == []
+        group = [[0, 2]] if rank % 2 == 0 else [[1, 3]]
+        assert healthy["section"]["replicas"] == f"compared within replicate groups {group} (local shards)"
+        assert healthy["local_shapes"][TARGET] == [16, 32]
+        # rank 3 nudged its gradient shard: only its replicate peer (rank 1) sees it; ranks 0 and 2 hold the other
+        # shard and are never compared with ranks 1 and 3
+        expected = [("GRAD_REPLICA_MISMATCH", "step", 2, (TARGET,), (1, 3)),
+                    ("PARAM_REPLICA_MISMATCH", "step", 2, (TARGET,), (1, 3))] if rank in (1, 3) else []
+        assert problems(load(tmp_path, "hsdp4_grad", rank)) == expected
+    # bounded wait inside a subgroup: rank 3 skipped the exchange; rank 1 gets CHECK_FAILED after timeout_s=3,
+    # ranks 0 and 2 (the other group) finish at once without a finding
+    timeout = load(tmp_path, "hsdp4_timeout", 1)
+    assert [f["code"] for f in timeout["findings"]] == ["CHECK_FAILED"]
+    assert "within 3s" in timeout["findings"][0]["message"]
+    assert timeout["waited_s"] < 20
+    assert timeout["section"]["replicas"].startswith("stopped after a failed exchange with ranks [1, 3]")
+    for rank in (0, 2):
+        other = load(tmp_path, "hsdp4_timeout", rank)
+        assert other["findings"] == [] and other["waited_s"] < 2
 
 
 def mesh_of(*shape: int) -> SimpleNamespace:

@@ -643,6 +643,9 @@ class HashCheck(Check):
             replicas = f"compared within replicate groups {[list(g) for g in groups]} (local shards)"
         elif self.replicas_active:
             replicas = f"compared across {self.world_size} ranks"
+        elif any(g.broken for g in self.routes.values()):
+            broken = next(g for g in self.routes.values() if g.broken)
+            replicas = f"stopped after a failed exchange with ranks {broken.ranks}: {broken.broken}"
         else:
             replicas = self.replicas_note or "not compared (single process)"
         return {"frozen_tracked": len(self.frozen_baseline), "frozen_verified_step": self.frozen_verified_step,
