@@ -221,8 +221,9 @@ class HashCheck(Check):
         self.routes: dict[Partition, ReplicaGroup] = {}
         #: partitions no longer compared (their ranks hashed different layouts), with why
         self.route_notes: dict[Partition, str] = {}
-        #: parameter name -> its partition (computed once per name: meshes and placements do not change)
-        self._partition_by_name: dict[str, Partition] = {}
+        #: (id of a device mesh, placements) -> partition: computed once per mesh layout, not per tensor and step
+        #: (plain tensors under key (0, ()): all ranks)
+        self._partition_by_layout: dict[tuple[int, tuple[Any, ...]], Partition] = {}
         #: ids of the frozen parameters seen at the last step (new ones get a baseline)
         self._frozen_seen: set[int] = set()
 
@@ -235,10 +236,17 @@ class HashCheck(Check):
                 and all(g.broken is None for g in self.routes.values())
                 and any(p not in self.route_notes for p in self.routes))
 
-    def _partition(self, name: str, tensor: Any) -> Partition:
-        partition = self._partition_by_name.get(name)
+    def _partition(self, tensor: Any) -> Partition:
+        """The groups of ranks that must hold equal copies of ``tensor`` (see ``comparison_partition``).
+
+        Looked up per tensor at every exchange (not cached by name), so a model sharded after init is not compared
+        as if its shards were replicas: a partition without a group built at init is simply not compared.
+        """
+        mesh = getattr(tensor, "device_mesh", None)
+        key = (id(mesh), tuple(tensor.placements)) if mesh is not None else (0, ())  # (0, ()): a plain tensor
+        partition = self._partition_by_layout.get(key)
         if partition is None:
-            partition = self._partition_by_name[name] = comparison_partition(tensor, self.world_size)
+            partition = self._partition_by_layout[key] = comparison_partition(tensor, self.world_size)
         return partition
 
     @property
@@ -263,9 +271,10 @@ class HashCheck(Check):
         """Hash locally with ``compute`` and, when replicas are active, all-gather the hashes within each group of
         ranks that hold equal copies (one exchange per partition, in one order on every rank).
 
-        Returns (local hashes or None if hashing failed, [(group, names, exchange)]). A local failure still takes
-        part in the exchanges (so no rank waits for it) and is re-raised afterwards. ``not_comparable`` indices
-        (unreduced partial gradients) are sent as 0 on every rank: they keep the layout and never mismatch.
+        Returns (local hashes or None if hashing failed, [(partition, group, names, exchange)]). A local failure
+        still takes part in the exchanges (so no rank waits for it) and is re-raised afterwards.
+        ``not_comparable`` indices (unreduced partial gradients) are sent as 0 on every rank: they keep the layout
+        and never mismatch.
         """
         error: BaseException | None = None
         hashes: list[int | None] | None = None
@@ -277,8 +286,8 @@ class HashCheck(Check):
         if self.replicas_active:
             skip = set(not_comparable)
             by_partition: dict[Partition, list[int]] = {}
-            for i, (name, tensor) in enumerate(zip(names, tensors, strict=True)):
-                by_partition.setdefault(self._partition(name, tensor), []).append(i)
+            for i, tensor in enumerate(tensors):
+                by_partition.setdefault(self._partition(tensor), []).append(i)
             for partition in sorted(self.routes):  # every rank of a group walks the partitions in this order
                 if partition in self.route_notes:
                     continue
@@ -392,7 +401,7 @@ class HashCheck(Check):
         Partitions come from every rank (gathered: a mesh may not span every rank), so every rank creates the
         same subgroups in the same order. With none to compare (pure FSDP), one info says so.
         """
-        local = sorted({self._partition(n, p) for n, p in params})
+        local = sorted({self._partition(p) for _, p in params})
         union = {partition for rank_partitions in self.group.all_gather_object(local) for partition in rank_partitions}
         self.routes = build_replica_groups(union, self.group, self.config.timeout_s)
         if self.routes:
