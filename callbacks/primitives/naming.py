@@ -23,7 +23,10 @@ WRAPPER_PREFIXES: tuple[str, ...] = (
 )
 
 #: path segments inserted inside the user's names by wrappers; removed wherever they appear
-WRAPPER_SEGMENTS: tuple[str, ...] = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
+WRAPPER_SEGMENTS: tuple[str, ...] = (
+    "_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.",
+    "base_model.model.",  # a PEFT model held inside another module (a LightningModule's self.model)
+)
 
 #: PEFT tuner layers keep the original weight under ``<layer>.base_layer.<param>``
 PEFT_BASE_LAYER = ".base_layer."
