@@ -89,6 +89,9 @@ def storage_key(tensor: torch.Tensor) -> tuple[Any, ...]:
 
     Meta and empty tensors have no memory to compare, so the tensor object itself is their identity.
     """
+    to_local = getattr(tensor, "to_local", None)  # a DTensor (FSDP2): its local shard is the memory it views
+    if callable(to_local):
+        tensor = to_local()
     if tensor.device.type == "meta" or tensor.numel() == 0:
         return ("object", id(tensor))
     storage = tensor.untyped_storage()

@@ -15,8 +15,8 @@ replicate all-reduce are done by then); ``step/after_optimizer`` after ``optimiz
 * ``fsdp_root_unsharded``: pure FSDP on the layers, but the root (holding a plain ``scale`` parameter) was not
   passed to ``fully_shard``: nothing reduces ``scale``'s gradient, so the ranks' copies drift apart from step 1.
 
-The ``ties`` and ``saved_state`` checks are disabled here: they raise on DTensor parameters at init
-(``primitives.naming.storage_key`` reads a DTensor's storage), which this test is not about.
+Every check runs at its defaults beside the hashes (ties and saved_state read DTensor parameters through their
+local shards), so the healthy runs also prove that no family misreads a sharded model.
 
 Launched with 4 processes instead: ``hsdp4_healthy``, ``hsdp4_grad`` on an HSDP mesh (2, 2) and
 ``hsdp4_timeout`` (see :func:`run_timeout`).
@@ -79,8 +79,7 @@ def run(job, mesh_shape, perturb=None, shard_root=True):
     rank = dist.get_rank()
     model = build(mesh_shape, shard_root)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    mon = Monitor(policy="log", checks={"hashes": {"timeout_s": 30}, "ties": {"enabled": False},
-                                        "saved_state": {"enabled": False}})
+    mon = Monitor(policy="log", checks={"hashes": {"timeout_s": 30}})
     mon.dispatch("init", model, step=0, optimizer=optimizer)
     data = torch.Generator().manual_seed(100 + rank)  # data parallel: each rank its own batches
     for step in range(1, STEPS + 1):
@@ -111,8 +110,7 @@ def run_timeout():
     group) exchange with each other and are unaffected."""
     rank = dist.get_rank()
     model = build((2, 2))
-    mon = Monitor(policy="log", checks={"hashes": {"timeout_s": 3}, "ties": {"enabled": False},
-                                        "saved_state": {"enabled": False}})
+    mon = Monitor(policy="log", checks={"hashes": {"timeout_s": 3}})
     mon.dispatch("init", model, step=0)
     model(torch.ones(2, 16)).sum().backward()  # FSDP's own collectives span every rank
     start = time.monotonic()
