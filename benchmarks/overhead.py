@@ -1,7 +1,8 @@
 """Overhead of the HF callback at its defaults: the same tiny Trainer run with and without it, in one process.
 
-Runs are interleaved (plain, checked, plain, checked, ...) so drift hits both alike; the ratio of medians is
-printed. Absolute times are CPU times of this machine and only the ratio is meant to be compared.
+Runs are interleaved in ABBA order (plain, checked, checked, plain, ...) so drift and warm-up hit both alike;
+the ratio of medians is printed for this process's CPU time (steady on a shared machine) and for wall time.
+Absolute times are CPU times of this machine and only the ratios are meant to be compared.
 
     python benchmarks/overhead.py [--repeats 7] [--steps 40] [--layers 2]
 """
@@ -37,8 +38,8 @@ class Rows(torch.utils.data.Dataset):
         return {"input_ids": self.ids[i], "labels": self.ids[i]}
 
 
-def one_run(with_callback: bool, steps: int, layers: int, out: str) -> float:
-    """Seconds of ``trainer.train()`` for one run."""
+def one_run(with_callback: bool, steps: int, layers: int, out: str) -> tuple[float, float]:
+    """(CPU seconds, wall seconds) of ``trainer.train()`` for one run."""
     torch.manual_seed(0)
     model = GPT2LMHeadModel(GPT2Config(vocab_size=256, n_positions=64, n_embd=64, n_layer=layers, n_head=2,
                                        bos_token_id=0, eos_token_id=0))
@@ -46,9 +47,9 @@ def one_run(with_callback: bool, steps: int, layers: int, out: str) -> float:
                              report_to=[], logging_steps=10_000, use_cpu=True, disable_tqdm=True, seed=0)
     callbacks = [IntegrityCallback(policy="log")] if with_callback else []
     trainer = Trainer(model=model, args=args, train_dataset=Rows(steps * 8, 32, 256), callbacks=callbacks)
-    start = time.perf_counter()
+    cpu, wall = time.process_time(), time.perf_counter()
     trainer.train()
-    return time.perf_counter() - start
+    return time.process_time() - cpu, time.perf_counter() - wall
 
 
 def main() -> None:
@@ -63,13 +64,16 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as out:
         one_run(False, args.steps, args.layers, out)  # warm-up: imports, allocator, first compile of kernels
         one_run(True, args.steps, args.layers, out)
-        for _ in range(args.repeats):
-            plain.append(one_run(False, args.steps, args.layers, out))
-            checked.append(one_run(True, args.steps, args.layers, out))
-    p, c = statistics.median(plain), statistics.median(checked)
+        for i in range(args.repeats):
+            order = (False, True) if i % 2 == 0 else (True, False)
+            for with_callback in order:
+                (checked if with_callback else plain).append(one_run(with_callback, args.steps, args.layers, out))
     print(f"steps/run {args.steps}, repeats {args.repeats}, layers {args.layers}, save every {args.steps // 2}")
-    print(f"median seconds/run: without {p:.3f}  with IntegrityCallback() at defaults {c:.3f}")
-    print(f"overhead ratio (with / without): {c / p:.3f}")
+    for label, index in (("CPU", 0), ("wall", 1)):
+        p = statistics.median(r[index] for r in plain)
+        c = statistics.median(r[index] for r in checked)
+        print(f"median {label} seconds/run: without {p:.3f}  with IntegrityCallback() at defaults {c:.3f}  "
+              f"ratio {c / p:.3f}")
 
 
 if __name__ == "__main__":

@@ -1,28 +1,112 @@
-"""Command line: ``python -m callbacks run RECIPE`` and ``python -m callbacks diff LEDGER_A LEDGER_B``.
+"""Command line: ``python -m callbacks run|audit|schema|diff``.
 
-Exit codes: ``run``: 0 clean, 1 error findings, 2 bad input. ``diff``: 0 identical, 1 diverged, 2 bad input.
+Exit codes: ``run`` and ``audit``: 0 clean, 1 error findings, 2 bad input. ``diff``: 0 identical, 1 diverged,
+2 bad input. ``schema``: 0.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import socket
+import subprocess
 import sys
 from collections.abc import Sequence
 
-from callbacks.errors import RecipeError
+from callbacks.errors import ConfigError
 
 EXIT_CLEAN, EXIT_FINDINGS, EXIT_BAD_INPUT = 0, 1, 2
+
+#: set in the environment of the processes ``run`` launches, so they do not launch again
+LAUNCHED_ENV = "INTEGRITY_CALLBACKS_LAUNCHED"
+
+
+def _html_path(report: str | None, explicit: str | None) -> str | None:
+    if explicit:
+        return explicit
+    if report:
+        return os.path.splitext(report)[0] + ".html"
+    return None
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _launch(recipe: str, processes: int, html: str | None) -> int:
+    """Run this command again under ``torchrun`` (CPU: gloo), one process per replica; rank 0 reports.
+
+    The ranks exit 0 when they finish (a rank exiting 1 would make torchrun kill the others mid-report); rank 0
+    writes the job's exit code to a file this process reads.
+    """
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="integrity-run-") as tmp:
+        exit_file = os.path.join(tmp, "exit_code")
+        command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}",
+                   f"--master_port={_free_port()}", "--master_addr=127.0.0.1", "-m", "callbacks", "run", recipe]
+        if html:
+            command += ["--html", html]
+        env = {**os.environ, LAUNCHED_ENV: exit_file}
+        returncode = subprocess.run(command, env=env, check=False).returncode
+        if returncode != 0 or not os.path.isfile(exit_file):
+            print(f"error: the {processes} processes of {recipe} failed (torchrun exit {returncode})",
+                  file=sys.stderr)
+            return EXIT_BAD_INPUT
+        with open(exit_file, encoding="utf-8") as fh:
+            return int(fh.read().strip())
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # recipes never download
-    from callbacks.job import run_job
+    from callbacks.job import load_job, run_job
 
+    job, integrity = load_job(args.recipe)
+    exit_file = os.environ.get(LAUNCHED_ENV)
+    if job.trainer.processes > 1 and exit_file is None and "LOCAL_RANK" not in os.environ:
+        return _launch(args.recipe, job.trainer.processes, args.html)
     code, monitor = run_job(args.recipe)
+    if monitor.rank == 0:
+        html = _html_path(integrity.report, args.html)
+        if html:
+            from callbacks.report_html import write_html
+
+            write_html(monitor.report, html, title=f"integrity report: {args.recipe}")
+        print(f"integrity: {len(monitor.report.errors)} error finding(s); exit {code}")
+        if exit_file:
+            with open(exit_file, "w", encoding="utf-8") as fh:
+                fh.write(str(code))
+    return EXIT_CLEAN if exit_file else code
+
+
+def _cmd_audit(args: argparse.Namespace) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from callbacks.audit import audit_checkpoint
+
+    monitor = audit_checkpoint(args.checkpoint, recipe=args.recipe, report=args.report)
+    html = _html_path(args.report, args.html)
+    if html:
+        from callbacks.report_html import write_html
+
+        write_html(monitor.report, html, title=f"integrity audit: {args.checkpoint}")
     errors = len(monitor.report.errors)
-    print(f"integrity: {errors} error finding(s); exit {code}")
-    return code
+    print(f"integrity audit: {errors} error finding(s); exit {EXIT_FINDINGS if errors else EXIT_CLEAN}")
+    return EXIT_FINDINGS if errors else EXIT_CLEAN
+
+
+def _cmd_schema(args: argparse.Namespace) -> int:
+    from callbacks.job import recipe_json_schema
+
+    text = json.dumps(recipe_json_schema(), indent=2)
+    if args.output:
+        with open(args.output, "w", encoding="utf-8") as fh:
+            fh.write(text + "\n")
+    else:
+        print(text)
+    return EXIT_CLEAN
 
 
 def _cmd_diff(args: argparse.Namespace) -> int:
@@ -42,7 +126,17 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run a recipe's training job with the integrity checks")
     run.add_argument("recipe", help="path of the recipe YAML")
+    run.add_argument("--html", help="HTML report path (default: the JSON report's path with .html)")
     run.set_defaults(func=_cmd_run)
+    audit = sub.add_parser("audit", help="the saved-state, tie and adapter checks on a checkpoint folder, offline")
+    audit.add_argument("checkpoint", help="a checkpoint folder (config.json / adapter_config.json and weights)")
+    audit.add_argument("--recipe", help="recipe whose model:/adapter: sections rebuild the model")
+    audit.add_argument("--report", help="JSON report path")
+    audit.add_argument("--html", help="HTML report path (default: the JSON report's path with .html)")
+    audit.set_defaults(func=_cmd_audit)
+    schema = sub.add_parser("schema", help="JSON schema of a whole recipe")
+    schema.add_argument("-o", "--output", help="write to this file instead of stdout")
+    schema.set_defaults(func=_cmd_schema)
     diff = sub.add_parser("diff", help="first step and tensors where two hash ledgers differ")
     diff.add_argument("ledger_a")
     diff.add_argument("ledger_b")
@@ -59,6 +153,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(exc.code or 0)
     try:
         return args.func(args)
-    except RecipeError as err:
+    except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT

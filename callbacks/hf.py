@@ -23,6 +23,7 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 
 from callbacks.integration import MonitorOwner
+from callbacks.metrics import finding_metrics
 
 PREFIX_CHECKPOINT_DIR = "checkpoint"
 
@@ -68,12 +69,21 @@ class IntegrityCallback(MonitorOwner, TrainerCallback, ExportableState):
         """Training finished: last checks, summary table and report."""
         self.monitor.dispatch("end", model, step=state.global_step, optimizer=optimizer, trainer="hf")
 
+    def on_log(self, args, state, control, logs=None, **kwargs: Any):
+        """Finding counts per code join the logs HF hands to the reporters after this callback (TensorBoard,
+        W&B, ...); HF puts its reporters first, so place this callback before them to have the counts plotted."""
+        if logs is not None:
+            logs.update(finding_metrics(self.monitor.findings))
+
     # -- state with checkpoints (transformers' ExportableState protocol) --------------------------------------
     def state(self) -> dict[str, Any]:
         """What HF writes into ``trainer_state.json`` with each checkpoint (JSON data)."""
         return {"args": {}, "attributes": {"monitor_state": self.monitor.state_dict()}}
 
     def _restore(self, state) -> None:
+        if isinstance(state.stateful_callbacks, dict):
+            # a checkpoint written without this callback has no entry for it, and HF's next save indexes it
+            state.stateful_callbacks.setdefault(type(self).__name__, self.state())
         stored = (state.stateful_callbacks or {}).get(type(self).__name__)
         if isinstance(stored, list):
             stored = stored[0] if stored else None

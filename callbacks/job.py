@@ -1,4 +1,4 @@
-"""The training job a recipe describes: model, optional adapter, data, trainer; run with the checks.
+"""The training job a recipe describes: model, optional adapter, data, trainer, faults; run with the checks.
 
 Recipe (top level; the ``integrity:`` section is read by :mod:`callbacks.recipe`)::
 
@@ -7,21 +7,27 @@ Recipe (top level; the ``integrity:`` section is read by :mod:`callbacks.recipe`
     adapter: {config: LoraConfig, args: {r: 4, target_modules: [c_attn]}}      # optional, PEFT
     data:    {source: corpus, seq_len: 32}          # corpus (shipped) | synthetic | file (path:)
     trainer: {type: hf, output_dir: out/quickstart, args: {max_steps: 6, save_steps: 3}}
+    faults:  [{fault: callbacks.gallery:ReinitAfterWrap}]                      # optional, the gallery's
     integrity: {...}
 
-Nothing is downloaded: models are built from config classes (or a local folder); text is tokenised as bytes.
+Nothing is downloaded: models are built from config classes, a ``module:function`` factory or a local folder;
+text is tokenised as bytes. Every key is validated with pydantic (:func:`recipe_json_schema` exports the whole
+format); errors name the file, the key path and what is allowed.
 """
 
 from __future__ import annotations
 
+import fnmatch
+import importlib
+import inspect
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from callbacks.errors import RecipeError
+from callbacks.errors import IntegrityError, RecipeError
 from callbacks.recipe import SECTION, IntegrityConfig, describe_validation_error, parse_integrity_section, read_yaml
 
 #: the corpus shipped with the package (a few KB of English text)
@@ -35,36 +41,82 @@ TASKS: dict[str, str] = {
     "sequence_classification": "AutoModelForSequenceClassification",
     "image_classification": "AutoModelForImageClassification",
 }
+Task = Literal["causal_lm", "masked_lm", "sequence_classification", "image_classification"]
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class ModelSpec(_Strict):
-    """``model:``: an HF config class and its arguments (or a local folder), and the task head."""
+def resolve_import_path(path: str) -> Any:
+    """The object named ``package.module:attribute``; a ValueError that says what is wrong otherwise."""
+    module_name, sep, attribute = path.partition(":")
+    if not sep or not module_name or not attribute:
+        raise ValueError(f"expected 'package.module:name', got {path!r}")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise ValueError(f"cannot import module {module_name!r}: {err}") from None
+    obj = module
+    for part in attribute.split("."):
+        if not hasattr(obj, part):
+            raise ValueError(f"module {module_name!r} has no attribute {attribute!r}")
+        obj = getattr(obj, part)
+    return obj
 
-    config: str | None = None
-    args: dict[str, Any] = Field(default_factory=dict)
-    path: str | None = None
-    task: Literal["causal_lm", "masked_lm", "sequence_classification", "image_classification"] = "causal_lm"
+
+class ModelSpec(_Strict):
+    """``model:``: an HF config class and its arguments, a local folder, or a ``module:function`` factory.
+
+    ``freeze`` lists parameter-name patterns (``fnmatch``, user names) set to ``requires_grad=False`` before any
+    adapter is applied (full fine-tuning with frozen parts).
+    """
+
+    config: str | None = Field(None, description="transformers config class, e.g. GPT2Config")
+    path: str | None = Field(None, description="local folder with config.json (and weights)")
+    factory: str | None = Field(None, description="'module:function' returning an nn.Module, e.g. "
+                                                  "callbacks.gallery:lingua_lm")
+    args: dict[str, Any] = Field(default_factory=dict, description="arguments of the config class or factory")
+    task: Task = "causal_lm"
+    freeze: list[str] = Field(default_factory=list, description="parameter name patterns to freeze")
+
+    @field_validator("factory")
+    @classmethod
+    def _factory_is_callable(cls, value: str | None) -> str | None:
+        if value is not None and not callable(resolve_import_path(value)):
+            raise ValueError(f"factory {value!r} is not callable")
+        return value
 
     @model_validator(mode="after")
-    def _config_or_path(self) -> ModelSpec:
-        if (self.config is None) == (self.path is None):
-            raise ValueError("give exactly one of 'config' (an HF config class name) or 'path' (a local folder)")
+    def _one_source(self) -> ModelSpec:
+        if sum(x is not None for x in (self.config, self.path, self.factory)) != 1:
+            raise ValueError("give exactly one of 'config' (an HF config class name), 'path' (a local folder) "
+                             "or 'factory' ('module:function')")
         return self
 
 
 class AdapterSpec(_Strict):
-    """``adapter:``: a PEFT config class name and its arguments."""
+    """``adapter:``: a PEFT config class (``library: peft``) or an ``adapters`` config class (``library:
+    adapters``, added under ``name`` and activated for training with ``train_adapter``), and its arguments.
 
-    config: str
+    ``unfreeze``: parameter-name patterns made trainable by hand after wrapping (what users do for ViT's
+    ``position_embeddings``, which ``modules_to_save`` cannot name). ``merge``: after training, merge the adapters
+    with :meth:`Monitor.checked_merge` and save the merged model to ``<output_dir>/merged``.
+    """
+
+    library: Literal["peft", "adapters"] = "peft"
+    config: str = Field(description="PEFT config class (LoraConfig, ...) or adapters config class (BnConfig, ...)")
+    name: str = Field("adapter", description="adapters library: the adapter's name")
     args: dict[str, Any] = Field(default_factory=dict)
+    unfreeze: list[str] = Field(default_factory=list, description="parameter name patterns to unfreeze by hand")
+    merge: bool = False
 
 
 class DataSpec(_Strict):
-    """``data:``: the shipped corpus, synthetic tokens, or a local text file, cut into rows of ``seq_len``."""
+    """``data:``: the shipped corpus, synthetic tokens, or a local text file, cut into rows of ``seq_len``.
+
+    Classification tasks get labels from the row; image tasks always use synthetic images (``rows`` of them).
+    """
 
     source: Literal["corpus", "synthetic", "file"] = "corpus"
     path: str | None = None
@@ -79,11 +131,62 @@ class DataSpec(_Strict):
 
 
 class TrainerSpec(_Strict):
-    """``trainer:``: which trainer runs the job and its arguments (``TrainingArguments`` for ``hf``)."""
+    """``trainer:``: which trainer runs the job and its arguments.
+
+    ``args``: ``TrainingArguments`` for ``hf``; ``pl.Trainer`` arguments plus ``learning_rate``, ``batch_size``
+    and ``logger`` (``csv`` | ``tensorboard``) for ``lightning``; :class:`AccelerateArgs` for ``accelerate``.
+    ``processes`` > 1 relaunches the job under ``torchrun`` (CPU: gloo), one data-parallel replica per process.
+    ``resume_from``: a checkpoint to resume from (HF ``checkpoint-N`` folder, Lightning ``.ckpt``).
+    """
 
     type: Literal["hf", "lightning", "accelerate"] = "hf"
     output_dir: str = "out/run"
+    processes: int = Field(1, ge=1, le=8)
+    resume_from: str | None = None
     args: dict[str, Any] = Field(default_factory=dict)
+
+
+class AccelerateArgs(_Strict):
+    """``trainer.args`` of an ``accelerate`` job (the loop is :func:`_run_accelerate`)."""
+
+    max_steps: int = Field(4, ge=1)
+    learning_rate: float = Field(1e-3, gt=0)
+    batch_size: int = Field(4, ge=1)
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    save_steps: int | None = Field(None, ge=1)
+    log_with: str | None = Field(None, description="an accelerate tracker (tensorboard, wandb, ...)")
+
+
+class FaultSpec(_Strict):
+    """One entry of ``faults:``: a :class:`callbacks.gallery.Fault` subclass by import path, and its ``args``."""
+
+    fault: str = Field(description="'module:Class', e.g. callbacks.gallery:ReinitAfterWrap")
+    args: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("fault")
+    @classmethod
+    def _is_fault(cls, value: str) -> str:
+        from callbacks.gallery import Fault
+
+        obj = resolve_import_path(value)
+        if not (isinstance(obj, type) and issubclass(obj, Fault)):
+            raise ValueError(f"{value!r} is not a callbacks.gallery.Fault subclass")
+        return value
+
+    def validate_args(self, source: str, key: str) -> None:
+        """Validate ``args`` with the fault's ``Config``; a :class:`RecipeError` at ``key`` otherwise."""
+        config_cls = resolve_import_path(self.fault).Config
+        try:
+            config_cls.model_validate(self.args)
+        except ValidationError as err:
+            where, problem = describe_validation_error(config_cls, err, key)
+            raise RecipeError(source, where, problem) from None
+
+    def build(self) -> Any:
+        """The fault instance."""
+        cls = resolve_import_path(self.fault)
+        return cls(cls.Config.model_validate(self.args))
 
 
 class JobRecipe(_Strict):
@@ -94,7 +197,22 @@ class JobRecipe(_Strict):
     adapter: AdapterSpec | None = None
     data: DataSpec = Field(default_factory=DataSpec)
     trainer: TrainerSpec = Field(default_factory=TrainerSpec)
+    faults: list[FaultSpec] = Field(default_factory=list, description="failures to inject (the gallery's)")
     integrity: dict[str, Any] | None = None
+
+
+def recipe_json_schema() -> dict[str, Any]:
+    """JSON schema of a whole recipe: the job's models with the ``integrity:`` section's own schema in place."""
+    schema = JobRecipe.model_json_schema()
+    integrity = IntegrityConfig.model_json_schema()
+    defs = schema.setdefault("$defs", {})
+    defs.update(integrity.pop("$defs", {}))
+    defs["IntegrityConfig"] = integrity
+    schema["properties"][SECTION] = {"anyOf": [{"$ref": "#/$defs/IntegrityConfig"}, {"type": "null"}],
+                                     "default": None, "description": "the integrity checks (see README)"}
+    defs["AccelerateArgs"] = AccelerateArgs.model_json_schema()
+    schema["title"] = "integrity-callbacks recipe"
+    return schema
 
 
 def load_job(path: str) -> tuple[JobRecipe, IntegrityConfig]:
@@ -105,35 +223,83 @@ def load_job(path: str) -> tuple[JobRecipe, IntegrityConfig]:
         job = JobRecipe.model_validate(data)
     except ValidationError as err:
         key, problem = describe_validation_error(JobRecipe, err, "")
-        raise RecipeError(path, key, problem) from None
+        raise RecipeError(path, key, problem.replace("Value error, ", "")) from None
+    for i, fault in enumerate(job.faults):
+        fault.validate_args(path, f"faults.{i}.args")
     return job, integrity
 
 
 # -- building the parts ---------------------------------------------------------------------------------------
 def build_model(spec: ModelSpec, source: str) -> torch.nn.Module:
-    """The model from its config class (nothing downloaded) or a local folder."""
+    """The model from its config class or factory (nothing downloaded) or a local folder; ``freeze`` applied."""
+    if spec.factory is not None:
+        model = _call_factory(spec, source)
+    else:
+        import transformers
+
+        auto = getattr(transformers, TASKS[spec.task])
+        if spec.path is not None:
+            if not os.path.isdir(spec.path):
+                raise RecipeError(source, "model.path", f"no such local folder {spec.path!r} (nothing is downloaded)")
+            model = auto.from_pretrained(spec.path, local_files_only=True)
+        else:
+            model = _model_from_config(spec, auto, source)
+    _set_trainable(model, spec.freeze, False, source, "model.freeze")
+    return model
+
+
+def _model_from_config(spec: ModelSpec, auto: Any, source: str) -> torch.nn.Module:
     import transformers
 
-    auto = getattr(transformers, TASKS[spec.task])
-    if spec.path is not None:
-        if not os.path.isdir(spec.path):
-            raise RecipeError(source, "model.path", f"no such local folder {spec.path!r} (nothing is downloaded)")
-        return auto.from_pretrained(spec.path, local_files_only=True)
     config_cls = getattr(transformers, spec.config, None)
     if not (isinstance(config_cls, type) and issubclass(config_cls, transformers.PretrainedConfig)):
         raise RecipeError(source, "model.config", f"{spec.config!r} is not a transformers config class "
                                                   "(e.g. GPT2Config, LlamaConfig, Gemma2Config, BertConfig)")
     try:
-        config = config_cls(**spec.args)
-        return auto.from_config(config)
+        return auto.from_config(config_cls(**spec.args))
     except (TypeError, ValueError) as err:
         raise RecipeError(source, "model.args", f"{spec.config} rejected these arguments: {err}") from None
 
 
+def _call_factory(spec: ModelSpec, source: str) -> torch.nn.Module:
+    from pydantic import validate_call
+
+    factory = resolve_import_path(spec.factory)
+    try:
+        inspect.signature(factory).bind(**spec.args)
+        model = validate_call(factory)(**spec.args)
+    except TypeError as err:
+        raise RecipeError(source, "model.args", f"{spec.factory} rejected these arguments: {err}") from None
+    except ValidationError as err:
+        first = err.errors()[0]
+        key = ".".join(["model.args", *(str(p) for p in first["loc"])])
+        raise RecipeError(source, key, f"{first['msg']} (got {first.get('input')!r})") from None
+    if not isinstance(model, torch.nn.Module):
+        raise RecipeError(source, "model.factory", f"{spec.factory} returned {type(model).__name__}, not a module")
+    return model
+
+
+def _set_trainable(model: torch.nn.Module, patterns: Sequence[str], trainable: bool, source: str, key: str) -> None:
+    """``requires_grad`` for every parameter whose user name matches one of ``patterns``; unmatched is an error."""
+    from callbacks.primitives.naming import user_name
+
+    for pattern in patterns:
+        hits = [p for raw, p in model.named_parameters() if fnmatch.fnmatchcase(user_name(raw), pattern)]
+        if not hits:
+            names = [user_name(n) for n, _ in model.named_parameters()][:6]
+            raise RecipeError(source, key, f"pattern {pattern!r} matches no parameter; names look like {names}")
+        for param in hits:
+            param.requires_grad_(trainable)
+
+
 def apply_adapter(model: torch.nn.Module, spec: AdapterSpec | None, source: str) -> torch.nn.Module:
-    """Wrap ``model`` with a PEFT adapter when the recipe names one."""
+    """Wrap ``model`` with a PEFT adapter when the recipe names one; then ``unfreeze`` by hand."""
     if spec is None:
         return model
+    if spec.library == "adapters":
+        wrapped = _apply_adapters_library(model, spec, source)
+        _set_trainable(wrapped, spec.unfreeze, True, source, "adapter.unfreeze")
+        return wrapped
     import peft
 
     config_cls = getattr(peft, spec.config, None)
@@ -141,9 +307,32 @@ def apply_adapter(model: torch.nn.Module, spec: AdapterSpec | None, source: str)
         raise RecipeError(source, "adapter.config", f"{spec.config!r} is not a PEFT config class "
                                                     "(e.g. LoraConfig, IA3Config, LoHaConfig)")
     try:
-        return peft.get_peft_model(model, config_cls(**spec.args))
+        wrapped = peft.get_peft_model(model, config_cls(**spec.args))
     except (TypeError, ValueError) as err:
         raise RecipeError(source, "adapter.args", f"{spec.config} rejected these arguments: {err}") from None
+    _set_trainable(wrapped, spec.unfreeze, True, source, "adapter.unfreeze")
+    return wrapped
+
+
+def _apply_adapters_library(model: torch.nn.Module, spec: AdapterSpec, source: str) -> torch.nn.Module:
+    """``adapters.init(model)``, ``add_adapter(name, config)``, ``train_adapter(name)`` (the library's recipe)."""
+    try:
+        import adapters
+    except ImportError:
+        raise RecipeError(source, "adapter.library", "the 'adapters' library is not installed "
+                                                     "(pip install adapters; it pins transformers 4.x)") from None
+    config_cls = getattr(adapters, spec.config, None)
+    if not isinstance(config_cls, type):
+        raise RecipeError(source, "adapter.config", f"{spec.config!r} is not an adapters config class "
+                                                    "(e.g. BnConfig, SeqBnConfig, LoRAConfig, PrefixTuningConfig)")
+    try:
+        config = config_cls(**spec.args)
+        adapters.init(model)
+        model.add_adapter(spec.name, config=config)
+        model.train_adapter(spec.name)
+    except (TypeError, ValueError) as err:
+        raise RecipeError(source, "adapter.args", f"{spec.config} rejected these arguments: {err}") from None
+    return model
 
 
 def token_rows(spec: DataSpec, vocab_size: int, seed: int, source: str) -> torch.Tensor:
@@ -180,78 +369,261 @@ class RowsDataset(torch.utils.data.Dataset):
         return {"input_ids": self.rows[i], "labels": self.rows[i].clone()}
 
 
-def _vocab_size(model: torch.nn.Module) -> int:
+class ExamplesDataset(torch.utils.data.Dataset):
+    """Columns of equal length as HF-style examples (``{"pixel_values": ..., "labels": ...}``)."""
+
+    def __init__(self, columns: Mapping[str, torch.Tensor]):
+        self.columns = dict(columns)
+        self.length = len(next(iter(self.columns.values())))
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {k: v[i] for k, v in self.columns.items()}
+
+
+def _config_of(model: torch.nn.Module) -> Any:
     from callbacks.primitives.naming import unwrap_model
 
-    config = getattr(unwrap_model(model), "config", None)
+    return getattr(unwrap_model(model), "config", None)
+
+
+def _vocab_size(model: torch.nn.Module) -> int:
+    config = _config_of(model)
+    if config is None:
+        inner = _embedding_rows(model)
+        return inner if inner is not None else BYTE_VOCAB
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     return int(getattr(text, "vocab_size", BYTE_VOCAB))
+
+
+def _embedding_rows(model: torch.nn.Module) -> int | None:
+    for module in model.modules():
+        if isinstance(module, torch.nn.Embedding):
+            return module.num_embeddings
+    return None
+
+
+def build_dataset(job: JobRecipe, model: torch.nn.Module, source: str) -> torch.utils.data.Dataset:
+    """The training examples for the model's task (images and class labels are synthetic, seeded)."""
+    gen = torch.Generator().manual_seed(job.seed)
+    config = _config_of(model)
+    num_labels = int(getattr(config, "num_labels", 2) or 2)
+    if job.model.task == "image_classification":
+        size, channels = int(getattr(config, "image_size", 16)), int(getattr(config, "num_channels", 3))
+        n = job.data.rows or 16
+        return ExamplesDataset({"pixel_values": torch.randn(n, channels, size, size, generator=gen),
+                                "labels": torch.randint(0, num_labels, (n,), generator=gen)})
+    rows = token_rows(job.data, _vocab_size(model), job.seed, source)
+    if job.model.task == "sequence_classification":
+        return ExamplesDataset({"input_ids": rows, "labels": rows.sum(dim=1) % num_labels})
+    return RowsDataset(rows)
+
+
+def _loss(outputs: Any) -> torch.Tensor:
+    return outputs["loss"] if isinstance(outputs, Mapping) else outputs.loss
 
 
 # -- running ----------------------------------------------------------------------------------------------------
 def run_job(path: str) -> tuple[int, Any]:
     """Run the recipe's job with the checks. Returns (exit code, monitor): 0 clean, 1 error findings."""
-    from callbacks.errors import IntegrityError
-
     job, integrity = load_job(path)
     torch.manual_seed(job.seed)
     model = apply_adapter(build_model(job.model, path), job.adapter, path)
-    rows = token_rows(job.data, _vocab_size(model), job.seed, path)
-    runner = {"hf": _run_hf, "lightning": _run_lightning}.get(job.trainer.type)
-    if runner is None:
-        raise RecipeError(path, "trainer.type", f"{job.trainer.type!r} jobs are not runnable from a recipe yet; "
-                                                "use hf or lightning")
-    callback_holder: dict[str, Any] = {}
+    faults = [spec.build() for spec in job.faults]
+    os.makedirs(job.trainer.output_dir, exist_ok=True)
+    for fault in faults:
+        fault.setup(model, job.trainer.output_dir)
+    dataset = build_dataset(job, model, path)
+    runner = {"hf": _run_hf, "lightning": _run_lightning, "accelerate": _run_accelerate}[job.trainer.type]
+    holder: dict[str, Any] = {}
     try:
-        runner(job, integrity, model, rows, path, callback_holder)
+        trained, step = runner(job, integrity, model, dataset, faults, path, holder)
+        if job.adapter is not None and job.adapter.merge:
+            _merge_and_save(job, holder["callback"].monitor, trained, step)
     except IntegrityError:
         pass  # the monitor already printed the table and wrote the report
-    monitor = callback_holder["callback"].monitor
+    monitor = holder["callback"].monitor
     return (1 if monitor.report.errors else 0), monitor
 
 
-def _run_hf(job: JobRecipe, integrity: IntegrityConfig, model, rows, source: str, holder: dict) -> None:
+def _merge_and_save(job: JobRecipe, monitor: Any, model: torch.nn.Module, step: int) -> None:
+    merged = monitor.checked_merge(model, step=step)
+    if monitor.rank == 0 and hasattr(merged, "save_pretrained"):
+        merged.save_pretrained(os.path.join(job.trainer.output_dir, "merged"))
+    monitor.finish()
+
+
+def _hf_fault_callback(faults: Sequence[Any]) -> Any:
+    from transformers import TrainerCallback
+
+    class FaultCallback(TrainerCallback):
+        """Runs the recipe's faults at HF's step hooks (placed before the integrity callback)."""
+
+        def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs: Any):
+            for fault in faults:
+                fault.before_optimizer_step(model, state.global_step + 1)
+
+        def on_optimizer_step(self, args, state, control, model=None, **kwargs: Any):
+            for fault in faults:
+                fault.after_optimizer_step(model, state.global_step + 1)
+
+    return FaultCallback()
+
+
+def _run_hf(job: JobRecipe, integrity: IntegrityConfig, model, dataset, faults, source: str, holder: dict):
     from transformers import Trainer, TrainingArguments, set_seed
 
     from callbacks.hf import IntegrityCallback
 
     set_seed(job.seed)
     defaults: dict[str, Any] = {"report_to": [], "use_cpu": not torch.cuda.is_available(), "disable_tqdm": True,
-                                "save_strategy": "steps", "logging_steps": 10, "seed": job.seed}
+                                "save_strategy": "steps", "logging_steps": 10, "seed": job.seed,
+                                "remove_unused_columns": False}
+    if job.trainer.processes > 1 and not torch.cuda.is_available():
+        defaults["ddp_backend"] = "gloo"
     try:
         args = TrainingArguments(output_dir=job.trainer.output_dir, **{**defaults, **job.trainer.args})
     except (TypeError, ValueError) as err:
         raise RecipeError(source, "trainer.args", f"TrainingArguments rejected these arguments: {err}") from None
     holder["callback"] = callback = IntegrityCallback(config=integrity)
-    Trainer(model=model, args=args, train_dataset=RowsDataset(rows), callbacks=[callback]).train()
+    trainer = Trainer(model=model, args=args, train_dataset=dataset)
+    # HF calls callbacks in list order and puts its reporters (TensorBoard, W&B, ...) first; the faults must act
+    # before the checks look, and the checks must add their counts to `logs` before the reporters write them.
+    for position, extra in enumerate([_hf_fault_callback(faults), callback]):
+        trainer.callback_handler.callbacks.insert(position, extra)
+    trainer.train(resume_from_checkpoint=job.trainer.resume_from)
+    return trainer.model, trainer.state.global_step
 
 
-def _run_lightning(job: JobRecipe, integrity: IntegrityConfig, model, rows, source: str, holder: dict) -> None:
+def _run_lightning(job: JobRecipe, integrity: IntegrityConfig, model, dataset, faults, source: str, holder: dict):
     import pytorch_lightning as pl
 
     from callbacks.lightning import IntegrityCallback
 
-    lr = float(job.trainer.args.get("learning_rate", 1e-3))
-    batch_size = int(job.trainer.args.get("batch_size", 4))
+    args = dict(job.trainer.args)
+    lr = float(args.pop("learning_rate", 1e-3))
+    batch_size = int(args.pop("batch_size", 4))
+    logger = _lightning_logger(args.pop("logger", None), job.trainer.output_dir, source)
 
-    class CausalLMModule(pl.LightningModule):
+    class JobModule(pl.LightningModule):
         def __init__(self):
             super().__init__()
             self.model = model
 
         def training_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-            return self.model(**batch).loss
+            loss = _loss(self.model(**batch))
+            self.log("train_loss", loss.detach(), on_step=True, on_epoch=False)
+            return loss
 
         def configure_optimizers(self):
             return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=lr)
 
+    class FaultCallback(pl.Callback):
+        """Runs the recipe's faults at Lightning's step hooks (placed before the integrity callback)."""
+
+        def __init__(self):
+            self.last_step = 0
+
+        def on_fit_start(self, trainer, pl_module) -> None:
+            self.last_step = trainer.global_step
+
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+            for fault in faults:
+                fault.before_optimizer_step(pl_module, trainer.global_step + 1)
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            if trainer.global_step != self.last_step:  # the optimizer stepped (not an accumulation batch)
+                self.last_step = trainer.global_step
+                for fault in faults:
+                    fault.after_optimizer_step(pl_module, trainer.global_step)
+
     pl.seed_everything(job.seed, verbose=False)
-    trainer_args = {k: v for k, v in job.trainer.args.items() if k not in ("learning_rate", "batch_size")}
     holder["callback"] = callback = IntegrityCallback(config=integrity)
+    if job.trainer.processes > 1:
+        args.setdefault("strategy", "ddp")
+        args.setdefault("devices", job.trainer.processes)
     try:
-        trainer = pl.Trainer(default_root_dir=job.trainer.output_dir, callbacks=[callback], logger=False,
-                             enable_progress_bar=False, enable_model_summary=False, **trainer_args)
+        trainer = pl.Trainer(default_root_dir=job.trainer.output_dir, callbacks=[FaultCallback(), callback],
+                             logger=logger, enable_progress_bar=False, enable_model_summary=False,
+                             **{"log_every_n_steps": 1, **args})
     except (TypeError, ValueError) as err:
         raise RecipeError(source, "trainer.args", f"Lightning Trainer rejected these arguments: {err}") from None
-    loader = torch.utils.data.DataLoader(RowsDataset(rows), batch_size=batch_size, shuffle=False)
-    trainer.fit(CausalLMModule(), train_dataloaders=loader)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)
+    trainer.fit(JobModule(), train_dataloaders=loader, ckpt_path=job.trainer.resume_from)
+    return model, trainer.global_step
+
+
+def _lightning_logger(name: Any, output_dir: str, source: str) -> Any:
+    if name in (None, False, "none"):
+        return False
+    from pytorch_lightning import loggers
+
+    builders: dict[str, Callable[[], Any]] = {
+        "csv": lambda: loggers.CSVLogger(output_dir, name="logs"),
+        "tensorboard": lambda: loggers.TensorBoardLogger(output_dir, name="logs"),
+    }
+    if name not in builders:
+        raise RecipeError(source, "trainer.args.logger", f"expected one of csv, tensorboard, none; got {name!r}")
+    return builders[name]()
+
+
+def _run_accelerate(job: JobRecipe, integrity: IntegrityConfig, model, dataset, faults, source: str,
+                    holder: dict):
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    from callbacks.accelerate import AcceleratorHooks
+    from callbacks.metrics import finding_metrics
+
+    try:
+        opts = AccelerateArgs.model_validate(job.trainer.args)
+    except ValidationError as err:
+        key, problem = describe_validation_error(AccelerateArgs, err, "trainer.args")
+        raise RecipeError(source, key, problem) from None
+    set_seed(job.seed)
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), log_with=opts.log_with,
+                              gradient_accumulation_steps=opts.gradient_accumulation_steps,
+                              project_dir=job.trainer.output_dir)
+    if opts.log_with:
+        accelerator.init_trackers("integrity")
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=opts.learning_rate)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=opts.batch_size, shuffle=False)
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    holder["callback"] = hooks = AcceleratorHooks(accelerator, config=integrity)
+    if job.trainer.resume_from:
+        accelerator.load_state(job.trainer.resume_from)
+        # this runner names its save_state folders checkpoint-N: the step count goes on from N
+        suffix = os.path.basename(os.path.normpath(job.trainer.resume_from)).rpartition("-")[2]
+        hooks.step = int(suffix) if suffix.isdigit() else 0
+    hooks.begin(model, resumed_from=job.trainer.resume_from)
+    while hooks.step < opts.max_steps:
+        for batch in loader:
+            with accelerator.accumulate(model):
+                loss = _loss(model(**batch))
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    if opts.max_grad_norm:
+                        accelerator.clip_grad_norm_(model.parameters(), opts.max_grad_norm)
+                    for fault in faults:
+                        fault.before_optimizer_step(model, hooks.step + 1)
+                hooks.before_optimizer_step(model, optimizer, grads_clipped=bool(opts.max_grad_norm))
+                optimizer.step()
+                if accelerator.sync_gradients:
+                    for fault in faults:
+                        fault.after_optimizer_step(model, hooks.step + 1)
+                hooks.after_optimizer_step(model, optimizer)
+                optimizer.zero_grad()
+            if accelerator.sync_gradients:
+                # the trainer's own loggers (accelerate trackers) get the finding counts beside the loss
+                accelerator.log({"train_loss": loss.item(), **finding_metrics(hooks.monitor.findings)}, step=hooks.step)
+                if opts.save_steps and hooks.step % opts.save_steps == 0:
+                    folder = os.path.join(job.trainer.output_dir, f"checkpoint-{hooks.step}")
+                    accelerator.save_state(folder)
+                    hooks.saved(model, folder)
+            if hooks.step >= opts.max_steps:
+                break
+    hooks.end(model)
+    accelerator.end_training()
+    return accelerator.unwrap_model(model), hooks.step

@@ -14,6 +14,7 @@ hook                              event
                                   (it also fires on gradient-accumulation batches)
 ``on_save_checkpoint``            ``checkpoint`` with the dict's ``state_dict`` (before it is written)
 ``on_fit_end``                    ``end``
+(after each step)                 the finding counts per code go to the trainer's loggers (``pl_module.log``)
 ================================  =====================================================================
 
 The monitor's state is saved in the checkpoint under a per-instance ``state_key`` and restored on resume.
@@ -27,6 +28,7 @@ import json
 from typing import Any
 
 from callbacks.integration import MonitorOwner
+from callbacks.metrics import finding_metrics
 
 
 def _make_callback_class(base: type) -> type:
@@ -73,6 +75,7 @@ def _make_callback_class(base: type) -> type:
             self._last_stepped = trainer.global_step
             self.monitor.dispatch("step", pl_module, step=trainer.global_step, phase="after_optimizer",
                                   optimizer=_first_optimizer(trainer), trainer="lightning")
+            pl_module.log_dict(finding_metrics(self.monitor.findings), on_step=True, on_epoch=False)
 
         def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
             """The checkpoint dict is built; its ``state_dict`` is what will be written."""

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import torch
-from torch import nn
+
+from callbacks import gallery
 
 VOCAB = 64
 
@@ -49,27 +50,16 @@ def tiny_vit_classifier(seed: int = 0, num_labels: int = 3):
     return ViTForImageClassification(config)
 
 
-class LinguaLM(nn.Module):
-    """A Lingua-style hand-written causal LM whose head is tied by hand: ``output.weight = tok_embeddings.weight``."""
+class LinguaLM(gallery.LinguaLM):
+    """The gallery's Lingua-style LM (head tied by hand: ``output.weight = tok_embeddings.weight``) with a
+    64-token vocabulary, whose forward returns the logits tensor (batch, seq, vocab)."""
 
     def __init__(self, vocab: int = VOCAB, dim: int = 32, n_layers: int = 2, tie: bool = True):
-        super().__init__()
-        self.tok_embeddings = nn.Embedding(vocab, dim)
-        self.layers = nn.ModuleList(
-            nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
-            for _ in range(n_layers)
-        )
-        self.norm = nn.LayerNorm(dim)
-        self.output = nn.Linear(dim, vocab, bias=False)
-        if tie:
-            self.output.weight = self.tok_embeddings.weight
+        super().__init__(vocab_size=vocab, dim=dim, n_layers=n_layers, tie=tie)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Logits of shape (batch, seq, vocab)."""
-        h = self.tok_embeddings(input_ids)
-        for layer in self.layers:
-            h = h + layer(h)
-        return self.output(self.norm(h))
+        return super().forward(input_ids)["logits"]
 
 
 def lm_batches(n: int = 8, batch: int = 4, seq: int = 16, vocab: int = VOCAB, seed: int = 0):

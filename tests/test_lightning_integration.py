@@ -115,3 +115,35 @@ def test_two_callbacks_keep_separate_state(tmp_path):
     (ckpt,) = glob.glob(str(tmp_path / "**" / "*.ckpt"), recursive=True)
     stored = torch.load(ckpt, weights_only=True)["callbacks"]
     assert {a.state_key, b.state_key} <= set(stored)
+
+
+class HFModule(pl.LightningModule):
+    """A LightningModule holding an HF model (optionally PEFT-wrapped) as ``self.model``."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def training_step(self, batch, batch_idx):
+        return self.model(**batch).loss
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=1e-2)
+
+
+@pytest.mark.parametrize("peft", [False, True], ids=["plain", "lora"])
+def test_hf_config_ties_are_expected_inside_a_lightning_module(tmp_path, peft):
+    from models import tiny_gemma2
+
+    model = tiny_gemma2(tie=True)
+    if peft:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj"]))
+    inner = model.get_base_model() if peft else model
+    inner.lm_head.weight = nn.Parameter(inner.lm_head.weight.detach().clone())  # the head replaced
+    callback = IntegrityCallback(policy="log", checks=ONLY_TIES)
+    fit(HFModule(model), tmp_path, [callback], max_steps=1)
+    broken = [f for f in callback.findings if f.code == "TIE_BROKEN"]
+    expected = ("model.lm_head.weight", "model.model.embed_tokens.weight")
+    assert [(f.event, f.params) for f in broken] == [("init", expected)]

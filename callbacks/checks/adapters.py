@@ -36,6 +36,7 @@ from callbacks.primitives.adapters import (
     normalise_custom_roles,
 )
 from callbacks.primitives.naming import unwrap_model
+from callbacks.primitives.probe import ProbeUnavailable, build_probe_batch, output_tensor, preserved_state
 
 
 class AdapterInitConfig(CheckConfig):
@@ -434,49 +435,15 @@ def probe_target(model: nn.Module) -> nn.Module | None:
     return None
 
 
-def probe_inputs(model: nn.Module, extra: Mapping[str, Any] | None = None) -> dict[str, torch.Tensor] | None:
-    """A small deterministic batch built from the model's config (no RNG used), or ``extra['probe_batch']``."""
+def probe_inputs(model: nn.Module, extra: Mapping[str, Any] | None = None) -> dict[str, Any] | None:
+    """``extra['probe_batch']`` when given, else a one-row batch built from the model's config by the shared
+    probe primitive (private generator: the global RNG is not consumed); None when none can be built."""
     if extra and isinstance(extra.get("probe_batch"), Mapping):
         return dict(extra["probe_batch"])
-    inner = unwrap_model(model)
-    config = getattr(inner, "config", None)
-    if config is None:
+    try:
+        return build_probe_batch(model, batch_size=1, seq_len=8)
+    except ProbeUnavailable:
         return None
-    param = next(inner.parameters(), None)
-    device = param.device if param is not None else torch.device("cpu")
-    main = getattr(inner, "main_input_name", "input_ids")
-    if main == "pixel_values":
-        size = getattr(config, "image_size", None)
-        channels = getattr(config, "num_channels", 3)
-        if not isinstance(size, int):
-            return None
-        n = channels * size * size
-        dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
-        pixels = torch.linspace(-1.0, 1.0, n, device=device).sin().reshape(1, channels, size, size).to(dtype)
-        return {"pixel_values": pixels}
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    vocab = getattr(text, "vocab_size", None)
-    if main != "input_ids" or not isinstance(vocab, int) or vocab < 2:
-        return None
-    seq = min(8, int(getattr(text, "max_position_embeddings", 8) or 8))
-    ids = ((torch.arange(seq, device=device) * 7 + 3) % vocab).reshape(1, seq)
-    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-    if getattr(config, "is_encoder_decoder", False):
-        batch["decoder_input_ids"] = ids.clone()
-    return batch
-
-
-def _first_tensor(output: Any) -> torch.Tensor | None:
-    if isinstance(output, torch.Tensor):
-        return output
-    logits = getattr(output, "logits", None)
-    if isinstance(logits, torch.Tensor):
-        return logits
-    if isinstance(output, Mapping):
-        output = list(output.values())
-    if isinstance(output, (tuple, list)):
-        return next((t for t in output if isinstance(t, torch.Tensor)), None)
-    return None
 
 
 class _AdaptersDisabled:
@@ -517,17 +484,6 @@ class _AdaptersDisabled:
             self.library_logger.removeFilter(self._mute)
 
 
-def _rng_state() -> tuple[torch.Tensor, list[torch.Tensor] | None]:
-    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
-    return torch.get_rng_state(), cuda
-
-
-def _restore_rng(state: tuple[torch.Tensor, list[torch.Tensor] | None]) -> None:
-    torch.set_rng_state(state[0])
-    if state[1] is not None:
-        torch.cuda.set_rng_state_all(state[1])
-
-
 def probe_identity(model: nn.Module, units: Sequence[AdapterUnit], batch: Mapping[str, Any]) -> ProbeResult:
     """Output with adapters active vs disabled on ``batch``: the largest change (eval mode, no grad).
 
@@ -535,22 +491,14 @@ def probe_identity(model: nn.Module, units: Sequence[AdapterUnit], batch: Mappin
     """
     if any(getattr(u.module, "merged", False) for u in units if u.library == "peft"):
         return ProbeResult(skipped="adapters are merged into the base weights")
-    modes = [(m, m.training) for m in model.modules()]
-    rng = _rng_state()
     try:
-        model.eval()
-        with torch.no_grad():
-            adapted = _first_tensor(model(**batch))
+        with preserved_state(model), torch.no_grad():
+            adapted = output_tensor(model(**batch))
             with _AdaptersDisabled(model, units):
-                base = _first_tensor(model(**batch))
-    finally:
-        for module, training in modes:
-            if module.training != training:
-                # the plain attribute nn.Module.train() sets, written without its per-call overhead and without
-                # recursing (each module gets its own saved mode back)
-                module.__dict__["training"] = training
-        _restore_rng(rng)
-    if adapted is None or base is None or adapted.shape != base.shape:
+                base = output_tensor(model(**batch))
+    except ProbeUnavailable:
+        return ProbeResult(skipped="the model's output has no comparable tensor")
+    if adapted.shape != base.shape:
         return ProbeResult(skipped="the model's output has no comparable tensor")
     diff = (adapted.double() - base.double()).abs()
     change = float("nan") if not bool(torch.isfinite(adapted).all()) else diff.max().item()

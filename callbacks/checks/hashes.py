@@ -15,8 +15,12 @@ What runs when (the defaults keep a single-process CPU step cheap):
   where they became frozen) and re-hashed every ``frozen_every_n_steps`` and at ``end``.
 * ``tied_copies`` groups are hashed at init, every ``every_n_steps`` after the optimizer, and at ``end``.
 
-Gradients are hashed at the ``before_optimizer`` phase, i.e. after DDP's all-reduce (never in a parameter hook,
-which fires before it). Under FSDP (sharded parameters) shards differ by design: replica comparison is off.
+Gradients are hashed at the ``before_optimizer`` phase, i.e. after DDP's all-reduce or FSDP2's reduce-scatter
+(never in a parameter hook, which fires before it). Under FSDP2 (DTensor parameters, ``fully_shard``) each rank
+hashes its local shards and compares them only with the ranks that hold the same shard: the ranks along the mesh
+dimensions where the tensor is ``Replicate`` (the replicate dimension of HSDP), through one bounded gloo subgroup
+per group built at init. Pure FSDP shards differ by design and are never compared (one ``CHECK_NOT_APPLICABLE``
+info at init says so). FSDP1 flat parameters are not compared.
 """
 
 from __future__ import annotations
@@ -35,7 +39,10 @@ from callbacks.findings import Finding
 from callbacks.hashing import hash_tensors, hash_with_stats, resolve_backend
 from callbacks.hashing.ledger import LedgerWriter, hex64
 from callbacks.primitives.collectives import (
+    Partition,
     ReplicaGroup,
+    build_replica_groups,
+    comparison_partition,
     disagreeing_ranks,
     distributed_world,
     layout_key,
@@ -84,8 +91,9 @@ HINT_NONFINITE = (
     "division by zero, use bf16 instead of fp16 or a GradScaler, and look for bad samples in this batch")
 HINT_GRAD_REPLICA = (
     "a rank changed its gradients after the all-reduce (rank-dependent code in a hook or callback, per-rank "
-    "clipping) or a gradient was not synchronised (no_sync on one rank, unused parameters): make every "
-    "post-reduction gradient operation identical on every rank")
+    "clipping) or a gradient was not synchronised (no_sync on one rank, unused parameters, a parameter left outside "
+    "every DDP/fully_shard wrap): make every post-reduction gradient operation identical on every rank and shard "
+    "or wrap every trainable parameter")
 HINT_PARAM_REPLICA = (
     "parameters were changed on one rank outside the synchronised update (rank-dependent code, a per-rank load "
     "or resume, different optimizer state) or replicas started from different weights: broadcast from rank 0 "
@@ -112,12 +120,22 @@ def named_unique_parameters(model: Any) -> list[tuple[str, nn.Parameter]]:
     return [(user_name(raw), p) for raw, p in inner.named_parameters()]
 
 
+def is_dtensor(tensor: Any) -> bool:
+    """Whether a tensor (or a parameter's data) is a DTensor (FSDP2 ``fully_shard``, tensor parallel)."""
+    return type(tensor).__name__ == "DTensor" or type(getattr(tensor, "data", None)).__name__ == "DTensor"
+
+
 def is_sharded(model: Any, params: Sequence[tuple[str, nn.Parameter]]) -> bool:
     """Whether parameters are sharded across ranks (FSDP2 DTensors, FSDP1 flat parameters)."""
-    if any(type(p).__name__ == "DTensor" or type(getattr(p, "data", None)).__name__ == "DTensor" for _, p in params):
+    if any(is_dtensor(p) for _, p in params):
         return True
     modules = model.modules() if isinstance(model, nn.Module) else ()
     return any(type(m).__name__ == "FullyShardedDataParallel" for m in modules)
+
+
+def is_partial(tensor: Any) -> bool:
+    """Whether a DTensor holds unreduced partial sums on some mesh dimension (never comparable across ranks)."""
+    return any(p.is_partial() for p in getattr(tensor, "placements", ()) or ())
 
 
 def hash_or_none(tensors: Sequence[torch.Tensor | None], backend: str) -> list[int | None]:
@@ -196,16 +214,40 @@ class HashCheck(Check):
         self.rank, self.world_size = 0, 1
         self.ledger: LedgerWriter | None = None
         self.resumed = False
-        #: whether parameters are sharded (DTensor local shards are hashed; replicas are not compared)
+        #: whether parameters are sharded (DTensor local shards are hashed, compared within replicate groups)
         self.sharded = False
+        #: partition of ranks -> this rank's bounded group in it (DDP: one group of all ranks; HSDP: the ranks
+        #: along the replicate dimension); partitions where this rank holds its copy alone are absent
+        self.routes: dict[Partition, ReplicaGroup] = {}
+        #: partitions no longer compared (their ranks hashed different layouts), with why
+        self.route_notes: dict[Partition, str] = {}
+        #: (id of a device mesh, placements) -> partition: computed once per mesh layout, not per tensor and step
+        #: (plain tensors under key (0, ()): all ranks)
+        self._partition_by_layout: dict[tuple[int, tuple[Any, ...]], Partition] = {}
         #: ids of the frozen parameters seen at the last step (new ones get a baseline)
         self._frozen_seen: set[int] = set()
 
     # -- helpers ----------------------------------------------------------------------------------------------
     @property
     def replicas_active(self) -> bool:
-        """Whether replica hashes are exchanged (distributed, world size > 1, not sharded, not broken)."""
-        return self.group is not None and self.group.broken is None and self.replicas_note is None
+        """Whether replica hashes are exchanged (distributed, some group of ranks holding equal copies, no group
+        broken: after a failed exchange this rank stops exchanging altogether, so its peers' waits end too)."""
+        return (self.replicas_note is None and bool(self.routes)
+                and all(g.broken is None for g in self.routes.values())
+                and any(p not in self.route_notes for p in self.routes))
+
+    def _partition(self, tensor: Any) -> Partition:
+        """The groups of ranks that must hold equal copies of ``tensor`` (see ``comparison_partition``).
+
+        Looked up per tensor at every exchange (not cached by name), so a model sharded after init is not compared
+        as if its shards were replicas: a partition without a group built at init is simply not compared.
+        """
+        mesh = getattr(tensor, "device_mesh", None)
+        key = (id(mesh), tuple(tensor.placements)) if mesh is not None else (0, ())  # (0, ()): a plain tensor
+        partition = self._partition_by_layout.get(key)
+        if partition is None:
+            partition = self._partition_by_layout[key] = comparison_partition(tensor, self.world_size)
+        return partition
 
     @property
     def group_usable(self) -> bool:
@@ -224,64 +266,97 @@ class HashCheck(Check):
         self.reported[code] = set(names)
         return [n for n in names if n not in before]
 
-    def _exchange(self, names: Sequence[str], tensors: Sequence[torch.Tensor | None], compute):
-        """Hash locally with ``compute`` and, when replicas are active, all-gather the hashes.
+    def _exchange(self, names: Sequence[str], tensors: Sequence[torch.Tensor | None], compute,
+                  not_comparable: Iterable[int] = ()):
+        """Hash locally with ``compute`` and, when replicas are active, all-gather the hashes within each group of
+        ranks that hold equal copies (one exchange per partition, in one order on every rank).
 
-        Returns (local hashes or None if hashing failed, exchange or None). A local failure still takes part in
-        the exchange (so no rank waits for it) and is re-raised afterwards.
+        Returns (local hashes or None if hashing failed, [(partition, group, names, exchange)]). A local failure
+        still takes part in the exchanges (so no rank waits for it) and is re-raised afterwards.
+        ``not_comparable`` indices (unreduced partial gradients) are sent as 0 on every rank: they keep the layout
+        and never mismatch.
         """
         error: BaseException | None = None
         hashes: list[int | None] | None = None
         try:
             hashes = compute()
-        except Exception as err:  # re-raised below, after the collective every rank expects
+        except Exception as err:  # re-raised below, after the collectives every rank expects
             error = err
-        exchange = None
+        exchanges = []
         if self.replicas_active:
-            key = layout_key(names, [tuple(t.shape) if t is not None else () for t in tensors])
-            payload = [0 if h is None else h for h in hashes] if hashes is not None else []
-            exchange = self.group.all_gather_hashes(payload, key, ok=error is None)
+            skip = set(not_comparable)
+            by_partition: dict[Partition, list[int]] = {}
+            for i, tensor in enumerate(tensors):
+                by_partition.setdefault(self._partition(tensor), []).append(i)
+            for partition in sorted(self.routes):  # every rank of a group walks the partitions in this order
+                if partition in self.route_notes:
+                    continue
+                group = self.routes[partition]
+                indices = by_partition.get(partition, [])
+                part_names = [names[i] for i in indices]
+                key = layout_key(part_names, [tuple(local_tensor(tensors[i]).shape) if tensors[i] is not None
+                                              else () for i in indices])
+                payload = ([0 if i in skip or hashes[i] is None else hashes[i] for i in indices]
+                           if hashes is not None else [])
+                exchanges.append((partition, group, part_names,
+                                  group.all_gather_hashes(payload, key, ok=error is None)))
         if error is not None:
             raise error
-        return hashes, exchange
+        return hashes, exchanges
 
-    def _replica_findings(self, code: str, ctx: EventContext, names: Sequence[str], exchange,
-                          what: str) -> list[Finding]:
-        if exchange is None:
-            return []
-        if exchange.status == "failed":
-            return []  # the failing rank reports CHECK_FAILED itself
-        if exchange.status == "layout":
-            # every rank saw the same headers, so every rank stops exchanging at the same point
-            self.replicas_note = f"not compared: ranks hold different parameter layouts (counts {exchange.counts})"
-            return [self.finding(
-                "CHECK_NOT_APPLICABLE", ctx, params=(),
-                message=f"ranks hold different {what} layouts (tensor counts per rank: {exchange.counts}), so they "
-                        "are not data-parallel replicas; replica comparison is off from here",
-                hint="for pipeline stages or other model-parallel layouts set hashes.replicas: false (and declare "
-                     "copies of a tie kept on different stages in hashes.tied_copies); under plain DDP every rank "
-                     "must build the same model",
-                counts=exchange.counts)]
-        mismatched = replica_mismatches(names, exchange.by_rank)
+    def _replica_findings(self, code: str, ctx: EventContext, exchanges, what: str) -> list[Finding]:
+        findings: list[Finding] = []
+        mismatched: dict[str, dict[int, int]] = {}
+        group_of: dict[str, list[int]] = {}
+        for partition, group, names, exchange in exchanges:
+            if exchange.status == "failed":
+                continue  # the failing rank reports CHECK_FAILED itself
+            if exchange.status == "layout":
+                # every rank of the group saw the same headers, so all of them stop exchanging at the same point
+                self.route_notes[partition] = (f"not compared: ranks {group.ranks} hold different parameter layouts "
+                                               f"(counts {exchange.counts})")
+                if all(p in self.route_notes for p in self.routes):
+                    self.replicas_note = self.route_notes[partition]
+                findings.append(self.finding(
+                    "CHECK_NOT_APPLICABLE", ctx, params=(),
+                    message=f"ranks {group.ranks} hold different {what} layouts (tensor counts per rank: "
+                            f"{exchange.counts}), so they are not data-parallel replicas; replica comparison among "
+                            "them is off from here",
+                    hint="for pipeline stages or other model-parallel layouts set hashes.replicas: false (and declare "
+                         "copies of a tie kept on different stages in hashes.tied_copies); under plain DDP every "
+                         "rank must build the same model",
+                    counts=exchange.counts, ranks=group.ranks))
+                continue
+            for name, by_rank in replica_mismatches(names, exchange.by_rank, group.ranks).items():
+                mismatched[name] = by_rank
+                group_of[name] = group.ranks
         new = self._new_only(code, mismatched)
         if not new:
-            return []
+            return findings
         parts, details = [], {}
         for name in new:
             by_rank = mismatched[name]
+            ranks = list(by_rank)
             _, differing = disagreeing_ranks(list(by_rank.values()))
             if len(by_rank) == 2:
-                parts.append(f"{name} (ranks 0 and 1 disagree)")
+                parts.append(f"{name} (ranks {ranks[0]} and {ranks[1]} disagree)")
             else:
-                parts.append(f"{name} (ranks {differing} differ from the others)")
+                parts.append(f"{name} (ranks {[ranks[i] for i in differing]} differ from the others)")
             details[name] = {str(r): hex64(v) for r, v in by_rank.items()}
         shown = "; ".join(parts[:6]) + (f"; +{len(parts) - 6} more" if len(parts) > 6 else "")
-        return [self.finding(
+        if self.sharded:
+            groups = sorted({tuple(group_of[n]) for n in new})
+            where = (f"between ranks that hold the same shard or copy (replicate group{'s' if len(groups) > 1 else ''} "
+                     f"{', '.join(str(list(g)) for g in groups)})")
+        else:
+            where = f"across {len(next(iter(mismatched.values())))} data-parallel ranks"
+        findings.append(self.finding(
             code, ctx, params=new,
-            message=f"{what} hashes differ across {len(exchange.by_rank)} data-parallel ranks for {len(new)} "
-                    f"tensor(s): {shown}",
+            message=f"{what} hashes differ {where} for {len(new)} tensor(s): {shown}",
             hint=HINT_GRAD_REPLICA if code == "GRAD_REPLICA_MISMATCH" else HINT_PARAM_REPLICA,
-            hashes_by_rank=details, ranks=sorted({int(r) for d in details.values() for r in d}))]
+            hashes_by_rank=details, ranks=sorted({int(r) for d in details.values() for r in d}),
+            replicate_groups={n: group_of[n] for n in new}))
+        return findings
 
     # -- events -----------------------------------------------------------------------------------------------
     def on_load(self, ctx: EventContext) -> Iterable[Finding]:
@@ -296,10 +371,13 @@ class HashCheck(Check):
         if self.world_size > 1 and self.group is None:
             if not self.config.replicas:
                 self.replicas_note = "not compared (replicas: false)"
-            elif self.sharded:
-                self.replicas_note = "parameters are sharded (FSDP): shards differ by design and are not compared"
+            elif self.sharded and not any(is_dtensor(p) for _, p in params):
+                self.replicas_note = ("parameters are sharded as FSDP1 flat parameters: not compared (use FSDP2 "
+                                      "fully_shard, whose DTensor shards are compared within replicate groups)")
             if self.replicas_note is None or self.config.tied_copies:
                 self.group = ReplicaGroup(self.config.timeout_s)  # a collective: every rank decides alike
+            if self.replicas_note is None:
+                findings += self._build_routes(ctx, params)
         if self.config.ledger and self.ledger is None:
             self.ledger = LedgerWriter(self.config.ledger, rank=self.rank, append=self.resumed)
         names = [n for n, _ in params]
@@ -307,15 +385,35 @@ class HashCheck(Check):
         need_all = self.replicas_active or self.ledger is not None
         frozen_idx = [i for i, (_, p) in enumerate(params) if not p.requires_grad] if self.config.frozen else []
         to_hash = list(range(len(params))) if need_all else frozen_idx
-        hashes, exchange = self._exchange(
+        hashes, exchanges = self._exchange(
             names, tensors, lambda: self._hash_indices(tensors, to_hash, len(params)))
-        findings += self._replica_findings("PARAM_REPLICA_MISMATCH", ctx, names, exchange, "initial parameter")
+        findings += self._replica_findings("PARAM_REPLICA_MISMATCH", ctx, exchanges, "initial parameter")
         if self.ledger is not None:
             self.ledger.write(ctx.step or 0, "param", names, hashes)
         if self.config.frozen:
             findings += self._compare_frozen(ctx, {names[i]: hashes[i] for i in frozen_idx}, record_new=True)
         findings += self._tied_copies(ctx, params, validate=True)
         return findings
+
+    def _build_routes(self, ctx: EventContext, params: Sequence[tuple[str, nn.Parameter]]) -> list[Finding]:
+        """Create the bounded groups of ranks whose copies must agree (collective; every rank at init).
+
+        Partitions come from every rank (gathered: a mesh may not span every rank), so every rank creates the
+        same subgroups in the same order. With none to compare (pure FSDP), one info says so.
+        """
+        local = sorted({self._partition(p) for _, p in params})
+        union = {partition for rank_partitions in self.group.all_gather_object(local) for partition in rank_partitions}
+        self.routes = build_replica_groups(union, self.group, self.config.timeout_s)
+        if self.routes:
+            return []
+        self.replicas_note = ("not compared: parameters are sharded with no replicate dimension (pure FSDP), each "
+                              "rank holds different shards by design")
+        return [self.finding(
+            "CHECK_NOT_APPLICABLE", ctx, params=(),
+            message="replica hashes are not compared: every parameter is sharded with no replicate mesh dimension "
+                    "(pure FSDP), so no two ranks hold the same shard; shards differ by design",
+            hint="nothing to fix; to compare replicas under FSDP2 use HSDP (a 2-D mesh with a replicate dimension)",
+            partitions=[[list(g) for g in p] for p in sorted(union)])]
 
     def _hash_indices(self, tensors: Sequence[torch.Tensor | None], indices: Sequence[int],
                       total: int) -> list[int | None]:
@@ -362,8 +460,9 @@ class HashCheck(Check):
                 return out
 
             # the layout key is built from the parameters: a gradient missing on one rank is a mismatch, not a layout
-            hashes, exchange = self._exchange(names, [p for _, p in params], compute)
-            findings += self._replica_findings("GRAD_REPLICA_MISMATCH", ctx, names, exchange, "gradient")
+            partial = [i for i in present if is_partial(grads[i])]
+            hashes, exchanges = self._exchange(names, [p for _, p in params], compute, not_comparable=partial)
+            findings += self._replica_findings("GRAD_REPLICA_MISMATCH", ctx, exchanges, "gradient")
             if self.ledger is not None:
                 self.ledger.write(ctx.step, "grad", names, hashes, clipped=ctx.grads_clipped)
         if self.config.nonfinite:
@@ -436,10 +535,10 @@ class HashCheck(Check):
             # every rank decides from the step alone, so all of them exchange the same layout at the same step
             ex_names = [names[i] for i in indices]
             ex_tensors = [tensors[i] for i in indices]
-            hashes, exchange = self._exchange(
+            hashes, exchanges = self._exchange(
                 ex_names, ex_tensors, lambda: hash_or_none(ex_tensors, self.config.backend))
             by_name = dict(zip(ex_names, hashes, strict=True))
-            findings += self._replica_findings("PARAM_REPLICA_MISMATCH", ctx, ex_names, exchange, "parameter")
+            findings += self._replica_findings("PARAM_REPLICA_MISMATCH", ctx, exchanges, "parameter")
             if self.ledger is not None and hash_due:
                 self.ledger.write(step, "param", [names[i] for i in trainable], [by_name[names[i]] for i in trainable])
             if frozen_due:
@@ -548,9 +647,18 @@ class HashCheck(Check):
 
     # -- report and state -------------------------------------------------------------------------------------
     def report_section(self) -> dict[str, Any] | None:
+        if self.replicas_active and self.sharded:
+            groups = sorted({tuple(g.ranks) for p, g in self.routes.items() if p not in self.route_notes})
+            replicas = f"compared within replicate groups {[list(g) for g in groups]} (local shards)"
+        elif self.replicas_active:
+            replicas = f"compared across {self.world_size} ranks"
+        elif any(g.broken for g in self.routes.values()):
+            broken = next(g for g in self.routes.values() if g.broken)
+            replicas = f"stopped after a failed exchange with ranks {broken.ranks}: {broken.broken}"
+        else:
+            replicas = self.replicas_note or "not compared (single process)"
         return {"frozen_tracked": len(self.frozen_baseline), "frozen_verified_step": self.frozen_verified_step,
-                "replicas": f"compared across {self.world_size} ranks" if self.replicas_active
-                else (self.replicas_note or "not compared (single process)"),
+                "replicas": replicas,
                 "ledger": self.config.ledger}
 
     def state_dict(self) -> dict[str, Any]:

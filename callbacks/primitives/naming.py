@@ -23,7 +23,10 @@ WRAPPER_PREFIXES: tuple[str, ...] = (
 )
 
 #: path segments inserted inside the user's names by wrappers; removed wherever they appear
-WRAPPER_SEGMENTS: tuple[str, ...] = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
+WRAPPER_SEGMENTS: tuple[str, ...] = (
+    "_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.",
+    "base_model.model.",  # a PEFT model held inside another module (a LightningModule's self.model)
+)
 
 #: PEFT tuner layers keep the original weight under ``<layer>.base_layer.<param>``
 PEFT_BASE_LAYER = ".base_layer."
@@ -86,6 +89,9 @@ def storage_key(tensor: torch.Tensor) -> tuple[Any, ...]:
 
     Meta and empty tensors have no memory to compare, so the tensor object itself is their identity.
     """
+    to_local = getattr(tensor, "to_local", None)  # a DTensor (FSDP2): its local shard is the memory it views
+    if callable(to_local):
+        tensor = to_local()
     if tensor.device.type == "meta" or tensor.numel() == 0:
         return ("object", id(tensor))
     storage = tensor.untyped_storage()

@@ -112,36 +112,53 @@ def _module_name(root: nn.Module, module: nn.Module | None) -> str | None:
     return None
 
 
+def _is_hf_model(module: Any) -> bool:
+    return getattr(module, "config", None) is not None and hasattr(module, "get_input_embeddings")
+
+
+def hf_models(model: Any) -> list[tuple[str, Any]]:
+    """The HF models in ``model`` with their module paths: the model itself through its wrappers (DDP,
+    compile, PEFT), else the outermost HF models among its submodules (a LightningModule's ``self.model``)."""
+    if not isinstance(model, nn.Module):
+        return []
+    inner = unwrap_model(model)
+    if _is_hf_model(inner):
+        return [(_module_name(model, inner) or "", inner)]
+    found: list[tuple[str, Any]] = []
+    outer: list[str] = []  # paths of the modules found, to skip what lies inside them (PEFT's tuner model)
+    for path, module in model.named_modules():
+        if path and _is_hf_model(module) and not any(path.startswith(p + ".") for p in outer):
+            outer.append(path)
+            inner = unwrap_model(module)
+            found.append((path, inner) if inner is module else (_module_name(model, inner) or path, inner))
+    return found
+
+
 def hf_expected_ties(model: Any) -> list[ExpectedTie]:
-    """Ties an HF ``PreTrainedModel`` promises through its config.
+    """Ties the HF ``PreTrainedModel`` (s) in ``model`` promise through their config.
 
     transformers 5: ``get_expanded_tied_weights_keys(all_submodels=True)`` (the ``{target: source}`` dict that
     ``tie_weights`` itself uses, re-reading ``tie_word_embeddings`` of every sub-config). transformers 4:
     ``tie_word_embeddings`` of the text config and the list-form ``_tied_weights_keys``, tied to the input
-    embeddings. Models that are not HF models expect nothing.
+    embeddings. Names relative to the HF model are made raw names of ``model`` (its path inside wrappers or a
+    LightningModule) and then user names: the path the tie map's names take, so both always agree.
     """
-    inner = unwrap_model(model)
-    config = getattr(inner, "config", None)
-    if config is None or not hasattr(inner, "get_input_embeddings"):
-        return []
     ties: dict[tuple[str, ...], ExpectedTie] = {}
-    # names relative to the HF model, made raw names of the model we were given, then user names: the same
-    # path the tie map's names take, so both agree whatever the wrappers (PEFT tuners or prompt learning)
-    path = _module_name(model, inner) if isinstance(model, nn.Module) else ""
-    prefix = f"{path}." if path else ""
+    for path, inner in hf_models(model):
+        for a, b in _hf_tied_pairs(inner):
+            names = tuple(sorted({user_name(f"{path}.{a}" if path else a), user_name(f"{path}.{b}" if path else b)}))
+            if len(names) == 2:
+                ties[names] = ExpectedTie(names=names, source="config")
+    return list(ties.values())
 
-    def add(a: str, b: str) -> None:
-        names = tuple(sorted({user_name(prefix + a), user_name(prefix + b)}))
-        if len(names) == 2:
-            ties[names] = ExpectedTie(names=names, source="config")
 
+def _hf_tied_pairs(inner: Any) -> list[tuple[str, str]]:
+    """(target, source) parameter names, relative to the HF model ``inner``, that its config ties."""
     expand = getattr(inner, "get_expanded_tied_weights_keys", None)
     if callable(expand):
-        for target, source in expand(all_submodels=True).items():
-            add(target, source)
-        return list(ties.values())
-
+        return list(expand(all_submodels=True).items())
     # transformers 4.x
+    config = inner.config
     text_config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
     if not getattr(text_config, "tie_word_embeddings", getattr(config, "tie_word_embeddings", False)):
         return []
@@ -150,9 +167,9 @@ def hf_expected_ties(model: Any) -> list[ExpectedTie]:
     except (NotImplementedError, AttributeError):
         return []
     in_name, out_name = _module_name(inner, in_emb), _module_name(inner, out_emb)
-    if in_name is not None and out_name is not None and in_name != out_name:
-        add(f"{in_name}.weight".lstrip("."), f"{out_name}.weight".lstrip("."))
-    return list(ties.values())
+    if in_name is None or out_name is None or in_name == out_name:
+        return []
+    return [(f"{out_name}.weight".lstrip("."), f"{in_name}.weight".lstrip("."))]
 
 
 def normalise_declared(groups: Sequence[Sequence[str]], source: str = "declared") -> list[ExpectedTie]:
