@@ -186,10 +186,10 @@ def snapshot_parameters(model: nn.Module, backend: str = "auto", skip: set[int] 
         digested = frozenset(n for n, m in memory.items() if n not in spec and m not in spec_memory)
     else:
         digested = frozenset(n for n in storage if n in digest) if digest is not None else frozenset()
-    # a storage is hashed once per kind its names need (a tie the merge made may join a digested name to a
-    # hashed one: each keeps the kind it was measured with before)
     # small tensors get the spec hash even where the digest would do: batched, it costs less than a digest call
     digested = frozenset(n for n in digested if tensors[n].numel() * tensors[n].element_size() >= DIGEST_MIN_BYTES)
+    # a storage is hashed once per kind its names need (a tie the merge made may join a digested name to a
+    # hashed one: each keeps the kind it was measured with before)
     spec_keys = list(dict.fromkeys(k for n, k in storage.items() if n not in digested))
     spec_keys = [k for k in spec_keys if unique[k].device.type != "meta"]
     values = hash_tensors([unique[k].detach() for k in spec_keys], backend=backend) if spec_keys else []
