@@ -14,8 +14,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from callbacks import Monitor  # noqa: E402
 from callbacks.checks import merge as merge_module  # noqa: E402
-from callbacks.checks.merge import change_digest, gc_paused, snapshot_parameters  # noqa: E402
+from callbacks.checks.merge import gc_paused, snapshot_parameters  # noqa: E402
+from callbacks.hashing import digest as digest_module  # noqa: E402
 from callbacks.hashing import reference  # noqa: E402
+from callbacks.hashing.digest import change_digest  # noqa: E402
 
 
 def mixed_tensors() -> list[torch.Tensor]:
@@ -40,11 +42,11 @@ def test_batched_reference_hash_equals_the_per_tensor_hash(monkeypatch, chunk, c
 
 
 def test_change_digest_sees_any_single_bit_flip():
-    base = torch.randn(3 * merge_module.DIGEST_CHUNK + 17, generator=torch.Generator().manual_seed(2))
+    base = torch.randn(3 * digest_module.DIGEST_CHUNK + 17, generator=torch.Generator().manual_seed(2))
     digest = change_digest(base)
     assert change_digest(base.clone()) == digest
     words = base.view(torch.int32)
-    for index in (0, 1, merge_module.DIGEST_CHUNK - 1, merge_module.DIGEST_CHUNK, 2 * merge_module.DIGEST_CHUNK + 5,
+    for index in (0, 1, digest_module.DIGEST_CHUNK - 1, digest_module.DIGEST_CHUNK, 2 * digest_module.DIGEST_CHUNK + 5,
                   base.numel() - 1):
         for bit in (0, 17, 31):
             flipped = base.clone()
