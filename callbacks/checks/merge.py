@@ -127,7 +127,8 @@ def snapshot_parameters(model: nn.Module, backend: str = "auto", skip: set[int] 
     dtypes: dict[str, torch.dtype] = {}
     tensors: dict[str, torch.Tensor] = {}
     unique: dict[tuple[Any, ...], torch.Tensor] = {}
-    for _raw, name, param in named_parameters_all(model):
+    parameters = list(named_parameters_all(model))  # one walk, shared with the tie map
+    for _raw, name, param in parameters:
         if name in storage or (skip and id(param) in skip):
             continue
         tensors[name] = param
@@ -153,8 +154,8 @@ def snapshot_parameters(model: nn.Module, backend: str = "auto", skip: set[int] 
     digests = {k: change_digest(unique[k]) for k in dict.fromkeys(storage[n] for n in digested)
                if unique[k].device.type != "meta"}
     hashes = {name: (digests if name in digested else by_key).get(key, -1) for name, key in storage.items()}
-    return ParamSnapshot(hashes=hashes, storage=storage, memory=memory, dtypes=dtypes, ties=build_tie_map(model),
-                         tensors=tensors, digested=digested)
+    return ParamSnapshot(hashes=hashes, storage=storage, memory=memory, dtypes=dtypes,
+                         ties=build_tie_map(model, parameters), tensors=tensors, digested=digested)
 
 
 @dataclasses.dataclass(frozen=True)

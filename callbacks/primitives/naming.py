@@ -5,6 +5,7 @@ This is the one place where wrapper prefixes are stripped; every check and reade
 
 from __future__ import annotations
 
+import functools
 import sys
 from collections.abc import Iterator
 from typing import Any
@@ -32,8 +33,12 @@ WRAPPER_SEGMENTS: tuple[str, ...] = (
 PEFT_BASE_LAYER = ".base_layer."
 
 
+@functools.lru_cache(maxsize=1 << 16)
 def user_name(name: str) -> str:
-    """The name the user gave a parameter, without wrapper prefixes or PEFT's ``base_layer`` segment."""
+    """The name the user gave a parameter, without wrapper prefixes or PEFT's ``base_layer`` segment.
+
+    Cached: every event maps the same few thousand names again.
+    """
     changed = True
     while changed:
         changed = False

@@ -71,12 +71,16 @@ class TieMap:
         }
 
 
-def build_tie_map(model: nn.Module) -> TieMap:
-    """Group ``model``'s parameters by the memory they alias. Reads identities and pointers only."""
+def build_tie_map(model: nn.Module, parameters: Iterable[tuple[str, str, Any]] | None = None) -> TieMap:
+    """Group ``model``'s parameters by the memory they alias. Reads identities and pointers only.
+
+    ``parameters``: the (raw name, user name, parameter) triples of :func:`named_parameters_all`, when the
+    caller already walked the model (a walk of a large model costs more than the grouping).
+    """
     by_key: dict[tuple[Any, ...], list[tuple[str, Any]]] = {}
     all_names: list[str] = []
     count_dup = 0
-    for _raw, name, param in named_parameters_all(model):
+    for _raw, name, param in (named_parameters_all(model) if parameters is None else parameters):
         all_names.append(name)
         count_dup += param.numel()
         by_key.setdefault(storage_key(param), []).append((name, param))
