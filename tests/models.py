@@ -84,3 +84,24 @@ class TokenDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         return {"input_ids": self.ids[i], "labels": self.ids[i].clone()}
+
+
+def hf_lightning_module(model):
+    """A LightningModule holding an HF (or PEFT) model as ``self.model``, trained on its own loss.
+
+    Built on call: the adapters-library environment imports this file without Lightning installed.
+    """
+    import pytorch_lightning as pl
+
+    class HFModule(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def training_step(self, batch, batch_idx):
+            return self.model(**batch).loss
+
+        def configure_optimizers(self):
+            return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=1e-2)
+
+    return HFModule()

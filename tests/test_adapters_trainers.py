@@ -5,7 +5,7 @@ import logging
 
 import pytest
 import torch
-from models import TokenDataset, lm_batches, tiny_gemma2, tiny_gpt2
+from models import TokenDataset, hf_lightning_module, lm_batches, tiny_gemma2, tiny_gpt2
 
 from callbacks import IntegrityError
 from callbacks.checks import REGISTRY
@@ -127,30 +127,13 @@ def lightning_fit(module, tmp_path, callbacks, max_steps=3):
     return trainer
 
 
-def lightning_module(model):
-    import pytorch_lightning as pl
-
-    class PeftModule(pl.LightningModule):
-        def __init__(self):
-            super().__init__()
-            self.model = model
-
-        def training_step(self, batch, batch_idx):
-            return self.model(**batch).loss
-
-        def configure_optimizers(self):
-            return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=1e-2)
-
-    return PeftModule()
-
-
 def test_lightning_both_factors_zero_is_dead_at_step_one(tmp_path):
     from callbacks.lightning import IntegrityCallback
 
     model = lora(tiny_gemma2())
     zero_every_lora_matrix(model)
     callback = IntegrityCallback(policy="log", checks=ONLY_ADAPTERS)
-    lightning_fit(lightning_module(model), tmp_path, [callback])
+    lightning_fit(hf_lightning_module(model), tmp_path, [callback])
     dead = [f for f in callback.findings if f.code == "ADAPTER_DEAD"]
     assert len(dead) == 1 and (dead[0].event, dead[0].step) == ("step", 1)
     assert all(n.startswith("model.") and "lora_" in n for n in dead[0].params)
@@ -162,7 +145,7 @@ def test_lightning_post_init_raises_at_fit_start(tmp_path):
     model = lora(tiny_gemma2())
     model.get_base_model().post_init()
     with pytest.raises(IntegrityError) as info:
-        lightning_fit(lightning_module(model), tmp_path, [IntegrityCallback(checks=ONLY_ADAPTERS)])
+        lightning_fit(hf_lightning_module(model), tmp_path, [IntegrityCallback(checks=ONLY_ADAPTERS)])
     assert {f.code for f in info.value.findings} == {"ADAPTER_INIT_WRONG", "ADAPTER_NOT_IDENTITY"}
 
 
@@ -170,6 +153,6 @@ def test_lightning_healthy_lora_is_clean_and_probed(tmp_path):
     from callbacks.lightning import IntegrityCallback
 
     callback = IntegrityCallback(policy="raise", checks=ONLY_ADAPTERS)
-    lightning_fit(lightning_module(lora(tiny_gemma2())), tmp_path, [callback])
+    lightning_fit(hf_lightning_module(lora(tiny_gemma2())), tmp_path, [callback])
     assert callback.findings == []
     assert callback.report.sections["adapter_init"]["probe_max_change"] == 0.0

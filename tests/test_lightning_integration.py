@@ -6,7 +6,7 @@ import logging
 import pytest
 import pytorch_lightning as pl
 import torch
-from models import LinguaLM, lm_batches
+from models import LinguaLM, hf_lightning_module, lm_batches
 from recording import RecordingCheck
 from torch import nn
 
@@ -117,20 +117,6 @@ def test_two_callbacks_keep_separate_state(tmp_path):
     assert {a.state_key, b.state_key} <= set(stored)
 
 
-class HFModule(pl.LightningModule):
-    """A LightningModule holding an HF model (optionally PEFT-wrapped) as ``self.model``."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def training_step(self, batch, batch_idx):
-        return self.model(**batch).loss
-
-    def configure_optimizers(self):
-        return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=1e-2)
-
-
 @pytest.mark.parametrize("peft", [False, True], ids=["plain", "lora"])
 def test_hf_config_ties_are_expected_inside_a_lightning_module(tmp_path, peft):
     from models import tiny_gemma2
@@ -143,7 +129,7 @@ def test_hf_config_ties_are_expected_inside_a_lightning_module(tmp_path, peft):
     inner = model.get_base_model() if peft else model
     inner.lm_head.weight = nn.Parameter(inner.lm_head.weight.detach().clone())  # the head replaced
     callback = IntegrityCallback(policy="log", checks=ONLY_TIES)
-    fit(HFModule(model), tmp_path, [callback], max_steps=1)
+    fit(hf_lightning_module(model), tmp_path, [callback], max_steps=1)
     broken = [f for f in callback.findings if f.code == "TIE_BROKEN"]
     expected = ("model.lm_head.weight", "model.model.embed_tokens.weight")
     assert [(f.event, f.params) for f in broken] == [("init", expected)]
