@@ -40,7 +40,7 @@ from callbacks.events import EventContext
 from callbacks.findings import Finding
 from callbacks.hashing import hash_tensors
 from callbacks.hashing.digest import change_digest
-from callbacks.primitives.naming import named_parameters_all, storage_key, user_name
+from callbacks.primitives.naming import buffer_key, named_parameters_all, storage_key, user_name
 from callbacks.primitives.probe import build_probe_batch, run_probe
 from callbacks.primitives.tiemap import TieMap, build_tie_map
 
@@ -98,7 +98,7 @@ class ParamSnapshot:
 
     hashes: dict[str, int]
     storage: dict[str, tuple[Any, ...]]
-    memory: dict[str, tuple[Any, ...]]  # (device, storage pointer): views of one buffer share it
+    memory: dict[str, tuple[Any, ...]]  # naming.buffer_key: views of one buffer share it
     dtypes: dict[str, torch.dtype]
     ties: TieMap
     #: names measured with :func:`change_digest` instead of the spec hash
@@ -135,8 +135,7 @@ def snapshot_parameters(model: nn.Module, backend: str = "auto", skip: set[int] 
         key = storage_key(param)
         storage[name] = key
         dtypes[name] = param.dtype
-        memory[name] = ((str(param.device), param.untyped_storage().data_ptr())
-                        if param.device.type != "meta" and param.numel() else key)
+        memory[name] = buffer_key(param)
         unique.setdefault(key, param)
     if spec is not None:
         spec_memory = {memory[n] for n in spec if n in memory}

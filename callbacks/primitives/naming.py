@@ -89,14 +89,17 @@ def named_parameters_all(model: nn.Module) -> Iterator[tuple[str, str, nn.Parame
         yield raw, user_name(raw), param
 
 
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    to_local = getattr(tensor, "to_local", None)  # a DTensor (FSDP2): its local shard is the memory it views
+    return to_local() if callable(to_local) else tensor
+
+
 def storage_key(tensor: torch.Tensor) -> tuple[Any, ...]:
     """Identity of the exact memory a tensor views: equal keys mean the tensors alias element for element.
 
     Meta and empty tensors have no memory to compare, so the tensor object itself is their identity.
     """
-    to_local = getattr(tensor, "to_local", None)  # a DTensor (FSDP2): its local shard is the memory it views
-    if callable(to_local):
-        tensor = to_local()
+    tensor = _local(tensor)
     if tensor.device.type == "meta" or tensor.numel() == 0:
         return ("object", id(tensor))
     storage = tensor.untyped_storage()
@@ -109,3 +112,12 @@ def storage_key(tensor: torch.Tensor) -> tuple[Any, ...]:
         tuple(tensor.stride()),
         tensor.dtype,
     )
+
+
+def buffer_key(tensor: torch.Tensor) -> tuple[Any, ...]:
+    """Identity of the whole buffer a tensor lives in: views of one buffer share it even where their elements
+    differ (a write through one may reach the other). Meta and empty tensors: as :func:`storage_key`."""
+    local = _local(tensor)
+    if local.device.type == "meta" or local.numel() == 0:
+        return storage_key(tensor)
+    return str(local.device), local.untyped_storage().data_ptr()
