@@ -48,7 +48,7 @@ from callbacks.primitives.collectives import (
     layout_key,
     replica_mismatches,
 )
-from callbacks.primitives.naming import unwrap_model, user_name
+from callbacks.primitives.naming import named_parameters_all, unwrap_model, user_name
 
 
 class HashConfig(CheckConfig):
@@ -612,8 +612,7 @@ class HashCheck(Check):
         if not groups:
             return []
         wanted = {n for g in groups for n in g}
-        all_named = dict(unwrap_model(ctx.model).named_parameters(remove_duplicate=False))
-        local = {user_name(raw): p for raw, p in all_named.items() if user_name(raw) in wanted}
+        local = {name: p for _, name, p in named_parameters_all(ctx.model) if name in wanted}
         values = hash_or_none(list(local.values()), self.config.backend)
         mine = {n: (v, tuple(local[n].shape), str(local[n].dtype)) for n, v in zip(local, values, strict=True)}
         merged: dict[str, tuple[int | None, tuple[int, ...], str]] = {}
