@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from callbacks.findings import Finding
+from callbacks.report import Report
 
 #: metric names are ``integrity/<CODE>`` and ``integrity/errors`` (all error findings so far)
 PREFIX = "integrity/"
@@ -13,10 +14,7 @@ PREFIX = "integrity/"
 def finding_metrics(findings: Iterable[Finding]) -> dict[str, float]:
     """Cumulative number of findings per code so far, plus the number of error findings (always present, so a
     clean run logs a flat zero line)."""
-    metrics: dict[str, float] = {f"{PREFIX}errors": 0.0}
-    for finding in findings:
-        key = PREFIX + finding.code
-        metrics[key] = metrics.get(key, 0.0) + 1.0
-        if finding.severity == "error":
-            metrics[f"{PREFIX}errors"] += 1.0
+    report = Report(findings=list(findings))
+    metrics = {f"{PREFIX}errors": float(len(report.errors))}
+    metrics.update({PREFIX + code: float(count) for code, count in report.counts().items()})
     return metrics
