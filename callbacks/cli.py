@@ -110,11 +110,8 @@ def _cmd_schema(args: argparse.Namespace) -> int:
 
 
 def _cmd_diff(args: argparse.Namespace) -> int:
-    try:
-        from callbacks.ledger import diff_ledgers
-    except ImportError:
-        print("diff: hash ledgers are not available in this version", file=sys.stderr)
-        return EXIT_BAD_INPUT
+    from callbacks.hashing.ledger import diff_ledgers
+
     code, text = diff_ledgers(args.ledger_a, args.ledger_b)
     print(text)
     return code

@@ -319,7 +319,7 @@ def test_resume_from_a_checkpoint_the_runner_wrote(tmp_path, monkeypatch, traine
     found = findings_of(out / "integrity.json")
     assert not [f for f in found if f.severity != "info"]
     # the step count went on from the checkpoint's: the resumed run hashed the gradients of steps 3 and 4 only
-    from callbacks.ledger import read_ledger
+    from callbacks.hashing.ledger import read_ledger
 
     assert [r.step for r in read_ledger(tmp_path / "out" / "steps-4.jsonl") if r.kind == "grad"] == [3, 4]
 
