@@ -16,7 +16,7 @@ from callbacks.checks.base import Check, CheckConfig
 from callbacks.errors import ConfigError
 from callbacks.events import EventContext
 from callbacks.findings import Finding
-from callbacks.primitives.checkpoints import read_tensors
+from callbacks.primitives.checkpoints import list_checkpoint, read_tensors
 from callbacks.primitives.naming import named_parameters_all, storage_key, user_name
 from callbacks.primitives.tiemap import ExpectedTie, TieMap, build_tie_map, hf_expected_ties, normalise_declared
 
@@ -77,6 +77,10 @@ def fetch(model: nn.Module, raw: str) -> torch.Tensor | None:
         return None
 
 
+#: how :func:`broken_ties` describes a tie whose parameter names are gone
+MISSING = "no parameter named"
+
+
 def broken_ties(
     model: nn.Module, ties: Iterable[ExpectedTie], names: Mapping[str, str]
 ) -> list[tuple[ExpectedTie, str]]:
@@ -88,7 +92,7 @@ def broken_ties(
             param = fetch(model, names[name]) if name in names else None
             (missing.append(name) if param is None else params.append(param))
         if missing:
-            out.append((tie, f"no parameter named {', '.join(missing)} any more"))
+            out.append((tie, f"{MISSING} {', '.join(missing)} any more"))
             continue
         if len({storage_key(p) for p in params}) > 1:
             equal = tie_values_equal(params)
@@ -202,17 +206,16 @@ class TieCheck(Check):
         return self._broken(ctx)
 
     def on_merge(self, ctx: EventContext) -> Iterable[Finding]:
-        # a merge_and_unload changes raw names (``x.base_layer.weight`` -> ``x.weight``), not user names:
-        # look the parameters up as the model spells them now
-        self.names = {**self.names, **raw_names(ctx.model)}
         return self._broken(ctx)
 
     def on_load(self, ctx: EventContext) -> Iterable[Finding]:
         tie_map = build_tie_map(ctx.model)
         state_dict = ctx.state_dict
         if state_dict is None and ctx.checkpoint_dir:
+            # list keys from headers, then read only the tied ones (never the whole checkpoint)
             tied = {n for g in tie_map.groups for n in g.names}
-            state_dict = {k: v for k, v in read_tensors(ctx.checkpoint_dir).items() if user_name(k) in tied}
+            keys = [k for k in list_checkpoint(ctx.checkpoint_dir).keys if user_name(k) in tied]
+            state_dict = read_tensors(ctx.checkpoint_dir, keys) if keys else {}
         if not state_dict:
             return ()
         source = ctx.checkpoint_dir or "the loaded state dict"
@@ -233,7 +236,13 @@ class TieCheck(Check):
             return []
         findings = []
         now_broken = set()
-        for tie, what in broken_ties(ctx.model, self.expected, self.names):
+        broken = broken_ties(ctx.model, self.expected, self.names)
+        if any(what.startswith(MISSING) for _, what in broken):
+            # raw names can change while user names do not (merge_and_unload drops ``.base_layer``, a re-wrap
+            # adds a prefix): look the parameters up as the model spells them now before calling them gone
+            self.names = {**self.names, **raw_names(ctx.model)}
+            broken = broken_ties(ctx.model, self.expected, self.names)
+        for tie, what in broken:
             now_broken.add(tie.names)
             if tie.names in self.reported:
                 continue  # reported once until it holds again
