@@ -3,14 +3,13 @@
 Each repeat builds two identical LoRA models (not timed) and times ``merge_and_unload()`` on one and
 ``Monitor.checked_merge()`` on the other, alternating which goes first so drift hits both alike. Prints the
 median times, their ratio, and parts of the check timed separately on a third model, with the garbage
-collector paused as the check pauses it: a pass of the spec hash over every parameter, a pass of the change
-digest over every parameter (the spec hash for tensors under 256 KiB, cheaper for them in a batch), and one
-probe forward (the check's one-sequence batch). The check itself makes two passes (before and after the
-merge), each with the spec hash on the merge's targets and what aliases them and the digest on the rest, and
-two probe forwards. The hash backend is ``auto``: the fused Triton kernel on CUDA, the torch reference
-elsewhere. Only ratios from one run are meant to be compared.
+collector paused as the check pauses it: a pass of the spec hash over every parameter, a snapshot pass with the
+change digest (XXH3 over the bytes on CPU; the tensors' walk, storage identities and tie map included), and one
+probe forward (the check's one-sequence batch). The check itself makes two snapshot passes (before and after
+the merge) and two probe forwards; on the torch backend its snapshots use the digest for every tensor, on the
+fused Triton backend (CUDA) the spec hash in one launch. Only ratios from one run are meant to be compared.
 
-    python benchmarks/merge.py [--layers 100] [--hidden 64,256] [--rank 8] [--repeats 5] [--device cpu] [--threads 1]
+    python benchmarks/merge.py [--layers 100] [--hidden 64,256,1024] [--rank 8] [--repeats 3] [--device cpu] [--threads 1]
 """
 
 from __future__ import annotations
@@ -91,9 +90,9 @@ def measure(layers: int, hidden: int, rank: int, repeats: int, device: str) -> d
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, default=100)
-    parser.add_argument("--hidden", default="64,256", help="comma-separated hidden sizes")
+    parser.add_argument("--hidden", default="64,256,1024", help="comma-separated hidden sizes")
     parser.add_argument("--rank", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads (1: on a shared machine more threads spin-wait and swamp the ratio)")

@@ -22,6 +22,6 @@ setup_venv .venv -e '.[dev]'
 
 if [ -f tests/test_adapters_lib.py ] || ls tests/*_adapters_lib.py >/dev/null 2>&1; then
   setup_venv .venv-adapters transformers==4.57.6 adapters==1.3.0 peft==0.21.2 safetensors accelerate \
-    pydantic PyYAML pytest
+    pydantic PyYAML xxhash pytest
   PYTHONPATH="$PWD" .venv-adapters/bin/python -m pytest -q -p no:cacheprovider tests/*adapters_lib.py
 fi

@@ -17,7 +17,10 @@ from callbacks.checks import merge as merge_module  # noqa: E402
 from callbacks.checks.merge import gc_paused, snapshot_parameters  # noqa: E402
 from callbacks.hashing import digest as digest_module  # noqa: E402
 from callbacks.hashing import reference  # noqa: E402
-from callbacks.hashing.digest import change_digest  # noqa: E402
+from callbacks.hashing.digest import change_digest, host_digest, keyed_digest  # noqa: E402
+
+#: both digests: XXH3 over the bytes (CPU tensors) and the keyed torch digest (tensors on other devices)
+DIGESTS = pytest.mark.parametrize("digest_fn", [host_digest, keyed_digest], ids=["host", "keyed"])
 
 
 def mixed_tensors() -> list[torch.Tensor]:
@@ -41,28 +44,42 @@ def test_batched_reference_hash_equals_the_per_tensor_hash(monkeypatch, chunk, c
     assert reference.hash_tensors(tensors[::-1]) == single[::-1]
 
 
-def test_change_digest_sees_any_single_bit_flip():
+@DIGESTS
+def test_change_digest_sees_any_single_bit_flip(digest_fn):
     base = torch.randn(3 * digest_module.DIGEST_CHUNK + 17, generator=torch.Generator().manual_seed(2))
-    digest = change_digest(base)
-    assert change_digest(base.clone()) == digest
+    digest = digest_fn(base)
+    assert digest_fn(base.clone()) == digest
     words = base.view(torch.int32)
     for index in (0, 1, digest_module.DIGEST_CHUNK - 1, digest_module.DIGEST_CHUNK, 2 * digest_module.DIGEST_CHUNK + 5,
                   base.numel() - 1):
         for bit in (0, 17, 31):
             flipped = base.clone()
             flipped.view(torch.int32)[index] = words[index] ^ (1 << bit) if bit < 31 else words[index] ^ -(2**31)
-            assert change_digest(flipped) != digest, (index, bit)
+            assert digest_fn(flipped) != digest, (index, bit)
     swapped = base.clone()
     swapped[[0, 1]] = base[[1, 0]]
-    assert change_digest(swapped) != digest
+    assert digest_fn(swapped) != digest
 
 
-def test_change_digest_covers_dtype_shape_and_unaligned_tensors():
+@DIGESTS
+def test_change_digest_covers_dtype_shape_and_every_dtype(digest_fn):
     x = torch.randn(8, 4)
-    assert change_digest(x) != change_digest(x.reshape(4, 8))
-    assert change_digest(x) != change_digest(x.view(torch.int32))
-    odd = torch.randn(3).half()  # 6 bytes: not whole int32 words, gets the spec hash
-    assert change_digest(odd) == reference.hash_tensor(odd)
+    assert digest_fn(x) != digest_fn(x.reshape(4, 8))
+    assert digest_fn(x) != digest_fn(x.view(torch.int32))
+    values = [digest_fn(t) for t in mixed_tensors()]  # bf16, bool, complex, empty, non-contiguous...
+    assert values == [digest_fn(t.clone()) for t in mixed_tensors()] and len(set(values)) == len(values)
+    transposed = torch.randn(5, 9).t()
+    assert digest_fn(transposed) == digest_fn(transposed.contiguous())  # defined on the contiguous bytes
+
+
+def test_keyed_digest_gives_unaligned_tensors_the_spec_hash():
+    odd = torch.randn(3).half()  # 6 bytes: not whole int32 words
+    assert keyed_digest(odd) == reference.hash_tensor(odd)
+
+
+def test_change_digest_on_cpu_is_the_host_digest():
+    x = torch.randn(100)
+    assert change_digest(x) == host_digest(x) != keyed_digest(x)
 
 
 def tiny_lora_llama():
@@ -82,7 +99,7 @@ def tiny_lora_llama():
 def test_snapshot_digests_only_what_the_merge_may_not_write(monkeypatch):
     model = tiny_lora_llama()
     targets = {"model.layers.0.self_attn.q_proj.weight", "model.layers.1.self_attn.v_proj.weight"}
-    monkeypatch.setattr(merge_module, "DIGEST_MIN_BYTES", 64)  # the tiny model's tensors are all small
+    monkeypatch.setattr(merge_module, "HOST_DIGEST_MIN_BYTES", 64)  # tensors under 64 bytes keep the spec hash
     before = snapshot_parameters(model, spec=targets)
     full = snapshot_parameters(model)
     assert not before.digested & targets and "model.norm.weight" in before.digested
@@ -93,11 +110,11 @@ def test_snapshot_digests_only_what_the_merge_may_not_write(monkeypatch):
     assert again.digested == before.digested and again.hashes == before.hashes
 
 
-@pytest.mark.parametrize("digest_min_bytes", [64, 1 << 18])
+@pytest.mark.parametrize("digest_min_bytes", [0, 1 << 18])
 def test_merge_code_writing_an_unrelated_weight_is_caught(monkeypatch, digest_min_bytes):
     """A merge that writes a weight no merged layer owns (no tie, no shared buffer): MERGE_SIDE_EFFECT, whether
-    that weight is measured with the digest (64) or the spec hash (small tensors)."""
-    monkeypatch.setattr(merge_module, "DIGEST_MIN_BYTES", digest_min_bytes)
+    that weight is measured with the digest (0) or the spec hash (every tensor under 256 KiB)."""
+    monkeypatch.setattr(merge_module, "HOST_DIGEST_MIN_BYTES", digest_min_bytes)
     model = tiny_lora_llama()
     layer = model.base_model.model.model.layers[0].self_attn.q_proj
     norm = model.base_model.model.model.norm.weight
@@ -114,6 +131,43 @@ def test_merge_code_writing_an_unrelated_weight_is_caught(monkeypatch, digest_mi
     side = [f for f in monitor.findings if f.code == "MERGE_SIDE_EFFECT"]
     assert [f.params for f in side] == [("model.norm.weight",)]
     assert side[0].event == "merge" and side[0].details["via"] == []
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_tied_head_merge_is_found_when_every_tensor_is_digested(monkeypatch, tie):
+    """merge_and_unload on the torch backend measures targets with the digest too: with every tensor over the
+    digest threshold, the Gemma2 tied lm_head merge still gives its three findings and the untied twin none."""
+    from models import tiny_gemma2
+    from peft import LoraConfig, get_peft_model
+
+    monkeypatch.setattr(merge_module, "HOST_DIGEST_MIN_BYTES", 0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = get_peft_model(tiny_gemma2(tie=tie), LoraConfig(r=4, target_modules=["lm_head"],
+                                                                init_lora_weights=False))
+    monitor = Monitor(policy="log")
+    monitor.checked_merge(model, step=3)
+    (merge,) = monitor.check("merge").merges
+    if not tie:
+        assert monitor.findings == [] and merge["changed"] == 1
+        return
+    found = {f.code: f for f in monitor.findings}
+    assert sorted(found) == ["MERGE_MISMATCH", "MERGE_SIDE_EFFECT", "TIE_BROKEN"]
+    assert found["MERGE_SIDE_EFFECT"].params == ("model.embed_tokens.weight",)
+    assert found["MERGE_SIDE_EFFECT"].details["via"] == ["lm_head.weight"] and found["TIE_BROKEN"].step == 3
+    assert found["TIE_BROKEN"].details["merged"] == ["lm_head.weight"]
+
+
+def test_merge_and_unload_digests_its_targets_on_the_torch_backend(monkeypatch):
+    """The speed-up is in place: every tensor of the CPU model, the targets included, is measured with the digest."""
+    seen = []
+    snapshot = merge_module.snapshot_parameters
+    monkeypatch.setattr(merge_module, "snapshot_parameters",
+                        lambda *args, **kwargs: seen.append(snapshot(*args, **kwargs)) or seen[-1])
+    Monitor(policy="log").checked_merge(tiny_lora_llama())
+    before, after = seen
+    targets = {"model.layers.0.self_attn.q_proj.weight", "model.layers.1.self_attn.v_proj.weight"}
+    assert targets <= before.digested and after.digested == before.digested
 
 
 def test_clean_merge_of_the_same_model_has_no_finding():
@@ -145,16 +199,17 @@ def test_nonfinite_scan_counts_exactly_even_when_a_sum_overflows():
     assert merge_module._nonfinite(snap, ["big", "nan", "ok", "ids"]) == {"big": 0, "nan": 2, "ok": 0}
 
 
-def test_change_digest_sees_structured_changes_of_small_tensors():
+@DIGESTS
+def test_change_digest_sees_structured_changes_of_small_tensors(digest_fn):
     """Negation flips every sign bit; a doubling moves every exponent: no such change may cancel out."""
     gen = torch.Generator().manual_seed(3)
     for size in (2, 3, 64, 256):
         for _ in range(50):
             x = torch.randn(size, generator=gen)
-            digest = change_digest(x)
-            assert change_digest(-x) != digest
-            assert change_digest(2 * x) != digest
-            assert change_digest(x.half().float()) != digest  # rounding: low mantissa bits cleared
+            digest = digest_fn(x)
+            assert digest_fn(-x) != digest
+            assert digest_fn(2 * x) != digest
+            assert digest_fn(x.half().float()) != digest  # rounding: low mantissa bits cleared
 
 
 def test_probe_restores_mixed_modes_and_honours_a_custom_setattr():

@@ -1,8 +1,15 @@
-"""A bitwise change digest: for comparing a tensor with itself at two moments in one process.
+"""Bitwise change digests: for comparing a tensor with itself at two moments in one process.
 
-Cheaper than the cross-device hash of :mod:`callbacks.hashing.spec` (three elementwise int64 operations per 32-bit
-word against ten), and weaker: use it only where both snapshots are taken by the same process on the same device
-(the merge check's "did anything outside the targets change"), never for ledgers or replicas.
+Cheaper than the cross-device hash of :mod:`callbacks.hashing.spec`, and not a specification: use a digest only
+where both measurements are taken by the same process (the merge check's "did anything change"), never for
+ledgers or replicas. :func:`change_digest` picks, by device:
+
+- CPU tensors: :func:`host_digest`, XXH3-64 (the ``xxhash`` library) over the tensor's bytes, seeded with the
+  spec header of its dtype and shape. It runs at memory speed (about 30 GB/s on one core here, against 2 GB/s
+  for the torch reference of the spec hash and 4-7 GB/s for :func:`keyed_digest`) and costs a few
+  microseconds per call, so even small tensors are cheaper to digest one by one than to spec-hash in a batch.
+- other devices: :func:`keyed_digest`, three elementwise int64 torch operations per 32-bit word (the spec
+  needs ten), with no copy of the tensor to the host.
 """
 
 from __future__ import annotations
@@ -10,12 +17,31 @@ from __future__ import annotations
 import functools
 
 import torch
+import xxhash
 
 from callbacks.hashing import hash_tensors
-from callbacks.hashing.spec import KEY_MULT, finalize, to_signed, to_unsigned
+from callbacks.hashing.spec import KEY_MULT, finalize, header, to_signed, to_unsigned
 
-#: words per chunk of the change digest (the int64 products of a chunk stay in cache)
+#: words per chunk of the keyed digest (the int64 products of a chunk stay in cache)
 DIGEST_CHUNK = 1 << 16
+
+
+def change_digest(tensor: torch.Tensor) -> int:
+    """A 64-bit bitwise change detector of ``tensor`` for comparisons within this process (see the module)."""
+    if tensor.device.type == "cpu":
+        return host_digest(tensor)
+    return keyed_digest(tensor)
+
+
+def host_digest(tensor: torch.Tensor) -> int:
+    """XXH3-64 of a CPU tensor's contiguous bytes, seeded with the spec header of its dtype and shape.
+
+    Any change of bytes, dtype or shape changes the digest except with the chance of a 64-bit collision of a
+    well-tested non-cryptographic hash (XXH3 passes SMHasher); reading the bytes never copies a contiguous tensor.
+    """
+    flat = tensor.detach().resolve_conj().resolve_neg().contiguous().reshape(-1).view(torch.uint8)
+    return xxhash.xxh3_64_intdigest(flat.numpy(), seed=header(tensor.dtype, tuple(tensor.shape)))
+
 
 @functools.lru_cache(maxsize=8)
 def _digest_keys(device: torch.device) -> torch.Tensor:
@@ -25,15 +51,14 @@ def _digest_keys(device: torch.device) -> torch.Tensor:
     return ((halves[0] << 32) ^ halves[1] | 1).to(device)
 
 
-def change_digest(tensor: torch.Tensor) -> int:
-    """A bitwise change detector of one tensor, for comparing it with itself within one process.
+def keyed_digest(tensor: torch.Tensor) -> int:
+    """A bitwise change detector of one tensor computed with torch operations on its own device.
 
-    Not the cross-device spec (:mod:`callbacks.hashing`): the tensor's bytes as unsigned 32-bit words ``w`` give
-    ``sum_c K_c * sum_i w_ci * k_i mod 2**64``, mixed with the dtype and shape, where every word key ``k_i`` and
-    chunk key ``K_c`` is odd and 64 bits wide. A change of one word always changes the digest (an odd key is
-    invertible mod 2**64); a change of several words is missed only if their keyed differences cancel mod 2**64,
-    a chance of about 2**-32 in the worst case (differences that are multiples of 2**31: sign flips) and far less
-    otherwise. Three elementwise int64 operations per word against the spec's ten. Tensors whose bytes are not
+    The tensor's bytes as unsigned 32-bit words ``w`` give ``sum_c K_c * sum_i w_ci * k_i mod 2**64``, mixed
+    with the dtype and shape, where every word key ``k_i`` and chunk key ``K_c`` is odd and 64 bits wide. A
+    change of one word always changes the digest (an odd key is invertible mod 2**64); a change of several words
+    is missed only if their keyed differences cancel mod 2**64, a chance of about 2**-32 in the worst case
+    (differences that are multiples of 2**31: sign flips) and far less otherwise. Tensors whose bytes are not
     whole aligned 32-bit words get the spec hash.
     """
     flat = tensor.detach().contiguous().reshape(-1)
@@ -56,3 +81,6 @@ def change_digest(tensor: torch.Tensor) -> int:
         chunk_keys = torch.arange(sums.numel(), dtype=torch.int64, device=sums.device) * to_signed(KEY_MULT) | 1
         total = int((sums * chunk_keys).sum().item())
     return finalize(to_unsigned(total), tensor.dtype, tuple(tensor.shape))
+
+
+__all__ = ["DIGEST_CHUNK", "change_digest", "host_digest", "keyed_digest"]
