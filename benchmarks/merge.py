@@ -9,7 +9,8 @@ probe forward (the check's one-sequence batch). The check itself makes two snaps
 the merge) and two probe forwards; on the torch backend its snapshots use the digest for every tensor, on the
 fused Triton backend (CUDA) the spec hash in one launch. Only ratios from one run are meant to be compared.
 
-    python benchmarks/merge.py [--layers 100] [--hidden 64,256,1024] [--rank 8] [--repeats 3] [--device cpu] [--threads 1]
+    python benchmarks/merge.py [--layers 100] [--hidden 64,256,1024] [--rank 8] [--repeats 3] [--device cpu]
+                               [--threads 1]
 """
 
 from __future__ import annotations

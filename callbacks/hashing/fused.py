@@ -20,7 +20,8 @@ Cost (static, from the SASS that ``triton.compile`` emits for sm_90 on a machine
 bf16 with the defaults compiles to 16-byte ``LDG.E.128`` loads, 59 registers, no spills, and about 20 integer
 instructions per element in the main loop (the 64-bit multiply-xorshift mix, the position key, two 32-bit
 classifications). That is near the SM's issue rate at HBM3 speed, so the spec's per-unit mix, not memory,
-may bound the kernel on bf16; measure with ``benchmarks/hashes.py`` on a GPU.
+may bound the kernel on bf16; ``benchmarks/hash_kernel_sass.py`` prints the counts per width and the bound they
+imply; measure with ``benchmarks/hashes.py`` on a GPU.
 
 Finalisation (``mix(sum XOR header)``) is a handful of vectorised torch operations over the per-tensor sums with
 cached headers; one device-to-host copy returns all.
