@@ -51,11 +51,11 @@ def _random(dtype: torch.dtype, shape: tuple[int, ...], seed: int = 0) -> torch.
 
 def _spec_hash(t: torch.Tensor) -> int:
     """The hash computed from the spec's text with Python ints, one unit at a time (slow; tiny tensors only)."""
-    data = t.contiguous().reshape(-1).view(torch.uint8).tolist()
-    width = spec.unit_bytes(t.dtype)
+    data = bytes(t.contiguous().reshape(-1).view(torch.uint8).tolist())
+    data += b"\0" * (-len(data) % spec.UNIT_BYTES)  # the last unit completed with zero bytes
     total = 0
-    for j in range(len(data) // width):
-        u = int.from_bytes(bytes(data[j * width:(j + 1) * width]), "little")
+    for j in range(len(data) // spec.UNIT_BYTES):
+        u = int.from_bytes(data[j * spec.UNIT_BYTES:(j + 1) * spec.UNIT_BYTES], "little")
         total = (total + spec.mix64(u ^ (j * spec.KEY_MULT))) & spec.MASK64
     return spec.finalize(total, t.dtype, tuple(t.shape))
 
@@ -116,6 +116,17 @@ def test_empty_and_one_element_tensors():
     assert reference.nonzero_count(torch.empty(0)) == 0
 
 
+@pytest.mark.parametrize("dtype", [torch.int8, torch.bfloat16, torch.bool])
+def test_small_dtypes_pack_into_4_byte_units_wherever_they_sit(dtype):
+    """1- and 2-byte elements share units; a tensor starting mid-unit or ending mid-unit hashes like its copy, and
+    the zero padding of the last unit is not confused with zero elements (the shape is in the header)."""
+    t = _random(dtype, (41,), seed=6)
+    for view in (t[1:], t[2:], t[3:40], t[:-1]):  # every offset and length modulo 4 bytes
+        assert reference.hash_tensor(view) == reference.hash_tensor(view.clone()) == _spec_hash(view.clone())
+    zeros = torch.zeros(6, dtype=dtype)
+    assert reference.hash_tensor(zeros[:5]) != reference.hash_tensor(zeros)
+
+
 def test_non_contiguous_input_hashes_its_contiguous_bytes():
     t = _random(torch.float32, (5, 8))
     assert reference.hash_tensor(t.t()) == reference.hash_tensor(t.t().contiguous())
@@ -135,12 +146,14 @@ def test_pinned_values_guard_the_spec():
     assert reference.hash_tensor(torch.arange(10, dtype=torch.int32)) == PINNED["arange10_int32"]
     assert reference.hash_tensor(torch.zeros(3, dtype=torch.bfloat16)) == PINNED["zeros3_bf16"]
     assert reference.hash_tensor(torch.empty(0)) == PINNED["empty_f32"]
+    assert reference.hash_tensor(torch.arange(5, dtype=torch.int8)) == PINNED["arange5_int8"]  # a padded unit
 
 
 PINNED = {
     "arange10_int32": 5498160995656569308,
-    "zeros3_bf16": 7222232102072596795,
+    "zeros3_bf16": 7673599088816712602,  # 4-byte units for every dtype since 2026-11-23 (was 7222232102072596795)
     "empty_f32": 16154367841826211821,
+    "arange5_int8": 15080063756621666044,
 }
 
 
@@ -206,6 +219,9 @@ for d in DTYPES:
         add(f"{d}:specials", _special_values(d))
 for n in (0, 1, BLOCK - 1, BLOCK, BLOCK + 1, CHUNK - 1, CHUNK, CHUNK + 1, 3 * CHUNK + 5):
     add(f"bf16:numel={n}", _random(torch.bfloat16, (n,), seed=n))
+for n in (1, 2, 3, 5, 4 * BLOCK - 1, CHUNK + 3):  # 1-byte elements: every fill of the last 4-byte unit
+    add(f"fp8:numel={n}", _random(getattr(torch, "float8_e8m0fnu", torch.uint8), (n,), seed=n))  # 0x00 non-zero
+    add(f"bool:numel={n}", _random(torch.bool, (n,), seed=n))
 add("f32:scalar", torch.tensor(2.5))
 add("f32:noncontiguous", _random(torch.float32, (20, 30), seed=8).t())
 add("f32:-0.0", torch.tensor([0.0, -0.0, 0.0]))
@@ -221,10 +237,14 @@ for i, n in enumerate(names):
         "reference": [str(reference.hash_tensor(t)), reference.nonfinite_count(t), reference.nonzero_count(t)],
     }
 
-# a tensor whose address is not 16-byte aligned: its own launch takes the unhinted path
-unaligned = _random(torch.bfloat16, (300,), seed=9)[1:]
+# a tensor whose address is not 16-byte aligned: its own launch takes the unhinted path; one that starts inside a
+# 4-byte unit (a bf16 slice at an odd offset) is hashed from an aligned copy
+source = _random(torch.bfloat16, (301,), seed=9)
+unaligned, odd = source[2:], source[1:]
 result["unaligned_equal"] = (
     fused.fused_hash_with_stats([unaligned], chunk=CHUNK, rows=ROWS).hashes == [reference.hash_tensor(unaligned)]
+    and fused.fused_hash_with_stats([odd, unaligned], chunk=CHUNK, rows=ROWS).hashes
+    == reference.hash_tensors([odd, unaligned])
     and not fused._plan_for([unaligned], CHUNK).aligned and fused._plan_for(tensors, CHUNK).aligned
 )
 
@@ -353,7 +373,8 @@ def test_cuda_kernel_equals_reference_for_every_dtype():
     tensors += [torch.empty(0, device="cuda"), torch.tensor(3.0, device="cuda"),
                 _random(torch.bfloat16, (3 * fused.DEFAULT_CHUNK + 17,), seed=14).cuda(),
                 _random(torch.float32, (64, 96), seed=15).cuda().t(),
-                _random(torch.uint8, (1001,), seed=16).cuda()[3:]]
+                _random(torch.uint8, (1001,), seed=16).cuda()[3:], _random(torch.bfloat16, (999,), seed=17).cuda()[1:],
+                _random(torch.bfloat16, (999,), seed=18).cuda()[2:]]
     assert resolve_backend("auto", tensors) == "triton"
     got = hash_with_stats(tensors, backend="auto")
     want = hash_with_stats(tensors, backend="torch")

@@ -8,20 +8,22 @@ resize, a new gradient buffer) is a new layout and rebuilds them:
   of :func:`callbacks.hashing.spec.stat_masks`;
 - the chunk table, one row per chunk of ``chunk`` elements: (tensor row, first element).
 
-One program hashes one chunk: it casts the address loaded from the table to a pointer of the element width
+One program hashes one chunk: it casts the address loaded from the table to a pointer of 4-byte units (1-, 2-
+and 4-byte dtypes: the spec's units, holding 4, 2 or 1 elements) or of 8-byte words (8- and 16-byte dtypes)
 (64-bit offsets; ``tl.multiple_of`` when every address is 16-byte aligned), streams the chunk ``ROWS`` rows of
-16 bytes at a time (one 16-byte vector load per row and thread; full iterations unmasked, the tail masked),
-sums the unit contributions of each row inside its thread with wrapping uint64 adds and counts the flags, then
-adds the three per-chunk partials into the tensor's row of the output with integer atomics. Integer addition
-is associative, so the result does not depend on chunking, ROWS or the order of the atomics: the kernel equals
-the torch reference bit for bit.
+16 bytes at a time (one 16-byte vector load per row and thread; full iterations unmasked, the tail masked and,
+in a tensor's last unit, the bytes past its end zeroed as the spec pads them), sums the unit contributions of
+each row inside its thread with wrapping uint64 adds and counts the flags of every element in its lane of the
+unit, then adds the three per-chunk partials into the tensor's row of the output with integer atomics. Integer
+addition is associative, so the result does not depend on chunking, ROWS or the order of the atomics: the
+kernel equals the torch reference bit for bit. A 1- or 2-byte tensor that starts inside a unit (a slice at an
+odd offset) is hashed from an aligned copy.
 
-Cost (static, from the SASS that ``triton.compile`` emits for sm_90 on a machine without a GPU; not measured):
-bf16 with the defaults compiles to 16-byte ``LDG.E.128`` loads, 59 registers, no spills, and about 20 integer
-instructions per element in the main loop (the 64-bit multiply-xorshift mix, the position key, two 32-bit
-classifications). That is near the SM's issue rate at HBM3 speed, so the spec's per-unit mix, not memory,
-may bound the kernel on bf16; ``benchmarks/hash_kernel_sass.py`` prints the counts per width and the bound they
-imply; measure with ``benchmarks/hashes.py`` on a GPU.
+Cost (static, from the SASS that ``triton.compile`` emits for sm_90 on a machine without a GPU; not measured;
+``benchmarks/hash_kernel_sass.py`` prints it): with the defaults every width compiles to 16-byte ``LDG.E.128``
+loads, and the main loop issues about 6.6 integer instructions per byte and thread for bf16 (5.1 for float32,
+10.6 for 1-byte dtypes). At an H100's issue rate that bounds bf16 at 3.5-4.5 TB/s, above HBM3's 3.35 TB/s: the
+kernel should be memory-bound there; measure with ``benchmarks/hashes.py`` on a GPU.
 
 Finalisation (``mix(sum XOR header)``) is a handful of vectorised torch operations over the per-tensor sums with
 cached headers; one device-to-host copy returns all.
@@ -73,8 +75,8 @@ def _mix(z):
 def _flags(w, m0, v0, m1, v1, nzm, zv, HAS_M1: tl.constexpr):
     """Per-word NaN/Inf and non-zero flags (spec.stat_masks), in the masks' integer type.
 
-    Elements of up to 4 bytes are classified in 32-bit arithmetic (half the instructions of 64-bit compares:
-    the kernel is close to integer-bound on bf16), and 1- and 2-byte dtypes never use the second mask pair.
+    Units of 4 bytes are classified in 32-bit arithmetic (half the instructions of 64-bit compares), 8-byte
+    words in 64-bit.
     """
     nonfinite = (w & m0) == v0
     if HAS_M1:
@@ -85,31 +87,25 @@ def _flags(w, m0, v0, m1, v1, nzm, zv, HAS_M1: tl.constexpr):
 
 @triton.jit
 def _rows(base, off, rows, cols, rowkey, colkey, limit, acc, nf, nz, m0, v0, m1, v1, nzm, zv,
-          ITEM: tl.constexpr, VEC: tl.constexpr, PAIRED: tl.constexpr, MASKED: tl.constexpr):
-    """Hash items ``off + [ROWS, VEC]`` (16 bytes per row, held by one thread) into per-row accumulators.
+          PAIRED: tl.constexpr, MASKED: tl.constexpr):
+    """Hash the 8-byte words ``off + [ROWS, 2]`` (16 bytes per row, held by one thread) of an 8- or 16-byte dtype.
 
-    An item is an element, or an 8-byte word of a 16-byte element (``PAIRED``: one element per row). Item ``i``
-    holds units ``i`` (items of up to 4 bytes) or ``2i`` and ``2i + 1`` (8-byte items); its key is ``i * KEY``,
-    ``rowkey[:, None] + colkey[None, :]`` (wrapping). Summing each row inside its thread keeps one accumulator per
-    16 bytes instead of one per element (registers, hence occupancy, hence bytes in flight).
+    Word ``i`` holds units ``2i`` and ``2i + 1``; its key is ``i * KEY`` (``rowkey[:, None] + colkey[None, :]``,
+    wrapping), doubled for the units. ``PAIRED``: 16-byte elements, one per row. Summing each row inside its
+    thread keeps one accumulator per 16 bytes instead of one per element (registers, hence occupancy, hence
+    bytes in flight).
     """
-    items = off + rows[:, None] * VEC + cols[None, :]  # int64 item indices
+    items = off + rows[:, None] * 2 + cols[None, :]  # int64 word indices
     key = rowkey[:, None] + colkey[None, :]
     if MASKED:
         mask = items < limit
         w = tl.load(base + items, mask=mask, other=0)
     else:
         w = tl.load(base + items)
-    if ITEM == 8:
-        w = w.to(tl.uint64, bitcast=True)
-        k2 = key << 1  # units 2i and 2i + 1
-        contrib = _mix((w & 0xFFFFFFFF) ^ k2) + _mix((w >> 32) ^ (k2 + 0x9E3779B97F4A7C15))
-        nonfinite, nonzero = _flags(w, m0, v0, m1, v1, nzm, zv, HAS_M1=True)
-    else:
-        w = w.to(tl.uint32)  # the loaded pointer types are unsigned: zero extension
-        contrib = _mix(w.to(tl.uint64) ^ key)
-        nonfinite, nonzero = _flags(w, m0.to(tl.uint32), v0.to(tl.uint32), m1.to(tl.uint32), v1.to(tl.uint32),
-                                    nzm.to(tl.uint32), zv.to(tl.uint32), HAS_M1=ITEM == 4)
+    w = w.to(tl.uint64, bitcast=True)
+    k2 = key << 1  # units 2i and 2i + 1
+    contrib = _mix((w & 0xFFFFFFFF) ^ k2) + _mix((w >> 32) ^ (k2 + 0x9E3779B97F4A7C15))
+    nonfinite, nonzero = _flags(w, m0, v0, m1, v1, nzm, zv, HAS_M1=True)
     if MASKED:
         contrib = tl.where(mask, contrib, 0)
         nonfinite = nonfinite & mask
@@ -124,44 +120,103 @@ def _rows(base, off, rows, cols, rowkey, colkey, limit, acc, nf, nz, m0, v0, m1,
 
 
 @triton.jit
+def _unit_rows(base, off, rows, cols, rowkey, colkey, stop, acc, nf, nz, m0, v0, m1, v1, nzm, zv,
+               SUB: tl.constexpr, MASKED: tl.constexpr):
+    """Hash the 4-byte units ``off + [ROWS, 4]`` (16 bytes per row, held by one thread) of a 1-, 2- or 4-byte
+    dtype: each unit holds ``SUB`` elements, classified in 32-bit arithmetic in their lanes of the unit.
+
+    ``stop``: the element where the tensor ends (masked path only: only a tensor's last unit can be partial, and
+    its bytes past the end are zeroed, the spec's padding).
+    """
+    items = off + rows[:, None] * 4 + cols[None, :]  # int64 unit indices
+    key = rowkey[:, None] + colkey[None, :]
+    first = items * SUB  # the unit's first element
+    if MASKED:
+        mask = first < stop
+        w = tl.load(base + items, mask=mask, other=0)
+        if SUB > 1:
+            present = tl.maximum(tl.minimum(stop - first, SUB), 0)  # elements of the unit inside the tensor
+            keep = tl.where(present >= SUB, 0xFFFFFFFF, (1 << (present * (32 // SUB))) - 1)
+            w = w & keep.to(tl.uint32)
+    else:
+        w = tl.load(base + items)
+    w = w.to(tl.uint32)  # the loaded pointer type is unsigned: zero extension below
+    contrib = _mix(w.to(tl.uint64) ^ key)
+    m0, v0, nzm, zv = m0.to(tl.uint32), v0.to(tl.uint32), nzm.to(tl.uint32), zv.to(tl.uint32)
+    if SUB == 1:
+        nonfinite, nonzero = _flags(w, m0, v0, m1.to(tl.uint32), v1.to(tl.uint32), nzm, zv, HAS_M1=True)
+        if MASKED:
+            nonfinite = nonfinite & mask
+            nonzero = nonzero & mask
+        f = nonfinite.to(tl.int32)
+        z = nonzero.to(tl.int32)
+    else:  # 1- and 2-byte dtypes never use the second mask pair
+        f = tl.zeros(items.shape, dtype=tl.int32)
+        z = tl.zeros(items.shape, dtype=tl.int32)
+        for k in tl.static_range(SUB):
+            shift = k * (32 // SUB)
+            nonfinite = (w & (m0 << shift)) == (v0 << shift)
+            nonzero = (w & (nzm << shift)) != (zv << shift)
+            if MASKED:
+                inside = first + k < stop
+                nonfinite = nonfinite & inside
+                nonzero = nonzero & inside
+            f += nonfinite.to(tl.int32)
+            z += nonzero.to(tl.int32)
+    if MASKED:
+        contrib = tl.where(mask, contrib, 0)
+    return acc + tl.sum(contrib, axis=1), nf + tl.sum(f, axis=1), nz + tl.sum(z, axis=1)
+
+
+@triton.jit
 def _span(addr, start, stop, m0, v0, m1, v1, nzm, zv,
           WIDTH: tl.constexpr, ROWS: tl.constexpr, ALIGNED: tl.constexpr):
     """Hash elements [start, stop) of one tensor of WIDTH-byte elements, ROWS rows of 16 bytes per iteration.
 
-    Returns the chunk's (unit sum, NaN/Inf count, non-zero count) as scalars.
+    ``start`` is a multiple of the chunk (whole units). Returns the chunk's (unit sum, NaN/Inf count, non-zero
+    count) as scalars.
     """
-    if WIDTH == 1:
-        base = addr.to(tl.pointer_type(tl.uint8))
-    elif WIDTH == 2:
-        base = addr.to(tl.pointer_type(tl.uint16))
-    elif WIDTH == 4:
+    if WIDTH <= 4:  # 4-byte units holding 4 // WIDTH elements
         base = addr.to(tl.pointer_type(tl.uint32))
+        VEC: tl.constexpr = 4
+        SUB: tl.constexpr = 4 // WIDTH
+        lo = start // SUB
+        hi = (stop + SUB - 1) // SUB  # the last unit may be partial: only in the masked tail
+        whole = stop // SUB
     else:  # 8 and 16 bytes: 8-byte words
         base = addr.to(tl.pointer_type(tl.int64))
+        VEC: tl.constexpr = 2
+        SUB: tl.constexpr = 1
+        lo = start * (WIDTH // 8)
+        hi = stop * (WIDTH // 8)
+        whole = hi
     if ALIGNED:
         base = tl.multiple_of(base, 16)
-    ITEM: tl.constexpr = 8 if WIDTH == 16 else WIDTH
-    VEC: tl.constexpr = 16 // ITEM  # items per row
-    if WIDTH == 16:  # items are 8-byte words: two per element
-        start = 2 * start
-        stop = 2 * stop
     rows = tl.arange(0, ROWS).to(tl.int64)
     cols = tl.arange(0, VEC).to(tl.int64)
     colkey = cols.to(tl.uint64) * 0x9E3779B97F4A7C15
     acc = tl.zeros([ROWS], dtype=tl.uint64)
     nf = tl.zeros([ROWS], dtype=tl.int32)
     nz = tl.zeros([ROWS], dtype=tl.int32)
-    full_stop = start + ((stop - start) // (ROWS * VEC)) * (ROWS * VEC)
-    # the key of item i is i * KEY (wrapping): per row (start + row * VEC) * KEY, + ROWS * VEC * KEY per iteration
-    rowkey = (start + rows * VEC).to(tl.uint64) * 0x9E3779B97F4A7C15
+    full_stop = lo + ((whole - lo) // (ROWS * VEC)) * (ROWS * VEC)
+    # the key of item i is i * KEY (wrapping): per row (lo + row * VEC) * KEY, + ROWS * VEC * KEY per iteration
+    rowkey = (lo + rows * VEC).to(tl.uint64) * 0x9E3779B97F4A7C15
     step = tl.full([], ROWS * VEC, tl.uint64) * 0x9E3779B97F4A7C15
-    for off in range(start, full_stop, ROWS * VEC):
-        acc, nf, nz = _rows(base, off, rows, cols, rowkey, colkey, stop, acc, nf, nz, m0, v0, m1, v1, nzm, zv,
-                            ITEM=ITEM, VEC=VEC, PAIRED=WIDTH == 16, MASKED=False)
+    for off in range(lo, full_stop, ROWS * VEC):
+        if WIDTH <= 4:
+            acc, nf, nz = _unit_rows(base, off, rows, cols, rowkey, colkey, stop, acc, nf, nz,
+                                     m0, v0, m1, v1, nzm, zv, SUB=SUB, MASKED=False)
+        else:
+            acc, nf, nz = _rows(base, off, rows, cols, rowkey, colkey, hi, acc, nf, nz, m0, v0, m1, v1, nzm, zv,
+                                PAIRED=WIDTH == 16, MASKED=False)
         rowkey += step
-    if full_stop < stop:
-        acc, nf, nz = _rows(base, full_stop, rows, cols, rowkey, colkey, stop, acc, nf, nz, m0, v0, m1, v1, nzm, zv,
-                            ITEM=ITEM, VEC=VEC, PAIRED=WIDTH == 16, MASKED=True)
+    if full_stop < hi:
+        if WIDTH <= 4:
+            acc, nf, nz = _unit_rows(base, full_stop, rows, cols, rowkey, colkey, stop, acc, nf, nz,
+                                     m0, v0, m1, v1, nzm, zv, SUB=SUB, MASKED=True)
+        else:
+            acc, nf, nz = _rows(base, full_stop, rows, cols, rowkey, colkey, hi, acc, nf, nz, m0, v0, m1, v1,
+                                nzm, zv, PAIRED=WIDTH == 16, MASKED=True)
     return tl.sum(acc, axis=0), tl.sum(nf, axis=0), tl.sum(nz, axis=0)  # uint64 addition wraps
 
 
@@ -307,8 +362,10 @@ def fused_hash_table(
         raise RuntimeError("the fused hash kernel needs CUDA tensors (or TRITON_INTERPRET=1 on CPU)")
     if rows & (rows - 1) or chunk % (16 * rows) or chunk > 1 << 30:  # per-chunk counts are int32
         raise ValueError("rows must be a power of two and chunk a multiple of 16 * rows")
-    # the hash is defined on contiguous bytes; keep the copies alive until the kernel has run
+    # the hash is defined on contiguous bytes, read in 4-byte units: a 1- or 2-byte tensor that starts inside a
+    # unit (a slice at an odd offset) is copied to aligned memory; keep the copies alive until the kernel has run
     tensors = [t if t.is_contiguous() else t.contiguous() for t in tensors]
+    tensors = [t.clone() if t.data_ptr() % 4 and t.numel() else t for t in tensors]
     plan = _plan_for(tensors, chunk)
     out = torch.zeros((len(tensors), 3), dtype=torch.int64, device=device)
     if plan.n_chunks:

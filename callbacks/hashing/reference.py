@@ -20,12 +20,14 @@ import torch
 from callbacks.hashing.spec import (
     KEY_MULT,
     MIX_MULT,
+    UNIT_BYTES,
     element_size,
     finalize,
     header,
     stat_masks,
     to_signed,
     to_unsigned,
+    unit_count,
 )
 
 #: units hashed per chunk on CPU: small enough for the temporaries to stay in cache
@@ -43,8 +45,8 @@ _LOW32 = 0xFFFFFFFF
 
 
 def units(tensor: torch.Tensor) -> torch.Tensor:
-    """The tensor's hashing units as a flat int64 tensor of unsigned values (bits reinterpreted)."""
-    return _as_units(_flat(tensor)).to(torch.int64) & _unit_mask(_flat(tensor).element_size())
+    """The tensor's hashing units as a flat int64 tensor of unsigned 32-bit values (bits reinterpreted)."""
+    return _words(_flat(tensor)).to(torch.int64)
 
 
 def _flat(tensor: torch.Tensor) -> torch.Tensor:
@@ -52,28 +54,17 @@ def _flat(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.detach().contiguous().reshape(-1)
 
 
-def _as_units(flat: torch.Tensor) -> torch.Tensor:
-    """A flat tensor's bytes viewed as its units (uint8, int16 or int32), without a copy."""
-    size = flat.element_size()
-    if size == 1:
-        return flat.view(torch.uint8)
-    if size == 2:
-        return flat.view(torch.int16)
-    return flat.view(torch.int32)  # 4, 8 and 16-byte dtypes: 4-byte units
-
-
-#: unsigned view dtype of the units by element size (4, 8 and 16-byte dtypes: 4-byte units)
-_UNSIGNED_UNITS = {1: torch.uint8, 2: torch.uint16}
-
-
-def _as_unsigned_units(flat: torch.Tensor) -> torch.Tensor:
-    """A flat tensor's units viewed as unsigned integers (copying them to int64 zero-extends: no mask needed)."""
-    return flat.view(_UNSIGNED_UNITS.get(flat.element_size(), torch.uint32))
-
-
-def _unit_mask(size: int) -> int:
-    """Mask turning a sign-extended unit into its unsigned value."""
-    return {1: 0xFF, 2: 0xFFFF}.get(size, _LOW32)
+def _words(flat: torch.Tensor) -> torch.Tensor:
+    """A flat tensor's bytes as unsigned 32-bit units: a view when they are whole aligned words, else a copy
+    completed with zero bytes (odd-length or oddly placed 1- and 2-byte tensors)."""
+    nbytes = flat.numel() * flat.element_size()
+    raw = flat.view(torch.uint8)
+    if nbytes % UNIT_BYTES == 0 and flat.data_ptr() % UNIT_BYTES == 0 and (
+            flat.storage_offset() * flat.element_size()) % UNIT_BYTES == 0:
+        return raw.view(torch.uint32)
+    padded = torch.zeros(unit_count(nbytes) * UNIT_BYTES, dtype=torch.uint8, device=flat.device)
+    padded[:nbytes] = raw
+    return padded.view(torch.uint32)
 
 
 @functools.lru_cache(maxsize=16)
@@ -104,38 +95,38 @@ def unit_sum_tensor(tensor: torch.Tensor) -> torch.Tensor:
 def unit_sums_tensor(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     """:func:`unit_sum` of each tensor (all on one device) as an int64 tensor, with few operations per tensor.
 
-    A tensor of a chunk's length or more is processed alone, chunk by chunk. Smaller tensors of one unit width
-    are laid end to end and cut into chunks, so many small tensors share one chunk's operations: a piece of a
-    tensor at chunk offset ``c`` starting at its unit ``p`` has the keys ``lane[c + i] + (p - c) * KEY``
-    (wrapping), and a piece's sum is the difference of the chunk's running sum at its ends.
+    A tensor of a chunk's length or more is processed alone, chunk by chunk. Smaller tensors (of any dtype:
+    every unit is 4 bytes) are laid end to end and cut into chunks, so many small tensors share one chunk's
+    operations: a piece of a tensor at chunk offset ``c`` starting at its unit ``p`` has the keys
+    ``lane[c + i] + (p - c) * KEY`` (wrapping), and a piece's sum is the difference of the chunk's running sum
+    at its ends.
     """
     flats = [_flat(t) for t in tensors]
     device = flats[0].device if flats else torch.device("cpu")
     sums = torch.zeros(len(flats), dtype=torch.int64, device=device)
     length = CHUNK_UNITS if device.type == "cpu" else DEVICE_CHUNK_UNITS
-    small: dict[torch.dtype, list[tuple[int, torch.Tensor]]] = {}
+    small: list[tuple[int, torch.Tensor]] = []
     buffers: dict[torch.dtype, tuple[torch.Tensor, ...]] = {}
     for slot, flat in enumerate(flats):
-        words = _as_unsigned_units(flat)
+        words = _words(flat)
         if 0 < words.numel() < length:
-            small.setdefault(words.dtype, []).append((slot, words))
+            small.append((slot, words))
         elif words.numel():
             for start in range(0, words.numel(), length):
                 _chunk(sums, [(slot, words[start:start + length], start)], length, buffers)
-    for group in small.values():
-        pieces: list[tuple[int, torch.Tensor, int]] = []  # (slot, units, position of the first unit in its tensor)
-        fill = 0
-        for slot, words in group:
-            n, position = words.numel(), 0
-            while position < n:
-                take = min(n - position, length - fill)
-                pieces.append((slot, words[position:position + take], position))
-                fill, position = fill + take, position + take
-                if fill == length:
-                    _chunk(sums, pieces, length, buffers)
-                    pieces, fill = [], 0
-        if pieces:
-            _chunk(sums, pieces, length, buffers)
+    pieces: list[tuple[int, torch.Tensor, int]] = []  # (slot, units, position of the first unit in its tensor)
+    fill = 0
+    for slot, words in small:
+        n, position = words.numel(), 0
+        while position < n:
+            take = min(n - position, length - fill)
+            pieces.append((slot, words[position:position + take], position))
+            fill, position = fill + take, position + take
+            if fill == length:
+                _chunk(sums, pieces, length, buffers)
+                pieces, fill = [], 0
+    if pieces:
+        _chunk(sums, pieces, length, buffers)
     return sums
 
 

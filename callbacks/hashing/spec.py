@@ -2,10 +2,13 @@
 
 A tensor's hash is a 64-bit value computed from its dtype, shape and bytes:
 
-1. The bytes (contiguous, native little-endian) are cut into *units*: the element's own width for 1-, 2- and
-   4-byte dtypes, and two 4-byte units (low word first) for 8- and 16-byte dtypes. A unit is read as an
-   unsigned integer ``u`` (bits reinterpreted, never converted by value, so ``-0.0 != 0.0`` and every NaN
-   payload counts).
+1. The bytes (contiguous, native little-endian) are cut into 4-byte *units*, whatever the dtype; when the
+   byte count is not a multiple of 4 the last unit is completed with zero bytes (the header below folds in the
+   shape, so the padding is never ambiguous). A unit is read as an unsigned 32-bit integer ``u`` (bits
+   reinterpreted, never converted by value, so ``-0.0 != 0.0`` and every NaN payload counts). Packing 1- and
+   2-byte elements four or two to a unit keeps the per-unit mix below the memory bandwidth of a GPU for them
+   too (with one unit per element, the fused kernel's main loop issued 20 and 10 instructions per byte for 1-
+   and 2-byte dtypes against 5 for float32: ``benchmarks/hash_kernel_sass.py``).
 2. Unit ``j`` (0-based position in the flattened tensor) contributes ``mix(u XOR (j * KEY_MULT))`` where
    ``mix(z) = ((z ^ (z >> 32)) * MIX_MULT) ^ (((z ^ (z >> 32)) * MIX_MULT) >> 32)`` on 64-bit words with
    wrapping arithmetic and logical shifts. Keying by position makes swapped elements hash differently
@@ -57,16 +60,13 @@ def mix64(z: int) -> int:
     return z ^ (z >> 32)
 
 
-def unit_bytes(dtype: torch.dtype) -> int:
-    """Width of one hashing unit for ``dtype``: the element width, capped at 4 bytes."""
-    size = torch.empty((), dtype=dtype).element_size()
-    return min(size, 4)
+#: bytes per hashing unit, for every dtype
+UNIT_BYTES = 4
 
 
-def units_per_element(dtype: torch.dtype) -> int:
-    """How many units one element of ``dtype`` is cut into (2 or 4 for 8- and 16-byte dtypes)."""
-    size = torch.empty((), dtype=dtype).element_size()
-    return max(1, size // 4)
+def unit_count(nbytes: int) -> int:
+    """How many units ``nbytes`` bytes are cut into (the last one zero-padded)."""
+    return -(-nbytes // UNIT_BYTES)
 
 
 @functools.lru_cache(maxsize=4096)
