@@ -170,6 +170,18 @@ def test_merge_and_unload_digests_its_targets_on_the_torch_backend(monkeypatch):
     assert targets <= before.digested and after.digested == before.digested
 
 
+def test_merge_and_unload_spec_hashes_everything_where_the_fused_kernel_runs(monkeypatch):
+    """On the fused backend one launch hashes every tensor: no digest (per-tensor torch calls) is used."""
+    monkeypatch.setattr(merge_module, "resolve_backend", lambda backend, tensors: "triton")
+    seen = []
+    snapshot = merge_module.snapshot_parameters
+    monkeypatch.setattr(merge_module, "snapshot_parameters",
+                        lambda *args, **kwargs: seen.append(snapshot(*args, **kwargs)) or seen[-1])
+    monitor = Monitor(policy="log")
+    monitor.checked_merge(tiny_lora_llama())
+    assert [s.digested for s in seen] == [frozenset(), frozenset()] and monitor.findings == []
+
+
 def test_clean_merge_of_the_same_model_has_no_finding():
     monitor = Monitor(policy="log")
     monitor.checked_merge(tiny_lora_llama())
