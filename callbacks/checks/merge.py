@@ -186,11 +186,16 @@ class WeightSample:
     dtype: torch.dtype
 
 
-def strided_sample(tensor: torch.Tensor, count: int) -> torch.Tensor:
-    """About ``count`` evenly spaced elements of ``tensor`` (a CPU copy)."""
+def strided_view(tensor: torch.Tensor, count: int) -> torch.Tensor:
+    """About ``count`` evenly spaced elements of ``tensor``, on its device (a view where the tensor allows)."""
     flat = tensor.detach().reshape(-1)
     step = max(1, -(-flat.numel() // count))
-    return flat[::step].to("cpu", copy=True)
+    return flat[::step]
+
+
+def strided_sample(tensor: torch.Tensor, count: int) -> torch.Tensor:
+    """About ``count`` evenly spaced elements of ``tensor`` (a CPU copy)."""
+    return strided_view(tensor, count).to("cpu", copy=True)
 
 
 @dataclasses.dataclass
@@ -946,8 +951,21 @@ def _observe_after(library: str, monitor: Any, merged: Any, kind: str, method: s
 
 
 def _samples(names: set[str], snapshot: ParamSnapshot, count: int) -> dict[str, WeightSample]:
-    return {name: WeightSample(hash=snapshot.hashes[name], sample=strided_sample(param, count), dtype=param.dtype)
-            for name, param in snapshot.tensors.items() if name in names and param.device.type != "meta"}
+    """Strided samples of the parameters ``names`` on the host, with their hashes.
+
+    One device-to-host copy per device and dtype: a copy per tensor would synchronise a GPU once per target.
+    """
+    views = {name: strided_view(param, count) for name, param in snapshot.tensors.items()
+             if name in names and param.device.type != "meta"}
+    groups: dict[tuple[torch.device, torch.dtype], list[str]] = {}
+    for name, view in views.items():
+        groups.setdefault((view.device, view.dtype), []).append(name)
+    out: dict[str, WeightSample] = {}
+    for (_device, dtype), group in groups.items():
+        host = torch.cat([views[n] for n in group]).to("cpu", copy=True)
+        for name, sample in zip(group, host.split([views[n].numel() for n in group]), strict=True):
+            out[name] = WeightSample(hash=snapshot.hashes[name], sample=sample, dtype=dtype)
+    return out
 
 
 def _nonfinite(snapshot: ParamSnapshot, names: Iterable[str]) -> dict[str, int]:
@@ -961,8 +979,16 @@ def _nonfinite(snapshot: ParamSnapshot, names: Iterable[str]) -> dict[str, int]:
               and param.device.type != "meta"}
     if not floats:
         return {}
-    sums = torch.stack([t.sum().to(torch.float64).reshape(()).cpu() for t in floats.values()])
-    finite = torch.isfinite(sums).tolist()
+    # one device-to-host copy per device (not per tensor: each would synchronise a GPU); float32 holds every
+    # finite sum of a half-precision tensor, and a float64 sum beyond its range is just counted element by element
+    by_device: dict[torch.device, list[str]] = {}
+    for name, tensor in floats.items():
+        by_device.setdefault(tensor.device, []).append(name)
+    finite_sum: dict[str, bool] = {}
+    for group in by_device.values():
+        sums = torch.stack([floats[n].sum().to(torch.float32).reshape(()) for n in group]).cpu()
+        finite_sum.update(zip(group, torch.isfinite(sums).tolist(), strict=True))
+    finite = [finite_sum[name] for name in floats]
     return {name: 0 if ok else int((~torch.isfinite(t)).sum()) for (name, t), ok in zip(floats.items(), finite,
                                                                                          strict=True)}
 
