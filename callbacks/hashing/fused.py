@@ -169,6 +169,20 @@ def _unit_rows(base, off, rows, cols, rowkey, colkey, stop, acc, nf, nz, m0, v0,
 
 
 @triton.jit
+def _block(base, off, rows, cols, rowkey, colkey, stop, hi, acc, nf, nz, m0, v0, m1, v1, nzm, zv,
+           WIDTH: tl.constexpr, MASKED: tl.constexpr):
+    """One iteration of :func:`_span`: 4-byte units (``stop``: the element where the tensor ends) or 8-byte words
+    (``hi``: the word where it ends)."""
+    if WIDTH <= 4:
+        acc, nf, nz = _unit_rows(base, off, rows, cols, rowkey, colkey, stop, acc, nf, nz, m0, v0, m1, v1, nzm, zv,
+                                 SUB=4 // WIDTH, MASKED=MASKED)
+    else:
+        acc, nf, nz = _rows(base, off, rows, cols, rowkey, colkey, hi, acc, nf, nz, m0, v0, m1, v1, nzm, zv,
+                            PAIRED=WIDTH == 16, MASKED=MASKED)
+    return acc, nf, nz
+
+
+@triton.jit
 def _span(addr, start, stop, m0, v0, m1, v1, nzm, zv,
           WIDTH: tl.constexpr, ROWS: tl.constexpr, ALIGNED: tl.constexpr):
     """Hash elements [start, stop) of one tensor of WIDTH-byte elements, ROWS rows of 16 bytes per iteration.
@@ -203,20 +217,12 @@ def _span(addr, start, stop, m0, v0, m1, v1, nzm, zv,
     rowkey = (lo + rows * VEC).to(tl.uint64) * 0x9E3779B97F4A7C15
     step = tl.full([], ROWS * VEC, tl.uint64) * 0x9E3779B97F4A7C15
     for off in range(lo, full_stop, ROWS * VEC):
-        if WIDTH <= 4:
-            acc, nf, nz = _unit_rows(base, off, rows, cols, rowkey, colkey, stop, acc, nf, nz,
-                                     m0, v0, m1, v1, nzm, zv, SUB=SUB, MASKED=False)
-        else:
-            acc, nf, nz = _rows(base, off, rows, cols, rowkey, colkey, hi, acc, nf, nz, m0, v0, m1, v1, nzm, zv,
-                                PAIRED=WIDTH == 16, MASKED=False)
+        acc, nf, nz = _block(base, off, rows, cols, rowkey, colkey, stop, hi, acc, nf, nz, m0, v0, m1, v1, nzm, zv,
+                             WIDTH=WIDTH, MASKED=False)
         rowkey += step
     if full_stop < hi:
-        if WIDTH <= 4:
-            acc, nf, nz = _unit_rows(base, full_stop, rows, cols, rowkey, colkey, stop, acc, nf, nz,
-                                     m0, v0, m1, v1, nzm, zv, SUB=SUB, MASKED=True)
-        else:
-            acc, nf, nz = _rows(base, full_stop, rows, cols, rowkey, colkey, hi, acc, nf, nz, m0, v0, m1, v1,
-                                nzm, zv, PAIRED=WIDTH == 16, MASKED=True)
+        acc, nf, nz = _block(base, full_stop, rows, cols, rowkey, colkey, stop, hi, acc, nf, nz, m0, v0, m1, v1,
+                             nzm, zv, WIDTH=WIDTH, MASKED=True)
     return tl.sum(acc, axis=0), tl.sum(nf, axis=0), tl.sum(nz, axis=0)  # uint64 addition wraps
 
 
@@ -244,26 +250,11 @@ def _hash_kernel(table_ptr, chunk_ptr, out_ptr,
     nonfinite = tl.full([], 0, tl.int32)
     nonzero = tl.full([], 0, tl.int32)
     # WIDTHS (constexpr) lists the widths present: a bf16-only model compiles one branch
-    if (WIDTHS & 1) != 0:
-        if width == 1:
-            total, nonfinite, nonzero = _span(addr, start, stop, m0, v0, m1, v1, nzm, zv,
-                                              WIDTH=1, ROWS=ROWS, ALIGNED=ALIGNED)
-    if (WIDTHS & 2) != 0:
-        if width == 2:
-            total, nonfinite, nonzero = _span(addr, start, stop, m0, v0, m1, v1, nzm, zv,
-                                              WIDTH=2, ROWS=ROWS, ALIGNED=ALIGNED)
-    if (WIDTHS & 4) != 0:
-        if width == 4:
-            total, nonfinite, nonzero = _span(addr, start, stop, m0, v0, m1, v1, nzm, zv,
-                                              WIDTH=4, ROWS=ROWS, ALIGNED=ALIGNED)
-    if (WIDTHS & 8) != 0:
-        if width == 8:
-            total, nonfinite, nonzero = _span(addr, start, stop, m0, v0, m1, v1, nzm, zv,
-                                              WIDTH=8, ROWS=ROWS, ALIGNED=ALIGNED)
-    if (WIDTHS & 16) != 0:
-        if width == 16:
-            total, nonfinite, nonzero = _span(addr, start, stop, m0, v0, m1, v1, nzm, zv,
-                                              WIDTH=16, ROWS=ROWS, ALIGNED=ALIGNED)
+    for bit in tl.static_range(5):
+        if (WIDTHS & (1 << bit)) != 0:
+            if width == (1 << bit):
+                total, nonfinite, nonzero = _span(addr, start, stop, m0, v0, m1, v1, nzm, zv,
+                                                  WIDTH=1 << bit, ROWS=ROWS, ALIGNED=ALIGNED)
     out = out_ptr + row * 3
     tl.atomic_add(out, total.to(tl.int64, bitcast=True))
     tl.atomic_add(out + 1, nonfinite.to(tl.int64))
