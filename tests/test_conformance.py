@@ -6,11 +6,11 @@ RNG states); its state is plain picklable data that round-trips.
 """
 
 import pickle
-import random
 
 import pytest
 import torch
 from models import LinguaLM, lm_batches, tiny_gpt2
+from untouched import assert_unchanged, snapshot
 
 from callbacks import Monitor
 from callbacks.checks import REGISTRY
@@ -27,30 +27,6 @@ HEALTHY = {
     "gpt2_lora": (lora_gpt2, []),
     "lingua_declared": (LinguaLM, [("tok_embeddings.weight", "output.weight")]),
 }
-
-
-def snapshot(model):
-    """Everything a check must leave alone, copied."""
-    params = {n: p.detach().clone() for n, p in model.named_parameters()}
-    grads = {n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()}
-    flags = {n: p.requires_grad for n, p in model.named_parameters()}
-    modes = {n: m.training for n, m in model.named_modules()}
-    rng = (torch.get_rng_state(), random.getstate())
-    return params, grads, flags, modes, rng
-
-
-def assert_unchanged(before, after):
-    params, grads, flags, modes, rng = before
-    params2, grads2, flags2, modes2, rng2 = after
-    assert params.keys() == params2.keys()
-    for name in params:
-        assert torch.equal(params[name], params2[name]), f"parameter {name} changed"
-        assert (grads[name] is None) == (grads2[name] is None), f"gradient of {name} appeared or vanished"
-        if grads[name] is not None:
-            assert torch.equal(grads[name], grads2[name]), f"gradient of {name} changed"
-    assert flags == flags2, "requires_grad changed"
-    assert modes == modes2, "train/eval mode changed"
-    assert torch.equal(rng[0], rng2[0]) and rng[1] == rng2[1], "RNG state changed"
 
 
 def forward_loss(model, batch):

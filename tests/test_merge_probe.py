@@ -7,6 +7,7 @@ import pytest
 import torch
 from models import LinguaLM, tiny_gemma2, tiny_vit_classifier
 from torch import nn
+from untouched import assert_unchanged, snapshot
 
 from callbacks.primitives.probe import ProbeUnavailable, build_probe_batch, output_tensor, run_probe
 
@@ -52,16 +53,11 @@ def test_run_probe_leaves_modes_rng_grads_and_flags_untouched():
     torch.manual_seed(3)
     random.seed(3)
     np.random.seed(3)
-    states = (torch.get_rng_state(), random.getstate(), np.random.get_state()[1].copy())
-    modes = {n: m.training for n, m in model.named_modules()}
-    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    before = snapshot(model)
     out = run_probe(model, build_probe_batch(model))
     assert not out.requires_grad
-    assert {n: m.training for n, m in model.named_modules()} == modes
-    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    assert_unchanged(before, snapshot(model))
     assert all(torch.equal(p.grad, torch.ones_like(p)) for p in model.parameters())
-    assert torch.equal(torch.get_rng_state(), states[0]) and random.getstate() == states[1]
-    assert np.array_equal(np.random.get_state()[1], states[2])
     # eval mode inside: two probes agree although the model is in train mode with dropout
     assert torch.equal(out, run_probe(model, build_probe_batch(model)))
 
