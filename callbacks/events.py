@@ -48,6 +48,8 @@ class EventContext:
         checkpoint_dir: ``checkpoint``/``load``: a folder or file written / read by the trainer.
         trainer: which integration dispatched (``hf``, ``lightning``, ``accelerate``, ``custom``).
         extra: anything else an integration knows (merge details, etc.).
+        facts: the :class:`~callbacks.facts.ModelFacts` the engine established at its first event (names,
+            expected ties, resolved configuration); ``None`` when a check runs without a monitor.
     """
 
     event: str
@@ -60,6 +62,7 @@ class EventContext:
     checkpoint_dir: str | None = None
     trainer: str = "custom"
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+    facts: Any = None
 
     def __post_init__(self) -> None:
         if self.event not in EVENTS:

@@ -59,6 +59,15 @@ CODES: dict[str, CodeInfo] = {
     "GRAD_REPLICA_MISMATCH": CodeInfo("error", "gradient hashes differ across data-parallel ranks"),
     "PARAM_REPLICA_MISMATCH": CodeInfo("error", "parameter hashes differ across data-parallel ranks"),
     "GRAD_NONFINITE": CodeInfo("error", "NaN or Inf in a gradient"),
+    "TIE_REPLACED": CodeInfo(
+        "info", "PEFT replaced one side of a tie by a trained copy (modules_to_save); what that means when saving"
+    ),
+    "ADAPTER_UNUSED": CodeInfo(
+        "warning", "adapters that get no gradient while others of the same model train (outside the forward path)"
+    ),
+    "NAME_NOT_FOUND": CodeInfo(
+        "error", "a name the configuration gives (declared ties, tied copies, module patterns) matches nothing"
+    ),
     "CHECK_NOT_APPLICABLE": CodeInfo(
         "info", "a check could not judge this setup (e.g. an init that does not promise identity)"
     ),

@@ -17,6 +17,7 @@ from typing import Any
 from callbacks.checks import REGISTRY, Check
 from callbacks.errors import ConfigError, IntegrityError
 from callbacks.events import EventContext
+from callbacks.facts import ModelFacts, declared_names, establish_facts, name_not_found
 from callbacks.findings import Finding
 from callbacks.recipe import IntegrityConfig, load_recipe, parse_integrity_section
 from callbacks.report import Report
@@ -103,6 +104,9 @@ class Monitor:
         self._last_step: int | None = None
         self._merge_watch: Any = None
         self.rank = distributed_rank()
+        #: what the engine established about the model at its first event (see :mod:`callbacks.facts`)
+        self.facts: ModelFacts | None = None
+        self._restored_ties: list[Any] = []
 
     @classmethod
     def from_recipe(cls, path: str | os.PathLike[str], **kwargs: Any) -> Monitor:
@@ -140,12 +144,15 @@ class Monitor:
 
         ``context`` fills :class:`~callbacks.events.EventContext` (``step``, ``phase``, ``state_dict``, ...).
         """
+        new: list[Finding] = []
+        if self.facts is None or (event in ("init", "load") and self.facts.model_id != id(model)):
+            new.extend(self._establish(event, model, context.get("step")))
+        context.setdefault("facts", self.facts)
         ctx = EventContext(event=event, model=model, **context)
         if ctx.step is not None:
             self._last_step = ctx.step
         if event == "init":
             self._watch_merges(model)
-        new: list[Finding] = []
         for check in self.checks:
             try:
                 new.extend(check.run(ctx))
@@ -161,6 +168,23 @@ class Monitor:
         if event == "end":
             self.finish()
         return new
+
+    def _establish(self, event: str, model: Any, step: int | None) -> list[Finding]:
+        """Build :attr:`facts` for ``model``; each configured name that matches nothing is one NAME_NOT_FOUND."""
+        from torch import nn
+
+        if not isinstance(model, nn.Module):
+            return []
+        try:
+            self.facts = establish_facts(model, declared_names(self.declare_ties, self.config.checks),
+                                         recorded=self._restored_ties)
+        except Exception as err:  # noqa: BLE001 - checks then run without shared facts, as without a monitor
+            return [Finding.make(
+                "CHECK_FAILED", event=event, step=step, check="engine",
+                message=f"the engine could not establish the model's names and ties: {type(err).__name__}: {err}",
+                hint="checks run on their own view of the model; report this with the traceback in details",
+                traceback=traceback.format_exc(limit=5))]
+        return [name_not_found(u, event=event, step=step, check="engine") for u in self.facts.unknown]
 
     def _apply_policy(self, new: list[Finding]) -> None:
         for finding in new:
@@ -223,14 +247,24 @@ class Monitor:
     # -- state ------------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """Picklable state: findings so far and each check's state (saved with trainer checkpoints)."""
-        return {"findings": [f.to_dict() for f in self._findings],
-                "checks": {c.name: c.state_dict() for c in self.checks if c.name}}
+        state = {"findings": [f.to_dict() for f in self._findings],
+                 "checks": {c.name: c.state_dict() for c in self.checks if c.name}}
+        recorded = self.facts.expected_ties if self.facts is not None else self._restored_ties
+        state["expected_ties"] = [[list(t.names), t.source] for t in recorded if t.source == "recorded"]
+        return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore :meth:`state_dict` (on resume)."""
         restored = [Finding.from_dict(d) for d in state.get("findings", [])]
         # trainers may restore callback state after running load checks (Lightning does): keep both
         self._findings = restored + [f for f in self._findings if f not in restored]
+        from callbacks.primitives.tiemap import ExpectedTie
+
+        self._restored_ties = [ExpectedTie(names=tuple(n), source=s) for n, s in state.get("expected_ties", [])]
+        if self.facts is not None and self._restored_ties:
+            known = {t.names for t in self.facts.expected_ties}
+            self.facts.expected_ties += [t for t in self._restored_ties if t.names not in known
+                                         and all(n in self.facts.names for n in t.names)]
         for check in self.checks:
             if check.name in state.get("checks", {}):
                 check.load_state_dict(state["checks"][check.name])

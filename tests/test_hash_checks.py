@@ -208,12 +208,14 @@ def test_tie_diverged_for_copies_without_sync(synced):
     assert codes(mon.findings, "TIE_BROKEN") == []
 
 
-def test_tied_copies_config_errors():
+def test_tied_copies_config_errors_and_an_unknown_name_is_name_not_found():
     with pytest.raises(ConfigError):
         Monitor(checks={"hashes": {"tied_copies": [["emb.weight"]]}})
     mon = Monitor(policy="log", checks={"hashes": {"tied_copies": [["emb.weight", "nope.weight"]]}})
     found = mon.dispatch("init", Net(), step=0)
-    assert [f.code for f in found] == ["CHECK_FAILED"] and "nope.weight" in found[0].message
+    assert [(f.code, list(f.params)) for f in found] == [("NAME_NOT_FOUND", ["nope.weight"])]
+    assert "checks.hashes.tied_copies" in found[0].message and "emb.weight" in found[0].message
+    assert all(f.code != "CHECK_FAILED" for f in mon.findings)
 
 
 # -- ledger and diff -------------------------------------------------------------------------------------------

@@ -174,10 +174,14 @@ def test_consistent_checkpoint_is_clean():
     assert only_ties().dispatch("load", model, step=0, state_dict=model.state_dict()) == []
 
 
-def test_unknown_declared_name_is_check_failed_not_a_crash():
+def test_unknown_declared_name_is_name_not_found_and_the_check_still_runs():
     findings = only_ties(declare_ties=[("tok_embeddings.weight", "head.weight")]).dispatch("init", LinguaLM(), step=0)
-    assert codes(findings) == ["CHECK_FAILED"]
-    assert "head.weight" in findings[0].message
+    assert codes(findings, "error") == ["NAME_NOT_FOUND"]
+    assert "CHECK_FAILED" not in codes(findings)
+    (unknown,) = [f for f in findings if f.code == "NAME_NOT_FOUND"]
+    assert unknown.params == ("head.weight",) and unknown.details["where"] == "declare_ties"
+    assert "output.weight" in unknown.details["closest"]
+    assert "TIE_UNDECLARED" in codes(findings)  # the tie check judged the model all the same
 
 
 @pytest.mark.parametrize("method", ["prompt_tuning", "lora"])

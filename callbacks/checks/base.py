@@ -14,6 +14,7 @@ from typing import Any, ClassVar
 from pydantic import BaseModel, ConfigDict
 
 from callbacks.events import EventContext
+from callbacks.facts import DeclaredNames, ModelFacts, establish_facts
 from callbacks.findings import Finding
 
 
@@ -38,8 +39,9 @@ class Check:
 
     def __init__(self, config: CheckConfig | None = None, *, monitor_options: dict[str, Any] | None = None):
         self.config = config if config is not None else self.Config()
-        #: options the engine passes to every check (e.g. ``declare_ties``)
+        #: options the engine passes to every check (custom checks may read them)
         self.monitor_options = dict(monitor_options or {})
+        self._own_facts: ModelFacts | None = None
 
     # -- dispatch ---------------------------------------------------------------------------------------------
     def run(self, ctx: EventContext) -> list[Finding]:
@@ -74,6 +76,19 @@ class Check:
         return ()
 
     # -- helpers ----------------------------------------------------------------------------------------------
+    def facts_of(self, ctx: EventContext) -> ModelFacts:
+        """The engine's facts about the model (``ctx.facts``); a check run without a monitor establishes its
+        own from :meth:`declared_names` (names that match nothing are then left out silently)."""
+        if ctx.facts is not None:
+            return ctx.facts
+        if self._own_facts is None or self._own_facts.model_id != id(ctx.model):
+            self._own_facts = establish_facts(ctx.model, self.declared_names())
+        return self._own_facts
+
+    def declared_names(self) -> list[DeclaredNames]:
+        """Names this family's own configuration gives (used only when no engine established the facts)."""
+        return []
+
     def finding(self, code: str, ctx: EventContext, *, params: Iterable[str] = (), message: str, hint: str,
                 **details: Any) -> Finding:
         """Build a :class:`Finding` at ``ctx``'s event and step, attributed to this check."""

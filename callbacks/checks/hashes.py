@@ -33,8 +33,8 @@ from pydantic import Field, field_validator
 from torch import nn
 
 from callbacks.checks.base import Check, CheckConfig
-from callbacks.errors import ConfigError
 from callbacks.events import EventContext
+from callbacks.facts import UnknownName, closest_names, name_not_found, resolve_name
 from callbacks.findings import Finding
 from callbacks.hashing import hash_tensors, hash_with_stats, resolve_backend
 from callbacks.hashing.ledger import LedgerWriter, hex64
@@ -611,6 +611,8 @@ class HashCheck(Check):
         groups = [[user_name(n) for n in g] for g in self.config.tied_copies]
         if not groups:
             return []
+        known = [user_name(n) for n, _ in params]  # a recipe may name the inner model's parameters
+        groups = [[resolve_name(n, known)[0] or n for n in g] for g in groups]
         wanted = {n for g in groups for n in g}
         local = {name: p for _, name, p in named_parameters_all(ctx.model) if name in wanted}
         values = hash_or_none(list(local.values()), self.config.backend)
@@ -622,11 +624,13 @@ class HashCheck(Check):
                     merged.setdefault(n, v)
         else:
             merged = mine
+        found: list[Finding] = []
         if validate:
-            unknown = sorted(wanted - set(merged))
-            if unknown:
-                raise ConfigError(f"hashes.tied_copies names not in the model: {unknown}; names look like "
-                                  f"{[n for n, _ in params][:5]}")
+            known = [n for n, _ in params]
+            found = [name_not_found(UnknownName(n, "checks.hashes.tied_copies", "is not a parameter of the model "
+                                                "on any rank", closest_names(n, known)),
+                                    event=ctx.event, step=ctx.step, check=self.name)
+                     for n in sorted(wanted - set(merged))]
         diverged: list[tuple[str, ...]] = []
         details = {}
         for group in groups:
@@ -637,7 +641,7 @@ class HashCheck(Check):
                 details[",".join(key)] = {n: {"hash": hex64(merged[n][0]), "shape": list(merged[n][1]),
                                               "dtype": merged[n][2]} for n in present}
         new = set(self._new_only("TIE_DIVERGED", [",".join(k) for k in diverged]))
-        return [self.finding(
+        return found + [self.finding(
             "TIE_DIVERGED", ctx, params=key,
             message=f"tied copies {' and '.join(key)} hold different values (hashes "
                     f"{', '.join(str(details[','.join(key)][n]['hash']) for n in key)})",

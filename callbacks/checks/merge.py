@@ -935,9 +935,8 @@ def _observe_after(library: str, monitor: Any, merged: Any, kind: str, method: s
         except Exception as err:  # noqa: BLE001 - the merged model's forward fails: say so, judge by hashes
             probe_skipped = f"probe of the merged model failed: {type(err).__name__}: {err}"
     covered: frozenset[tuple[str, ...]] = frozenset()
-    ties = monitor.check("ties")
-    if ties is not None and getattr(ties, "tie_map", None) is not None:
-        covered = frozenset(t.names for t in getattr(ties, "expected", ()))
+    if monitor.facts is not None:
+        covered = frozenset(t.names for t in monitor.facts.expected_ties)
     return MergeObservation(
         library=library, method=method, kind=kind, adapters=state["adapters"], targets=state["targets"],
         before=before, after=after, probe_before=state["probe_before"], probe_after=probe_after,

@@ -28,6 +28,7 @@ from torch import nn
 
 from callbacks.checks.base import Check, CheckConfig
 from callbacks.events import EventContext
+from callbacks.facts import DeclaredNames
 from callbacks.findings import Finding
 from callbacks.primitives.checkpoints import CheckpointListing, CheckpointReadError, list_checkpoint, read_tensors
 from callbacks.primitives.naming import named_parameters_all, storage_key
@@ -41,7 +42,7 @@ from callbacks.primitives.saved_names import (
     owner_module,
     saved_name,
 )
-from callbacks.primitives.tiemap import hf_expected_ties, normalise_declared
+from callbacks.primitives.tiemap import ExpectedTie
 
 
 class SavedStateConfig(CheckConfig):
@@ -95,11 +96,10 @@ def trainable_tensors(params: Iterable[LiveParam]) -> list[TrainableTensor]:
     return [TrainableTensor(tuple(n), tuple(k), t) for n, k, t in by_storage.values()]
 
 
-def expected_partners(model: nn.Module, declared: Iterable[Sequence[str]] = (),
-                      adapters: Sequence[str] = ()) -> dict[str, set[str]]:
-    """Saved name -> saved names it is expected to be tied to (HF config ties and declared ties)."""
+def expected_partners(ties: Iterable[ExpectedTie], adapters: Sequence[str] = ()) -> dict[str, set[str]]:
+    """Saved name -> saved names it is expected to be tied to (config and declared ties of the registry)."""
     out: dict[str, set[str]] = {}
-    for tie in [*hf_expected_ties(model), *normalise_declared(list(declared))]:
+    for tie in ties:
         names = {saved_name(n, adapters) for n in tie.names}
         for name in names:
             out.setdefault(name, set()).update(names - {name})
@@ -400,7 +400,7 @@ class SavedStateCheck(Check):
                   framework: str, when: str) -> list[Finding]:
         model = ctx.model
         match = match_checkpoint(model, groups)
-        partners = expected_partners(model, self.monitor_options.get("declare_ties", ()), match.adapters)
+        partners = expected_partners(self.facts_of(ctx).declared_ties(), match.adapters)
         trainables = trainable_tensors(match.params)
         unsaved = unsaved_trainables(trainables, match.saved, match.live, partners)
         self.history.append({"event": ctx.event, "step": ctx.step, "source": source, "files": list(files),
@@ -448,7 +448,8 @@ class SavedStateCheck(Check):
         if isinstance(pending.checkpoint, Mapping) and isinstance(pending.checkpoint.get("state_dict"), Mapping):
             state = pending.checkpoint["state_dict"]
         keys = [k for k, v in state.items() if isinstance(v, torch.Tensor)]
-        later = EventContext(event="checkpoint", model=ctx.model, step=pending.step, trainer=ctx.trainer)
+        later = EventContext(event="checkpoint", model=ctx.model, step=pending.step, trainer=ctx.trainer,
+                             facts=ctx.facts)
         findings = self._coverage(later, {"": keys}, source="the checkpoint's state_dict after "
                                   "on_save_checkpoint", files=[], framework=pending.framework, when="was saved")
         return [f for f in findings if not set(f.params) <= pending.reported]
@@ -469,9 +470,12 @@ def check_checkpoint(model: nn.Module, path: str, *, step: int | None = None, ve
     ``model``, without a Monitor: for ``.ckpt`` files, ``accelerate`` ``save_state`` folders and DCP folders
     written outside a supported trainer. ``trainer`` picks the fix wording (``lightning``, ``accelerate``,
     ``hf``, ``custom``)."""
-    check = SavedStateCheck(SavedStateConfig(verify_values=verify_values),
-                            monitor_options={"declare_ties": [list(g) for g in declare_ties]})
-    return check.run(EventContext(event="checkpoint", model=model, step=step, checkpoint_dir=path, trainer=trainer))
+    from callbacks.facts import establish_facts
+
+    facts = establish_facts(model, [DeclaredNames("declare_ties", tuple(g)) for g in declare_ties])
+    check = SavedStateCheck(SavedStateConfig(verify_values=verify_values))
+    return check.run(EventContext(event="checkpoint", model=model, step=step, checkpoint_dir=path, trainer=trainer,
+                                  facts=facts))
 
 
 __all__ = ["SavedStateCheck", "SavedStateConfig", "check_checkpoint", "keys_to_be_saved", "trainable_tensors",

@@ -13,12 +13,12 @@ from pydantic import Field, field_validator
 from torch import nn
 
 from callbacks.checks.base import Check, CheckConfig
-from callbacks.errors import ConfigError
 from callbacks.events import EventContext
+from callbacks.facts import ORIGINAL_MODULE, DeclaredNames
 from callbacks.findings import Finding
 from callbacks.primitives.checkpoints import list_checkpoint, read_tensors
 from callbacks.primitives.naming import named_parameters_all, storage_key, user_name
-from callbacks.primitives.tiemap import ExpectedTie, TieMap, build_tie_map, hf_expected_ties, normalise_declared
+from callbacks.primitives.tiemap import ExpectedTie, TieMap, build_tie_map
 
 
 class TiesConfig(CheckConfig):
@@ -125,25 +125,6 @@ def checkpoint_conflicts(tie_map: TieMap, state_dict: Mapping[str, Any]) -> list
     return out
 
 
-def resolve_declared(tie: ExpectedTie, names: Mapping[str, str]) -> ExpectedTie:
-    """Map declared names onto the model's names: exact, or the one model name ending in ``.<declared>``.
-
-    The suffix rule lets a recipe name the inner model's parameters (``transformer.wte.weight``) when a
-    trainer wraps it (a LightningModule's ``model.`` attribute). Unknown or ambiguous names are a ConfigError.
-    """
-    resolved = []
-    for name in tie.names:
-        if name in names:
-            resolved.append(name)
-            continue
-        candidates = [n for n in names if n.endswith("." + name)]
-        if len(candidates) != 1:
-            why = "matches several parameters: " + ", ".join(candidates[:4]) if candidates else "is not in the model"
-            raise ConfigError(f"declared tie name {name!r} {why}; the model's names look like {list(names)[:4]}")
-        resolved.append(candidates[0])
-    return ExpectedTie(names=tuple(sorted(resolved)), source=tie.source)
-
-
 def undeclared_groups(tie_map: TieMap, expected: Iterable[ExpectedTie]) -> list[tuple[str, ...]]:
     """Tie groups not covered by expected ties (every name of the group must be in some expected tie of it)."""
     expected = list(expected)
@@ -170,23 +151,38 @@ class TieCheck(Check):
         self.expected: list[ExpectedTie] = []
         self.names: dict[str, str] = {}
         self.reported: set[tuple[str, ...]] = set()
-        self.declared = normalise_declared([*self.config.declare, *self.monitor_options.get("declare_ties", ())])
+
+    def declared_names(self) -> list[DeclaredNames]:
+        """``checks.ties.declare`` (the engine adds ``declare_ties=`` and reports unknown names)."""
+        return [DeclaredNames("checks.ties.declare", tuple(g)) for g in self.config.declare]
 
     # -- events -----------------------------------------------------------------------------------------------
     def on_init(self, ctx: EventContext) -> Iterable[Finding]:
-        model = ctx.model
-        self.tie_map = build_tie_map(model)
-        self.names = raw_names(model)
-        declared = [resolve_declared(tie, self.names) for tie in self.declared]
-        from_config = hf_expected_ties(model)
-        recorded = [ExpectedTie(names=g.names, source="recorded") for g in self.tie_map.groups]
-        # merge: one ExpectedTie per name set, the most specific source first
+        facts = self.facts_of(ctx)
+        self.tie_map = facts.tie_map
+        self.names = dict(facts.names)
         merged: dict[tuple[str, ...], ExpectedTie] = {}
-        for tie in [*from_config, *declared, *recorded, *self.expected]:
-            merged.setdefault(tie.names, tie)
+        for tie in [*facts.expected_ties, *self.expected]:  # self.expected: restored on resume
+            if all(n in self.names for n in tie.names):
+                merged.setdefault(tie.names, tie)
         self.expected = list(merged.values())
         findings = list(self._broken(ctx))
-        for names in undeclared_groups(self.tie_map, [t for t in self.expected if t.source != "recorded"]):
+        for replaced in facts.replaced_ties:
+            others = [n for n in replaced.names if not n.startswith(replaced.module + ".")]
+            findings.append(self.finding(
+                "TIE_REPLACED", ctx, params=(*replaced.names, *replaced.copies),
+                message=f"the config ties {' and '.join(replaced.names)}, but PEFT's modules_to_save wraps "
+                        f"{replaced.module!r}: training updates its copy ({', '.join(replaced.copies) or 'none'}) "
+                        f"while {', '.join(others)} keeps the tied original; the saved adapter holds the trained "
+                        f"{replaced.module}, and a merged model has a head separate from the embedding",
+                hint="nothing to fix during training; when saving the merged model set "
+                     "config.tie_word_embeddings=False (otherwise loading re-ties the head to the embedding and "
+                     "the trained head is lost); leave the module out of modules_to_save to keep the tie",
+                module=replaced.module, copies=list(replaced.copies)))
+        for names in undeclared_groups(self.tie_map, facts.declared_ties()):
+            names = tuple(n for n in names if f".{ORIGINAL_MODULE}." not in n)
+            if len(names) < 2:
+                continue  # PEFT's frozen original of a modules_to_save module shares the tied weight on purpose
             findings.append(self.finding(
                 "TIE_UNDECLARED", ctx, params=names,
                 message=f"{len(names)} names share one tensor without any declaration",

@@ -47,9 +47,55 @@ def resolve_backend(backend: str, tensors: Sequence[torch.Tensor]) -> str:
     return backend
 
 
+def is_wrapper_subclass(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` is a traceable wrapper subclass (torchao's quantised weights, ...): its data lives in
+    inner tensors (``__tensor_flatten__``), not in bytes of its own."""
+    return type(tensor) not in (torch.Tensor, torch.nn.Parameter) and hasattr(tensor, "__tensor_flatten__")
+
+
+def inner_tensors(tensor: torch.Tensor, depth: int = 4) -> list[torch.Tensor]:
+    """The plain tensors that hold a wrapper subclass's data, in its flatten order (nested wrappers too)."""
+    if not is_wrapper_subclass(tensor) or depth == 0:
+        return [tensor]
+    names, _ = tensor.__tensor_flatten__()
+    out: list[torch.Tensor] = []
+    for name in names:
+        out.extend(inner_tensors(getattr(tensor, name), depth - 1))
+    return out
+
+
+def _expanded(tensors: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[tuple[int, int]] | None]:
+    """Wrapper subclasses replaced by their inner tensors, with each input's span; None when none is one."""
+    if not any(is_wrapper_subclass(t) for t in tensors):
+        return tensors, None
+    flat: list[torch.Tensor] = []
+    spans = []
+    for t in tensors:
+        parts = [p.detach() for p in inner_tensors(t)]
+        spans.append((len(flat), len(parts)))
+        flat.extend(parts)
+    return flat, spans
+
+
+def _combined(hashes: list[int], spans: list[tuple[int, int]]) -> list[int]:
+    """One hash per input: a plain tensor's own, a wrapper subclass's from its inner tensors' hashes in order."""
+    out = []
+    for start, count in spans:
+        inner = hashes[start:start + count]
+        words = torch.tensor([h - (1 << 64) if h >= 1 << 63 else h for h in inner], dtype=torch.int64)
+        out.append(reference.hash_tensor(words))
+    return out
+
+
 def hash_with_stats(tensors: Sequence[torch.Tensor], backend: Backend = "auto") -> HashStats:
-    """Hash every tensor and count its NaN/Inf and non-zero elements."""
-    tensors = list(tensors)
+    """Hash every tensor and count its NaN/Inf and non-zero elements (a wrapper subclass: over its inner
+    tensors, so a quantised weight is hashed by the bytes that hold it)."""
+    tensors, spans = _expanded(list(tensors))
+    if spans is not None:
+        stats = hash_with_stats(tensors, backend)
+        return HashStats(hashes=_combined(stats.hashes, spans),
+                         nonfinite=[sum(stats.nonfinite[s:s + n]) for s, n in spans],
+                         nonzero=[sum(stats.nonzero[s:s + n]) for s, n in spans])
     if resolve_backend(backend, tensors) == "triton":
         from callbacks.hashing.fused import fused_hash_with_stats
 
@@ -83,8 +129,11 @@ def hash_stats_tensor(tensors: Sequence[torch.Tensor], backend: Backend = "auto"
 
 
 def hash_tensors(tensors: Sequence[torch.Tensor], backend: Backend = "auto") -> list[int]:
-    """64-bit hashes (unsigned Python ints) of ``tensors``; equal bytes, dtype and shape give equal hashes."""
-    tensors = list(tensors)
+    """64-bit hashes (unsigned Python ints) of ``tensors``; equal bytes, dtype and shape give equal hashes.
+    A wrapper subclass is hashed by its inner tensors (:func:`inner_tensors`)."""
+    tensors, spans = _expanded(list(tensors))
+    if spans is not None:
+        return _combined(hash_tensors(tensors, backend), spans)
     if resolve_backend(backend, tensors) == "triton":
         return hash_with_stats(tensors, backend="triton").hashes
     return reference.hash_tensors(tensors)
@@ -96,6 +145,8 @@ __all__ = [
     "hash_stats_tensor",
     "hash_tensors",
     "hash_with_stats",
+    "inner_tensors",
+    "is_wrapper_subclass",
     "resolve_backend",
     "triton_available",
 ]

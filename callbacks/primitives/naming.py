@@ -6,8 +6,9 @@ This is the one place where wrapper prefixes are stripped; every check and reade
 from __future__ import annotations
 
 import functools
+import re
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -29,8 +30,16 @@ WRAPPER_SEGMENTS: tuple[str, ...] = (
     "base_model.model.",  # a PEFT model held inside another module (a LightningModule's self.model)
 )
 
-#: PEFT tuner layers keep the original weight under ``<layer>.base_layer.<param>``
+#: PEFT tuner layers keep the original weight under ``<layer>.base_layer.<param>`` (nested wrappers, e.g. fused
+#: MoE experts with several adapted parameters, repeat it: ``experts.base_layer.base_layer.gate_up_proj``)
 PEFT_BASE_LAYER = ".base_layer."
+
+#: first segments of PEFT adapter parameters (``lora_A``, ``hada_w1_a``, ``ia3_l``...): a ``base_layer`` segment
+#: followed by one of them belongs to an inner wrapper's adapter and is kept, so distinct tensors keep distinct
+#: names (the inner and the outer adapter of a twice-wrapped module)
+ADAPTER_SEGMENT = re.compile(
+    r"(lora_|hada_|lokr_|ia3_|oft_|boft_|vera_|fourierft_|vblora_|hra_|bone_|miss_|c3a_|randlora_|shira_|road_|"
+    r"delora_|adaption_|poly_|ln_tuning_|gralora_|tinylora_|unilora_|waveft_|osf_|lily_)")
 
 
 @functools.lru_cache(maxsize=1 << 16)
@@ -48,7 +57,14 @@ def user_name(name: str) -> str:
                 changed = True
     for segment in WRAPPER_SEGMENTS:
         name = name.replace("." + segment, ".")
-    return name.replace(PEFT_BASE_LAYER, ".")
+    return _strip_base_layers(name)
+
+
+def _strip_base_layers(name: str) -> str:
+    parts = name.split(".")
+    kept = [part for i, part in enumerate(parts)
+            if part != "base_layer" or i + 1 >= len(parts) or ADAPTER_SEGMENT.match(parts[i + 1])]
+    return ".".join(kept)
 
 
 def _peft_model_class() -> type | None:
@@ -83,10 +99,54 @@ def unwrap_model(model: Any) -> Any:
     return model
 
 
+def is_prompt_learning_model(module: Any) -> bool:
+    """Whether ``module`` is a PEFT prompt-learning model (prompt/prefix/P-tuning): its ``base_model`` is the
+    user's model itself, so its parameters are spelled ``base_model.<user name>``, not ``base_model.model.``."""
+    peft_cls = _peft_model_class()
+    if peft_cls is None or not isinstance(module, peft_cls):
+        return False
+    inner = module.base_model
+    return hasattr(inner, "config") and not hasattr(inner, "peft_config")
+
+
+def _prompt_learning_paths(model: nn.Module) -> tuple[str, ...]:
+    """Raw-name prefixes (``""``, ``"module."``, ``"model."``...) of prompt-learning PEFT models held at the top
+    of ``model`` or up to two wrappers down (DDP, a LightningModule attribute)."""
+    if _peft_model_class() is None:
+        return ()
+    found = []
+    level = [("", model)]
+    for _ in range(3):
+        below = []
+        for path, module in level:
+            if is_prompt_learning_model(module):
+                found.append(path)
+            elif isinstance(module, nn.Module):
+                below.extend((f"{path}{name}.", child) for name, child in module.named_children())
+        level = below
+    return tuple(found)
+
+
+def user_namer(model: nn.Module) -> Callable[[str], str]:
+    """A function from raw names of ``model`` to user names, that also knows the prompt-learning PEFT models in
+    it: their ``base_model`` is the user's model itself, so ``base_model.x`` is spelled as a tuner model's
+    ``base_model.model.x`` first and the one prefix rule of :func:`user_name` applies."""
+    heads = tuple(f"{path}base_model." for path in _prompt_learning_paths(model))
+
+    def name(raw: str) -> str:
+        for head in heads:
+            if raw.startswith(head):
+                return user_name(f"{head}model.{raw[len(head):]}")
+        return user_name(raw)
+
+    return name
+
+
 def named_parameters_all(model: nn.Module) -> Iterator[tuple[str, str, nn.Parameter]]:
     """Every (raw name, user name, parameter), duplicates included (``remove_duplicate=False`` semantics)."""
+    name = user_namer(model)
     for raw, param in model.named_parameters(remove_duplicate=False):
-        yield raw, user_name(raw), param
+        yield raw, name(raw), param
 
 
 def _local(tensor: torch.Tensor) -> torch.Tensor:
@@ -102,11 +162,13 @@ def storage_key(tensor: torch.Tensor) -> tuple[Any, ...]:
     tensor = _local(tensor)
     if tensor.device.type == "meta" or tensor.numel() == 0:
         return ("object", id(tensor))
-    storage = tensor.untyped_storage()
+    data_ptr = _storage_ptr(tensor)
+    if data_ptr is None:
+        return ("object", id(tensor))
     return (
         "storage",
         str(tensor.device),
-        storage.data_ptr(),
+        data_ptr,
         tensor.storage_offset() * tensor.element_size(),
         tuple(tensor.shape),
         tuple(tensor.stride()),
@@ -120,4 +182,17 @@ def buffer_key(tensor: torch.Tensor) -> tuple[Any, ...]:
     local = _local(tensor)
     if local.device.type == "meta" or local.numel() == 0:
         return storage_key(tensor)
-    return str(local.device), local.untyped_storage().data_ptr()
+    data_ptr = _storage_ptr(local)
+    if data_ptr is None:
+        return storage_key(tensor)
+    return str(local.device), data_ptr
+
+
+def _storage_ptr(tensor: torch.Tensor) -> int | None:
+    """The address of the storage ``tensor`` views, or None for tensors without one of their own (wrapper
+    subclasses such as torchao's quantised weights keep their data in inner tensors): such a tensor is
+    identified by the object itself, so one odd tensor never costs a whole tie map."""
+    try:
+        return tensor.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError, TypeError, AttributeError):
+        return None

@@ -8,12 +8,14 @@ under several names, or views of one storage with the same offset, shape and str
 from __future__ import annotations
 
 import dataclasses
+import itertools
+import re
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 from torch import nn
 
-from callbacks.primitives.naming import named_parameters_all, storage_key, unwrap_model, user_name
+from callbacks.primitives.naming import named_parameters_all, storage_key, unwrap_model, user_name, user_namer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,27 +143,76 @@ def hf_models(model: Any) -> list[tuple[str, Any]]:
 def hf_expected_ties(model: Any) -> list[ExpectedTie]:
     """Ties the HF ``PreTrainedModel`` (s) in ``model`` promise through their config.
 
-    transformers 5: ``get_expanded_tied_weights_keys(all_submodels=True)`` (the ``{target: source}`` dict that
-    ``tie_weights`` itself uses, re-reading ``tie_word_embeddings`` of every sub-config). transformers 4:
-    ``tie_word_embeddings`` of the text config and the list-form ``_tied_weights_keys``, tied to the input
-    embeddings. Names relative to the HF model are made raw names of ``model`` (its path inside wrappers or a
-    LightningModule) and then user names: the path the tie map's names take, so both always agree.
+    transformers 5: every sub-model's ``_tied_weights_keys`` where its config has ``tie_word_embeddings``,
+    expanded over user names (see :func:`_hf_tied_pairs`). transformers 4: ``tie_word_embeddings`` of the text
+    config, the output embeddings tied to the input embeddings. Names relative to the HF model are made raw
+    names of ``model`` (its path inside wrappers or a LightningModule) and then user names: the path the tie
+    map's names take, so both always agree.
     """
     ties: dict[tuple[str, ...], ExpectedTie] = {}
+    name = user_namer(model) if isinstance(model, nn.Module) else user_name
     for path, inner in hf_models(model):
         for a, b in _hf_tied_pairs(inner):
-            names = tuple(sorted({user_name(f"{path}.{a}" if path else a), user_name(f"{path}.{b}" if path else b)}))
+            names = tuple(sorted({name(f"{path}.{a}" if path else a), name(f"{path}.{b}" if path else b)}))
             if len(names) == 2:
                 ties[names] = ExpectedTie(names=names, source="config")
     return list(ties.values())
 
 
 def _hf_tied_pairs(inner: Any) -> list[tuple[str, str]]:
-    """(target, source) parameter names, relative to the HF model ``inner``, that its config ties."""
-    expand = getattr(inner, "get_expanded_tied_weights_keys", None)
-    if callable(expand):
-        return list(expand(all_submodels=True).items())
-    # transformers 4.x
+    """(target, source) parameter names, relative to the HF model ``inner``, that its config ties.
+
+    transformers 5: each ``PreTrainedModel`` inside ``inner`` whose config has ``tie_word_embeddings`` ties its
+    ``_tied_weights_keys`` (``{target: source}``, plain names or regexes). They are expanded here against user
+    names (what :func:`~callbacks.primitives.naming.user_name` makes of each parameter), the same way
+    transformers' ``get_expanded_tied_weights_keys`` expands them against current names, which breaks once PEFT
+    renamed a tied layer's weight to ``<layer>.base_layer.weight``. A pattern that matches nothing promises
+    nothing here (never raises). transformers 4: ``tie_word_embeddings`` and the input/output embeddings.
+    """
+    pairs: list[tuple[str, str]] = []
+    found_v5 = False
+    for prefix, sub in inner.named_modules(remove_duplicate=False):
+        mapping = getattr(sub, "_tied_weights_keys", None)
+        if not isinstance(mapping, dict) or getattr(sub, "config", None) is None:
+            continue
+        found_v5 = True
+        if not getattr(sub.config, "tie_word_embeddings", False) or not mapping:
+            continue
+        names = sorted({user_name(raw) for raw, _ in sub.named_parameters(remove_duplicate=False)})
+        at = f"{prefix}." if prefix else ""
+        for target, source in _expand_tied_keys(mapping, names):
+            pairs.append((at + target, at + source))
+    if found_v5:
+        return list(dict.fromkeys(pairs))
+    return _hf4_tied_pairs(inner)
+
+
+#: a tied-weights key that names one parameter (no regex): letters, digits, ``_`` and dots, ending in a leaf
+PLAIN_NAME = re.compile(r"^[A-Za-z0-9_.]+\.(weight|bias)$")
+
+
+def _expand_tied_keys(mapping: dict[str, str], names: Sequence[str]) -> list[tuple[str, str]]:
+    """``{target pattern: source pattern}`` expanded over ``names`` as transformers does (prefix regexes; several
+    targets cycle over the sources), skipping patterns that match nothing."""
+    present = set(names)
+    out: list[tuple[str, str]] = []
+    for target, source in mapping.items():
+        if (target in present and source in present) or (PLAIN_NAME.match(target) and PLAIN_NAME.match(source)):
+            out.append((target, source))  # plain names are promised as they are; the engine looks them up
+            continue
+        try:
+            targets = [n for n in names if re.match(target, n)]
+            sources = [n for n in names if re.match(source, n)]
+        except re.error:
+            continue
+        if not targets or not sources or len(targets) % len(sources):
+            continue
+        out.extend(zip(targets, itertools.cycle(sources)))
+    return out
+
+
+def _hf4_tied_pairs(inner: Any) -> list[tuple[str, str]]:
+    """transformers 4.x: ``tie_word_embeddings`` of the text config ties the output to the input embeddings."""
     config = inner.config
     text_config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
     if not getattr(text_config, "tie_word_embeddings", getattr(config, "tie_word_embeddings", False)):
@@ -173,7 +224,7 @@ def _hf_tied_pairs(inner: Any) -> list[tuple[str, str]]:
     in_name, out_name = _module_name(inner, in_emb), _module_name(inner, out_emb)
     if in_name is None or out_name is None or in_name == out_name:
         return []
-    return [(f"{out_name}.weight".lstrip("."), f"{in_name}.weight".lstrip("."))]
+    return [(user_name(f"{out_name}.weight".lstrip(".")), user_name(f"{in_name}.weight".lstrip(".")))]
 
 
 def normalise_declared(groups: Sequence[Sequence[str]], source: str = "declared") -> list[ExpectedTie]:
