@@ -244,15 +244,15 @@ def test_nan_adapter_loaded_from_corrupted_file(tmp_path):
 
 
 def test_loaded_adapter_is_not_judged_against_init_contract(tmp_path):
-    """A trained adapter (B non-zero) continued with fresh=false: no contract errors, NaN still caught elsewhere."""
+    """A trained adapter loaded with from_pretrained(is_trainable=True): judged as loaded (one info), no
+    contract error; fresh=True judges it as fresh anyway; fresh=False and a resume skip the contract."""
     trained = gemma_lora()
-    with torch.no_grad():
-        for name, p in trained.named_parameters():
-            if "lora_B" in name:
-                p.fill_(0.01)
+    train_steps(monitor(), trained, steps=3, lr=1e-2)
     trained.save_pretrained(tmp_path)
     model = peft.PeftModel.from_pretrained(tiny_gemma2(), tmp_path, is_trainable=True)
-    assert "ADAPTER_INIT_WRONG" in codes(monitor().dispatch("init", model, step=0))
+    found = monitor().dispatch("init", model, step=0)
+    assert codes(found) == ["CHECK_NOT_APPLICABLE"] and "judged as loaded" in found[0].message
+    assert "ADAPTER_INIT_WRONG" in codes(monitor(fresh=True).dispatch("init", model, step=0))
     assert monitor(fresh=False).dispatch("init", model, step=0) == []
     mon = monitor()
     mon.dispatch("load", model, step=5)  # a resume
@@ -376,23 +376,38 @@ def test_inactive_adapter_is_dead():
     assert all(".second." in n for n in dead[0].params)
 
 
-def test_adapter_outside_forward_path_is_dead():
-    class TwoHeads(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.used = nn.Linear(8, 8)
-            self.unused = nn.Linear(8, 8)
+class TwoHeads(nn.Module):
+    """``pooler`` is never called by the forward (a pooler, a contact head under ``all-linear``)."""
 
-        def forward(self, x):
-            return self.used(x)
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Linear(8, 8)
+        self.pooler = nn.Linear(8, 8)
 
-    model = peft.get_peft_model(TwoHeads(), peft.LoraConfig(r=2, target_modules=["used", "unused"]))
+    def forward(self, x):
+        return self.body(x)
+
+
+def test_adapter_outside_forward_path_is_unused_while_others_train():
+    model = peft.get_peft_model(TwoHeads(), peft.LoraConfig(r=2, target_modules=["body", "pooler"]))
+    mon = monitor(probe=False)
+    mon.dispatch("init", model, step=0)
+    model(torch.ones(2, 8)).pow(2).sum().backward()
+    found = mon.dispatch("step", model, step=1, phase="before_optimizer")
+    assert codes(found) == ["ADAPTER_UNUSED"] and found[0].severity == "warning" and found[0].step == 1
+    assert set(found[0].params) == {"pooler.lora_A.default.weight", "pooler.lora_B.default.weight"}
+    assert "target_modules" in found[0].hint and "pooler" in found[0].hint
+
+
+def test_every_adapter_outside_forward_path_is_dead():
+    # ``body`` trains as a full copy: no adapter of the model trains, so the idle one is dead, not unused
+    model = peft.get_peft_model(TwoHeads(), peft.LoraConfig(r=2, target_modules=["pooler"], modules_to_save=["body"]))
     mon = monitor(probe=False)
     mon.dispatch("init", model, step=0)
     model(torch.ones(2, 8)).pow(2).sum().backward()
     dead = of(mon.dispatch("step", model, step=1, phase="before_optimizer"), "ADAPTER_DEAD")
-    assert len(dead) == 1 and "forward path" in dead[0].message
-    assert set(dead[0].params) == {"unused.lora_A.default.weight", "unused.lora_B.default.weight"}
+    assert len(dead) == 1 and "forward path" in dead[0].message and dead[0].severity == "error"
+    assert set(dead[0].params) == {"pooler.lora_A.default.weight", "pooler.lora_B.default.weight"}
 
 
 def test_parameter_without_gradient_after_k_steps():

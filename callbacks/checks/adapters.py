@@ -4,7 +4,9 @@ Codes: ``ADAPTER_INIT_WRONG`` (init: a parameter breaks its method's init contra
 device than its base layer, or not floating point), ``ADAPTER_NOT_IDENTITY`` (init: a fresh adapter that promises
 an unchanged output changes it, measured by a probe forward), ``ADAPTER_NOT_TRAINABLE`` (init: an active adapter's
 parameters are frozen), ``ADAPTER_DEAD`` (step: an adapter with no non-zero gradient at the first step, or a
-trainable adapter parameter still without one after ``dead_after_steps`` steps). ``CHECK_NOT_APPLICABLE`` (info)
+trainable adapter parameter still without one after ``dead_after_steps`` steps), ``ADAPTER_UNUSED`` (step,
+warning: adapters outside the forward path while the model's other adapters train, e.g. a masked LM's pooler
+under ``all-linear``). ``CHECK_NOT_APPLICABLE`` (info)
 says what was not judged and why (PiSSA-style inits, ``init_lora_weights=False``, bert/houlsby bottlenecks...).
 
 The contract of each unit is read from the adapter's own config (``LoraConfig.init_lora_weights``,
@@ -35,7 +37,7 @@ from callbacks.primitives.adapters import (
     find_adapters_config,
     normalise_custom_roles,
 )
-from callbacks.primitives.naming import unwrap_model
+from callbacks.primitives.naming import buffer_key, unwrap_model
 from callbacks.primitives.probe import ProbeUnavailable, build_probe_batch, output_tensor, preserved_state
 
 
@@ -43,14 +45,17 @@ class AdapterInitConfig(CheckConfig):
     """Recipe section ``checks.adapter_init``.
 
     ``probe``: run the identity probe at init. ``tolerance``: the probe's allowed output change, relative to
-    ``max(1, max |logit|)``. ``dead_after_steps``: K, the steps within which every trainable adapter parameter
-    must get a non-zero gradient. ``modules``: hand-written adapters, ``{module name pattern: role}`` with roles
+    the output's own scale (``max |output|`` with adapters disabled: a fresh LeViT's logits are ~1e-9).
+    ``dead_after_steps``: K, the steps within which every trainable adapter parameter must get a non-zero
+    gradient. ``modules``: hand-written adapters, ``{module name pattern: role}`` with roles
     ``zero`` (up / B: all zero), ``random`` (down / A: finite, not all zero), ``norm`` (LayerNorm: weight 1, bias
     0), ``ones`` (scales: all one), ``any`` (only finite / trainable / alive). ``fresh``: whether the adapters
     are freshly initialised, so that their values must match the init contract and the probe applies; ``None``
-    (auto) means fresh unless a ``load`` event (resume) came first. Set ``false`` when training continues from a
-    saved adapter (``PeftModel.from_pretrained(..., is_trainable=True)``): non-finite values, dtype, device,
-    trainability and dead adapters are still checked.
+    (auto) means fresh unless a ``load`` event (resume) came first, per adapter unless it holds trained values
+    (its zero side non-zero, its random side still at its init distribution: a saved adapter loaded with
+    ``PeftModel.from_pretrained(..., is_trainable=True)``; reported as ``CHECK_NOT_APPLICABLE``). ``false``:
+    never fresh; ``true``: always. Non-fresh adapters still get non-finite values, dtype, device, trainability
+    and dead adapters checked.
     """
 
     probe: bool = True
@@ -77,6 +82,9 @@ class Rule:
     role: str
     kind: str
     value: float = 0.0
+    #: ``spread`` rules: the init distribution (``uniform``: kaiming-uniform, ``normal``), what tells an
+    #: untouched factor from a re-drawn one
+    distribution: str = "normal"
 
 
 @dataclasses.dataclass
@@ -140,7 +148,8 @@ def _peft_lora_contract(unit: AdapterUnit) -> Contract:
             a = unit.part("lora_A")
             std = (1.0 / float(_cfg(unit.config, "r", 8) if a is None else a.param.shape[0]) if gaussian
                    else _kaiming_std(_fan_in(a.param)) if a is not None else 0.0)
-            rules = [Rule("lora_A", "spread", std), Rule("lora_B", "zero"), Rule("lora_B.bias", "zero")]
+            rules = [Rule("lora_A", "spread", std, "normal" if gaussian else "uniform"), Rule("lora_B", "zero"),
+                     Rule("lora_B.bias", "zero")]
         contract = Contract(rules, True, label)
     else:
         return Contract([], None, label)
@@ -207,7 +216,7 @@ def adapters_lib_contract(unit: AdapterUnit) -> Contract:
         if init == "mam_adapter":
             rules += [Rule("up.weight", "zero"), Rule("up.bias", "zero"), Rule("down.bias", "zero")]
             if down is not None and down.param.dim() == 2:
-                rules.append(Rule("down.weight", "spread", _kaiming_std(_fan_in(down.param))))
+                rules.append(Rule("down.weight", "spread", _kaiming_std(_fan_in(down.param)), "uniform"))
             # an output LayerNorm after the residual changes the output even with a zero up-projection
             return Contract(rules, not bool(_cfg(cfg, "ln_after", False)), label)
         if init == "bert":
@@ -222,7 +231,7 @@ def adapters_lib_contract(unit: AdapterUnit) -> Contract:
         if init == "lora":
             a = unit.part("lora_A")
             std = _kaiming_std(_fan_in(a.param)) if a is not None else 0.0
-            return Contract([Rule("lora_A", "spread", std), Rule("lora_B", "zero")], True, label)
+            return Contract([Rule("lora_A", "spread", std, "uniform"), Rule("lora_B", "zero")], True, label)
         if init == "bert":
             return Contract([Rule("lora_A", "spread", 0.02), Rule("lora_B", "spread", 0.02)], False, label)
         if init == "ia3":
@@ -343,10 +352,29 @@ def product_violation(unit: AdapterUnit, roles: tuple[str, str]) -> Violation | 
     return Violation(unit, b, "product B·A not zero", "B·A = 0 (orthogonal init)", f"max |B·A| {worst:.4g}")
 
 
-def audit_units(units: Sequence[AdapterUnit], fresh: bool = True) -> list[Violation]:
+def shared_parts(units: Sequence[AdapterUnit]) -> set[int]:
+    """``id`` of the parts of embedding units that share memory with a part of another unit.
+
+    PEFT's ``ensure_weight_tying=True`` makes a tied head's ``lora_A``/``lora_B`` transposed views of the
+    embedding adapter's B/A, and the head's Linear init writes into them last: those parts hold the Linear
+    contract's values (judged on the head's unit), not the embedding's.
+    """
+    keys: dict[tuple[Any, ...], set[int]] = {}
+    for index, unit in enumerate(units):
+        for part in unit.parts:
+            if part.param.device.type != "meta" and part.param.numel():
+                keys.setdefault(buffer_key(part.param), set()).add(index)
+    return {id(part) for unit in units if unit.kind == "embedding" for part in unit.parts
+            if part.param.device.type != "meta" and part.param.numel()
+            and len(keys.get(buffer_key(part.param), ())) > 1}
+
+
+def audit_units(units: Sequence[AdapterUnit], fresh: bool | Iterable[AdapterUnit] = True) -> list[Violation]:
     """Every init-contract violation of ``units``: non-floating dtype, device, non-finite, then (for ``fresh``
-    adapters) the values their method's contract promises."""
+    adapters: all, none, or the units given) the values their method's contract promises."""
     out: list[Violation] = []
+    fresh_ids = {id(u) for u in units} if fresh is True else set() if fresh is False else {id(u) for u in fresh}
+    shared = shared_parts(units)
     for unit in units:
         device = base_device(unit)
         bad_parts: set[int] = set()
@@ -370,12 +398,12 @@ def audit_units(units: Sequence[AdapterUnit], fresh: bool = True) -> list[Violat
                 out.append(Violation(unit, part, "non-finite", "finite values",
                                      f"{bad} of {t.numel()} values are NaN/Inf"))
                 bad_parts.add(id(part))
-        if not fresh:
+        if id(unit) not in fresh_ids:
             continue
         contract = init_contract(unit)
         for rule in contract.rules:
             part = unit.part(rule.role)
-            if part is None or id(part) in bad_parts:
+            if part is None or id(part) in bad_parts or id(part) in shared:
                 continue
             violation = rule_violation(unit, part, rule)
             if violation is not None:
@@ -385,6 +413,72 @@ def audit_units(units: Sequence[AdapterUnit], fresh: bool = True) -> list[Violat
             if violation is not None:
                 out.append(violation)
     return out
+
+
+def _excess_kurtosis(t: torch.Tensor) -> float:
+    x = t.detach().double().reshape(-1)
+    x = x - x.mean()
+    var = (x * x).mean().item()
+    return (x ** 4).mean().item() / var ** 2 - 3.0 if var > 0 else 0.0
+
+
+#: fewer values than this: the kurtosis estimate is too noisy (its standard error is ~sqrt(24 / n))
+KURTOSIS_MIN_VALUES = 256
+
+
+def at_init_distribution(t: torch.Tensor, rule: Rule) -> bool:
+    """Whether ``t`` still looks drawn from the ``spread`` rule's init distribution.
+
+    A trained LoRA A stays close to its init (its updates are small next to kaiming's spread); a re-init over
+    the whole model (``post_init()``, ``apply(_init_weights)``) redraws it from the model's normal
+    ``initializer_range``. Kaiming-uniform: std within 0.5-2x and, with 256+ values, platykurtic (uniform:
+    excess kurtosis -1.2, normal: 0; the cut sits half-way), else no value beyond 1.25x the bound (a normal
+    draw of that std goes past it). Normal: std within 0.7-1.4x.
+    """
+    if rule.kind != "spread" or rule.value <= 0 or t.numel() < 2 or t.device.type == "meta":
+        return False
+    std = t.detach().double().std().item()
+    if rule.distribution == "uniform":
+        if not 0.5 * rule.value <= std <= 2.0 * rule.value:
+            return False
+        if t.numel() >= KURTOSIS_MIN_VALUES:
+            return _excess_kurtosis(t) < -0.6
+        return t.detach().double().abs().max().item() <= 1.25 * math.sqrt(3.0) * rule.value
+    return 0.7 * rule.value <= std <= 1.4 * rule.value
+
+
+def holds_trained_values(unit: AdapterUnit) -> bool | None:
+    """Whether a unit whose contract has a zero side and a random side holds trained values: the zero side is
+    non-zero, not one constant, while the random side still looks drawn from its init (what training from a
+    fresh init leaves, and what a re-init does not). ``None``: the zero side is zero (fresh, or never trained)
+    or the contract has no such pair."""
+    contract = init_contract(unit)
+    zero = [r for r in contract.rules if r.kind == "zero" and not r.role.endswith(".bias")]
+    spread = [r for r in contract.rules if r.kind == "spread"]
+    if contract.identity is not True or not zero or not spread:
+        return None
+    zero_parts = [p for p in (unit.part(r.role) for r in zero) if p is not None and p.param.device.type != "meta"]
+    written = [p for p in zero_parts if torch.count_nonzero(p.param.detach()).item()]
+    if not written:
+        return None
+    if any(p.param.numel() > 1 and bool((p.param.detach() == p.param.detach().reshape(-1)[0]).all())
+           for p in written):
+        return False  # one value everywhere (fill_, constant_): an init routine wrote it, training does not
+    pairs = [(unit.part(r.role), r) for r in spread]
+    return all(p is not None and at_init_distribution(p.param, r) for p, r in pairs)
+
+
+def trained_adapters(units: Sequence[AdapterUnit]) -> dict[str, tuple[int, int]]:
+    """Adapters judged to hold trained values (loaded with ``PeftModel.from_pretrained``, ``load_adapter``, a
+    resume): ``{adapter: (units that look trained, units with a non-zero zero side)}`` where most units with a
+    non-zero zero side look trained (:func:`holds_trained_values`). A re-initialised fresh adapter has its
+    random side redrawn too, so it is not judged trained."""
+    seen: dict[str, list[bool]] = {}
+    for unit in units:
+        verdict = holds_trained_values(unit)
+        if verdict is not None:
+            seen.setdefault(unit.adapter, []).append(verdict)
+    return {a: (sum(v), len(v)) for a, v in seen.items() if 2 * sum(v) > len(v)}
 
 
 def fix_for(problem: str, unit: AdapterUnit) -> str:
@@ -498,6 +592,9 @@ def probe_identity(model: nn.Module, units: Sequence[AdapterUnit], batch: Mappin
                 base = output_tensor(model(**batch))
     except ProbeUnavailable:
         return ProbeResult(skipped="the model's output has no comparable tensor")
+    except Exception as exc:  # noqa: BLE001 - a synthetic batch the model rejects: nothing judged, said so
+        first = str(exc).splitlines()[0][:200] if str(exc) else ""
+        return ProbeResult(skipped=f"the model rejected the probe batch ({type(exc).__name__}: {first})")
     if adapted.shape != base.shape:
         return ProbeResult(skipped="the model's output has no comparable tensor")
     diff = (adapted.double() - base.double()).abs()
@@ -533,6 +630,12 @@ def dead_reason(unit: AdapterUnit, states: Sequence[str]) -> str:
     if params and all(torch.count_nonzero(p.detach()).item() == 0 for p in params):
         return "every parameter is zero (e.g. LoRA A and B both zero): each factor's gradient is zero"
     return "its gradients are all zero"
+
+
+def is_unused_reason(reason: str) -> bool:
+    """Whether a dead unit's reason says its layer is idle (outside the forward path, or reached with zero
+    gradients) rather than broken (inactive, or every factor zero)."""
+    return "forward path" in reason or reason == "its gradients are all zero"
 
 
 DEAD_HINTS = {
@@ -575,6 +678,7 @@ class AdapterInitCheck(Check):
         self.flagged: set[str] = set()
         self.done = False
         self.loaded = False
+        self.trained: dict[str, tuple[int, int]] = {}
         self.summary: dict[str, Any] = {}
 
     @property
@@ -602,14 +706,33 @@ class AdapterInitCheck(Check):
         self.summary = {"units": len(units), "methods": sorted({f"{u.library}:{u.method}" for u in units})}
         if not units:
             return []
-        findings = self._init_findings(ctx, units)
+        self.trained = trained_adapters(units) if self.config.fresh is None and self.fresh else {}
+        findings = self._trained_findings(ctx)
+        findings += self._init_findings(ctx, units)
         findings += self._trainable_findings(ctx, units)
         findings += self._identity_findings(ctx, units)
         return findings
 
+    def _fresh_units(self, units: Sequence[AdapterUnit]) -> list[AdapterUnit]:
+        return [u for u in units if u.adapter not in self.trained] if self.fresh else []
+
+    def _trained_findings(self, ctx: EventContext) -> list[Finding]:
+        if not self.trained:
+            return []
+        listed = ", ".join(f"{a!r} ({k} of {n} layers)" for a, (k, n) in sorted(self.trained.items()))
+        return [self.finding(
+            "CHECK_NOT_APPLICABLE", ctx,
+            message=f"adapter(s) {listed} hold trained values (the zero-initialised side is non-zero while the "
+                    "random side still has its init distribution): judged as loaded (PeftModel.from_pretrained, "
+                    "load_adapter, a resume), so the fresh-init contract and the identity probe do not apply; "
+                    "non-finite values, dtype, device, trainability and dead adapters are still checked",
+            hint="nothing to fix for a loaded adapter; if these adapters were just created, something wrote "
+                 "their zero side (set checks.adapter_init.fresh: true to judge them as fresh)",
+            adapters=sorted(self.trained))]
+
     def _init_findings(self, ctx: EventContext, units: Sequence[AdapterUnit]) -> list[Finding]:
         groups: dict[tuple[str, str, str], list[Violation]] = {}
-        for v in audit_units(units, fresh=self.fresh):
+        for v in audit_units(units, fresh=self._fresh_units(units)):
             groups.setdefault((v.unit.adapter, v.part.role, v.problem), []).append(v)
         findings = []
         for (adapter, role, problem), vs in groups.items():
@@ -656,8 +779,8 @@ class AdapterInitCheck(Check):
         if not self.config.probe or not self.fresh:
             return []
         probed = [u for u in units if u.active and u.library in ("peft", "adapters")]
-        if not probed:
-            return []
+        if not probed or any(u.adapter in self.trained for u in probed):
+            return []  # a trained adapter changes the output by design (said in _trained_findings)
         unjudged: dict[str, str] = {}
         for unit in probed:
             contract = init_contract(unit)
@@ -679,10 +802,13 @@ class AdapterInitCheck(Check):
                 "the model's config", hint="pass extra={'probe_batch': {...}} to dispatch('init', ...) to probe")]
         result = probe_identity(target, probed, batch)
         if result.skipped:
+            hint = ("unmerge adapters before training to probe them" if "merged" in result.skipped else
+                    "pass extra={'probe_batch': {...}} (a batch the model accepts) to dispatch('init', ...) to "
+                    "probe; the parameter checks still ran")
             return [self.finding("CHECK_NOT_APPLICABLE", ctx, message=f"identity probe not run: {result.skipped}",
-                                 hint="unmerge adapters before training to probe them")]
+                                 hint=hint)]
         self.summary["probe_max_change"] = result.max_change
-        limit = self.config.tolerance * max(1.0, result.reference_max or 0.0)
+        limit = self.config.tolerance * max(result.reference_max or 0.0, torch.finfo(torch.float32).tiny)
         change = result.max_change
         if change is not None and not (change > limit or math.isnan(change)):
             return []
@@ -698,7 +824,8 @@ class AdapterInitCheck(Check):
 
     # -- step ----------------------------------------------------------------------------------------------------
     def on_step(self, ctx: EventContext) -> Iterable[Finding]:
-        """ADAPTER_DEAD at the first step (per unit) and after ``dead_after_steps`` steps (per parameter)."""
+        """ADAPTER_DEAD at the first step (per unit) and after ``dead_after_steps`` steps (per parameter);
+        ADAPTER_UNUSED instead for idle units while others train."""
         if ctx.phase != "before_optimizer" or self.done:
             return []
         units = [u for u in self.units(ctx.model) if any(p.param.requires_grad for p in u.parts)]
@@ -717,10 +844,14 @@ class AdapterInitCheck(Check):
                 unit_states = [states[p.name] for p in unit.parts if p.param.requires_grad]
                 if "nonzero" not in unit_states:
                     dead.setdefault((unit.adapter, dead_reason(unit, unit_states)), []).append(unit)
+            others_train = any(s == "nonzero" for s in states.values())
             for (adapter, reason), dead_units in dead.items():
                 parts = [p for u in dead_units for p in u.parts if p.param.requires_grad]
                 self.flagged |= {p.name for p in parts}
                 layers = [u.layer for u in dead_units]
+                if others_train and is_unused_reason(reason):
+                    findings.append(self._unused_finding(ctx, adapter, dead_units, parts, reason))
+                    continue
                 findings.append(self.finding(
                     "ADAPTER_DEAD", ctx, params=_names(parts),
                     message=f"adapter {adapter!r}: no parameter received a non-zero gradient at step {step} in "
@@ -740,6 +871,20 @@ class AdapterInitCheck(Check):
                             f"received no non-zero gradient in {step - self.first_step + 1} steps",
                     hint=DEAD_HINTS["all zero"], adapter=adapter))
         return findings
+
+    def _unused_finding(self, ctx: EventContext, adapter: str, units: Sequence[AdapterUnit],
+                        parts: Sequence[AdapterPart], reason: str) -> Finding:
+        layers = [u.layer for u in units]
+        modules = sorted({layer.rsplit(".", 1)[-1] for layer in layers})
+        shown = ", ".join(layers[:5]) + (f" and {len(layers) - 5} more" if len(layers) > 5 else "")
+        return self.finding(
+            "ADAPTER_UNUSED", ctx, params=_names(parts),
+            message=f"adapter {adapter!r}: {len(layers)} layer(s) got no gradient at step {ctx.step} while the "
+                    f"model's other adapters train ({shown}): {reason}; they cost memory and are saved, but "
+                    "never learn",
+            hint=f"leave those modules out of target_modules (e.g. exclude_modules={modules!r}), or make the "
+                 "task's forward use them if they should train", adapter=adapter, layers=layers[:20],
+            reason=reason, modules=modules)
 
     # -- report and state ----------------------------------------------------------------------------------------
     def report_section(self) -> dict[str, Any] | None:

@@ -51,7 +51,8 @@ def build_probe_batch(model: nn.Module, *, batch_size: int = 2, seq_len: int = 8
     """A small synthetic batch for ``model`` (wrappers allowed), on the model's device.
 
     HF models: ``input_ids`` (+ ``attention_mask``, and ``decoder_input_ids`` for encoder-decoders) drawn from
-    the config's ``vocab_size``, or ``pixel_values`` for vision models (``image_size``/``num_channels``).
+    the config's ``vocab_size``; ``pixel_values`` for vision models (``image_size``, else 64, and
+    ``num_channels``); ``input_features`` / ``input_values`` for speech models.
     Models without a config: ``input_ids`` within the vocabulary of their first ``nn.Embedding``. Raises
     :class:`ProbeUnavailable` otherwise. Draws from a private generator: the global RNG is not consumed.
     """
@@ -64,11 +65,13 @@ def build_probe_batch(model: nn.Module, *, batch_size: int = 2, seq_len: int = 8
     if config is not None and main_input == "pixel_values":
         vision = getattr(config, "vision_config", None) or config
         size, channels = getattr(vision, "image_size", None), getattr(vision, "num_channels", 3)
-        if size is None:
-            raise ProbeUnavailable(f"{type(inner).__name__}: config has no image_size")
+        # convolutional backbones (ResNet, RegNet, PoolFormer, ConvNeXt) take any size and name none
+        size = CONV_IMAGE_SIZE if size is None else size
         size = tuple(size) if isinstance(size, (list, tuple)) else (size, size)
         pixels = torch.randn((batch_size, channels, *size), generator=gen)
         return {"pixel_values": pixels.to(device=device, dtype=_floating_dtype(inner))}
+    if config is not None and main_input in ("input_features", "input_values"):
+        return _speech_batch(inner, config, main_input, batch_size, gen, device)
 
     vocab = None
     if config is not None:
@@ -92,6 +95,35 @@ def build_probe_batch(model: nn.Module, *, batch_size: int = 2, seq_len: int = 8
         if getattr(config, "is_encoder_decoder", False):
             batch["decoder_input_ids"] = ids.clone()
     return batch
+
+
+#: image side for vision configs without ``image_size``: a multiple of every usual stride (32)
+CONV_IMAGE_SIZE = 64
+
+
+def _speech_batch(inner: nn.Module, config: Any, main_input: str, batch_size: int, gen: torch.Generator,
+                  device: torch.device) -> dict[str, Any]:
+    """Whisper-style ``input_features`` (``num_mel_bins`` x ``2 * max_source_positions``, the length its
+    encoder requires) or wav2vec2-style raw ``input_values``; ``decoder_input_ids`` for encoder-decoders."""
+    dtype = _floating_dtype(inner)
+    if main_input == "input_features":
+        mels, positions = getattr(config, "num_mel_bins", None), getattr(config, "max_source_positions", None)
+        if not mels or not positions:
+            raise ProbeUnavailable(f"{type(inner).__name__}: input_features without num_mel_bins and "
+                                   "max_source_positions in its config")
+        batch: dict[str, Any] = {main_input: torch.randn((batch_size, int(mels), 2 * int(positions)),
+                                                         generator=gen).to(device=device, dtype=dtype)}
+    else:
+        batch = {main_input: torch.randn((batch_size, SPEECH_SAMPLES), generator=gen).to(device=device,
+                                                                                          dtype=dtype)}
+    if getattr(config, "is_encoder_decoder", False):
+        start = getattr(config, "decoder_start_token_id", None) or 0
+        batch["decoder_input_ids"] = torch.full((batch_size, 4), int(start), dtype=torch.long, device=device)
+    return batch
+
+
+#: raw audio samples for ``input_values`` models: enough for every stride of a tiny or full feature encoder
+SPEECH_SAMPLES = 4000
 
 
 def _set_training(module: nn.Module, training: bool) -> None:
