@@ -16,6 +16,7 @@ and the objects HF passes as keyword arguments (model, optimizer); they never re
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
@@ -26,6 +27,7 @@ from callbacks.integration import MonitorOwner
 from callbacks.metrics import finding_metrics
 
 PREFIX_CHECKPOINT_DIR = "checkpoint"
+TRAINER_STATE_NAME = "trainer_state.json"
 
 
 class IntegrityCallback(MonitorOwner, TrainerCallback, ExportableState):
@@ -33,7 +35,11 @@ class IntegrityCallback(MonitorOwner, TrainerCallback, ExportableState):
 
     ``Trainer(..., callbacks=[IntegrityCallback()])``; the arguments are :class:`~callbacks.integration.
     MonitorOwner`'s (``policy``, ``declare_ties``, ``checks``, ``report``). The monitor's state is exported
-    with checkpoints (``trainer_state.json``, ``stateful_callbacks``) and read back when training resumes.
+    with checkpoints (``trainer_state.json``, ``stateful_callbacks``, keyed by :attr:`state_key`) and read back
+    when training resumes. With ``TrainingArguments(restore_callback_states_from_checkpoint=True)`` HF replaces
+    the callback object by one rebuilt from the checkpoint's exported arguments (same configuration, same
+    state); read it back as ``[cb for cb in trainer.callback_handler.callbacks if isinstance(cb,
+    IntegrityCallback)]``.
     """
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs: Any):
@@ -62,8 +68,11 @@ class IntegrityCallback(MonitorOwner, TrainerCallback, ExportableState):
     def on_save(self, args, state, control, model=None, optimizer=None, **kwargs: Any):
         """A ``checkpoint-N`` folder was written."""
         checkpoint_dir = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
-        self.monitor.dispatch("checkpoint", model, step=state.global_step, checkpoint_dir=checkpoint_dir,
-                              optimizer=optimizer, trainer="hf")
+        try:
+            self.monitor.dispatch("checkpoint", model, step=state.global_step, checkpoint_dir=checkpoint_dir,
+                                  optimizer=optimizer, trainer="hf")
+        finally:  # also when the policy raises: the checkpoint on disk then holds what stopped the run
+            self._store_checkpoint_state(args, state, checkpoint_dir)
 
     def on_train_end(self, args, state, control, model=None, optimizer=None, **kwargs: Any):
         """Training finished: last checks, summary table and report."""
@@ -76,16 +85,89 @@ class IntegrityCallback(MonitorOwner, TrainerCallback, ExportableState):
             logs.update(finding_metrics(self.monitor.findings))
 
     # -- state with checkpoints (transformers' ExportableState protocol) --------------------------------------
+    @property
+    def state_key(self) -> str:
+        """Key of this callback's entries in ``trainer_state.json``: two integrity callbacks configured
+        differently each restore their own state (HF stores same-named callbacks as one list)."""
+        return f"{type(self).__name__}{{'config': '{self.config_digest}'}}"
+
     def state(self) -> dict[str, Any]:
-        """What HF writes into ``trainer_state.json`` with each checkpoint (JSON data)."""
-        return {"args": {}, "attributes": {"monitor_state": self.monitor.state_dict()}}
+        """What HF writes into ``trainer_state.json`` with each checkpoint (JSON data).
+
+        ``args`` rebuild the same callback (HF does so with ``restore_callback_states_from_checkpoint=True``);
+        ``monitor_state`` sits beside ``attributes`` because HF would set attributes on the rebuilt object,
+        and the state is restored at ``on_train_begin`` from the entry under :attr:`state_key` instead."""
+        return {"args": self.constructor_args(), "attributes": {}, "state_key": self.state_key,
+                "monitor_state": self.monitor.state_dict()}
 
     def _restore(self, state) -> None:
+        if not isinstance(state.stateful_callbacks, dict):
+            return
+        name = type(self).__name__
+        stored = state.stateful_callbacks.get(name)
+        own = _own_entry(stored, self.state_key)
+        if own is None:
+            # a checkpoint written without this callback (or another configuration of it) has no entry for it,
+            # and HF's next save indexes the entry by class name
+            entry = self.state()
+            if stored is None:
+                state.stateful_callbacks[name] = entry
+            elif isinstance(stored, list):
+                stored.append(entry)
+            else:
+                state.stateful_callbacks[name] = [stored, entry]
+            return
+        if not self.monitor.findings:
+            self.monitor.load_state_dict(own.get("monitor_state") or own.get("attributes", {}).get("monitor_state")
+                                         or {})
+
+    def _store_checkpoint_state(self, args, state, checkpoint_dir: str) -> None:
+        """HF wrote ``trainer_state.json`` before ``on_save``: put what this checkpoint's own event found into
+        our entry there (and in the live state), so resuming from checkpoint N restores checkpoint N's
+        findings. Only our entry changes; the file is replaced atomically, by the process that saves."""
+        name, fresh = type(self).__name__, self.state()
         if isinstance(state.stateful_callbacks, dict):
-            # a checkpoint written without this callback has no entry for it, and HF's next save indexes it
-            state.stateful_callbacks.setdefault(type(self).__name__, self.state())
-        stored = (state.stateful_callbacks or {}).get(type(self).__name__)
-        if isinstance(stored, list):
-            stored = stored[0] if stored else None
-        if stored and not self.monitor.findings:
-            self.monitor.load_state_dict(stored.get("attributes", {}).get("monitor_state", {}))
+            replaced = _replace_own_entry(state.stateful_callbacks.get(name), fresh)
+            if replaced is not None:
+                state.stateful_callbacks[name] = replaced
+        path = os.path.join(checkpoint_dir, TRAINER_STATE_NAME)
+        if not args.should_save or not os.path.isfile(path):
+            return
+        try:
+            with open(path, encoding="utf-8") as fh:
+                data = json.load(fh)
+            stored = data["stateful_callbacks"][name]
+        except (OSError, ValueError, KeyError, TypeError):
+            return  # not a trainer_state.json we can read: leave HF's file alone
+        replaced = _replace_own_entry(stored, fresh)
+        if replaced is None:
+            return
+        data["stateful_callbacks"][name] = replaced
+        tmp = f"{path}.integrity-tmp"
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write(json.dumps(data, indent=2, sort_keys=True) + "\n")  # HF's own layout
+        os.replace(tmp, path)
+
+
+def _own_entry(stored: Any, key: str) -> dict[str, Any] | None:
+    """The latest entry under ``key`` among HF's stored states for one class name (one dict, or a list that
+    HF appends to at every save); an unkeyed single entry is one written before entries carried keys."""
+    entries = stored if isinstance(stored, list) else [stored]
+    own = [e for e in entries if isinstance(e, dict) and e.get("state_key") == key]
+    if own:
+        return own[-1]
+    if isinstance(stored, dict) and "state_key" not in stored:
+        return stored
+    return None
+
+
+def _replace_own_entry(stored: Any, fresh: dict[str, Any]) -> Any:
+    """``stored`` with its latest entry under ``fresh['state_key']`` replaced by ``fresh``; None if it has none."""
+    if isinstance(stored, dict) and stored.get("state_key") == fresh["state_key"]:
+        return fresh
+    if isinstance(stored, list):
+        for i in range(len(stored) - 1, -1, -1):
+            if isinstance(stored[i], dict) and stored[i].get("state_key") == fresh["state_key"]:
+                stored[i] = fresh
+                return stored
+    return None

@@ -5,6 +5,8 @@ Integrations map hooks to events and hold no check logic; this mixin keeps their
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from typing import Any
 
@@ -27,6 +29,21 @@ class MonitorOwner:
     def from_recipe(cls, path: str | os.PathLike[str], **kwargs: Any):
         """The callback configured by the ``integrity:`` section of the recipe at ``path``."""
         return cls(config=load_recipe(path), **kwargs)
+
+    def constructor_args(self) -> dict[str, Any]:
+        """JSON data that rebuilds an equally configured callback: ``type(self)(**self.constructor_args())``.
+
+        Custom ``extra_checks`` are objects, not data: they are not part of it."""
+        config = self.monitor.config.model_dump(mode="json")
+        return {"policy": config["policy"], "declare_ties": [list(g) for g in self.monitor.declare_ties],
+                "checks": config["checks"], "report": config["report"]}
+
+    @property
+    def config_digest(self) -> str:
+        """12 hex digits naming this configuration: checkpoint state is keyed by it, so two integrity callbacks
+        configured differently keep separate state."""
+        identity = json.dumps([self.monitor.config.model_dump(mode="json"), self.monitor.declare_ties])
+        return hashlib.sha1(identity.encode()).hexdigest()[:12]
 
     @property
     def findings(self) -> list[Finding]:

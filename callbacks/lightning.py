@@ -22,9 +22,7 @@ The monitor's state is saved in the checkpoint under a per-instance ``state_key`
 
 from __future__ import annotations
 
-import hashlib
 import importlib
-import json
 from typing import Any
 
 from callbacks.integration import MonitorOwner
@@ -49,8 +47,7 @@ def _make_callback_class(base: type) -> type:
         @property
         def state_key(self) -> str:
             """Per-instance key: two integrity callbacks configured differently keep separate state."""
-            identity = json.dumps([self.monitor.config.model_dump(mode="json"), self.monitor.declare_ties])
-            return self._generate_state_key(config=hashlib.sha1(identity.encode()).hexdigest()[:12])
+            return self._generate_state_key(config=self.config_digest)
 
         def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
             """A checkpoint is being restored: check its state dict against the model's ties."""
