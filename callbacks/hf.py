@@ -16,8 +16,10 @@ and the objects HF passes as keyword arguments (model, optimizer); they never re
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
+import warnings
 from typing import Any
 
 from transformers import TrainerCallback
@@ -42,8 +44,15 @@ class IntegrityCallback(MonitorOwner, TrainerCallback, ExportableState):
     IntegrityCallback)]``.
     """
 
+    _reporter_warning_given = False
+
+    def on_init_end(self, args, state, control, **kwargs: Any):
+        """The trainer is built: take a place before its reporters, so they plot the finding counts."""
+        self._log_before_reporters(args)
+
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs: Any):
         """Resumed state is in place here: run ``load`` checks on the resumed checkpoint, then ``init``."""
+        self._log_before_reporters(args)  # HF appends callbacks it rebuilt on resume at the end
         step = state.global_step
         if step > 0:
             self._restore(state)
@@ -79,10 +88,34 @@ class IntegrityCallback(MonitorOwner, TrainerCallback, ExportableState):
         self.monitor.dispatch("end", model, step=state.global_step, optimizer=optimizer, trainer="hf")
 
     def on_log(self, args, state, control, logs=None, **kwargs: Any):
-        """Finding counts per code join the logs HF hands to the reporters after this callback (TensorBoard,
-        W&B, ...); HF puts its reporters first, so place this callback before them to have the counts plotted."""
+        """Finding counts per code join the logs HF hands to the reporters (TensorBoard, W&B, MLflow, ...):
+        this callback runs before them (see :meth:`on_init_end`)."""
         if logs is not None:
             logs.update(finding_metrics(self.monitor.findings))
+
+    def _log_before_reporters(self, args) -> None:
+        """Move this callback before the first other callback with its own ``on_log`` (HF's reporters from
+        ``report_to``, its console printers, TRL's and the user's loggers).
+
+        HF adds the callbacks given as ``Trainer(callbacks=...)`` after its reporters and calls ``on_log`` in
+        list order, so the counts would reach only the console. Callbacks do not receive the trainer; the
+        handler that calls this hook is found on the call stack. Moving an element of the list to an earlier
+        place while HF iterates over it never skips or repeats a callback (the ones after it keep their place).
+        """
+        handler = _calling_handler(self)
+        if handler is None:
+            if not self._reporter_warning_given and _reports_to(args):
+                self._reporter_warning_given = True
+                warnings.warn(f"integrity/* counts may not reach the reporters {_reports_to(args)}: the trainer's "
+                              "callback list was not found; put this callback first with "
+                              "trainer.callback_handler.callbacks.insert(0, trainer.pop_callback(callback))",
+                              stacklevel=3)
+            return
+        callbacks = handler.callbacks
+        mine = next(i for i, cb in enumerate(callbacks) if cb is self)
+        first = next((i for i, cb in enumerate(callbacks[:mine]) if _has_own_on_log(cb)), None)
+        if first is not None:
+            callbacks.insert(first, callbacks.pop(mine))
 
     # -- state with checkpoints (transformers' ExportableState protocol) --------------------------------------
     @property
@@ -147,6 +180,31 @@ class IntegrityCallback(MonitorOwner, TrainerCallback, ExportableState):
         with open(tmp, "w", encoding="utf-8") as fh:
             fh.write(json.dumps(data, indent=2, sort_keys=True) + "\n")  # HF's own layout
         os.replace(tmp, path)
+
+
+def _calling_handler(callback: Any) -> Any:
+    """The ``CallbackHandler`` on the call stack whose callback list holds ``callback``, if any."""
+    from transformers.trainer_callback import CallbackHandler
+
+    frame = inspect.currentframe()
+    try:
+        while frame is not None:
+            candidate = frame.f_locals.get("self")
+            if isinstance(candidate, CallbackHandler) and any(cb is callback for cb in candidate.callbacks):
+                return candidate
+            frame = frame.f_back
+        return None
+    finally:
+        del frame  # a frame held in a local keeps the whole stack alive
+
+
+def _has_own_on_log(callback: Any) -> bool:
+    return not isinstance(callback, IntegrityCallback) and type(callback).on_log is not TrainerCallback.on_log
+
+
+def _reports_to(args: Any) -> list[str]:
+    report_to = getattr(args, "report_to", None) or []
+    return [report_to] if isinstance(report_to, str) else [r for r in report_to if r != "none"]
 
 
 def _own_entry(stored: Any, key: str) -> dict[str, Any] | None:
