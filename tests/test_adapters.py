@@ -388,15 +388,56 @@ class TwoHeads(nn.Module):
         return self.body(x)
 
 
+def _steps(mon, model, forward, steps, first=1):
+    """Real SGD steps (B leaves zero, so A gets gradients from the second step on)."""
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    found = []
+    for step in range(first, first + steps):
+        optimizer.zero_grad()
+        forward(step).pow(2).sum().backward()
+        found += mon.dispatch("step", model, step=step, phase="before_optimizer")
+        optimizer.step()
+    return found
+
+
 def test_adapter_outside_forward_path_is_unused_while_others_train():
     model = peft.get_peft_model(TwoHeads(), peft.LoraConfig(r=2, target_modules=["body", "pooler"]))
     mon = monitor(probe=False)
     mon.dispatch("init", model, step=0)
-    model(torch.ones(2, 8)).pow(2).sum().backward()
-    found = mon.dispatch("step", model, step=1, phase="before_optimizer")
-    assert codes(found) == ["ADAPTER_UNUSED"] and found[0].severity == "warning" and found[0].step == 1
+    assert _steps(mon, model, lambda step: model(torch.ones(2, 8)), 2) == []  # judged after dead_after_steps
+    found = _steps(mon, model, lambda step: model(torch.ones(2, 8)), 1, first=3)
+    assert codes(found) == ["ADAPTER_UNUSED"] and found[0].severity == "warning" and found[0].step == 3
+    assert "in 3 step(s)" in found[0].message
     assert set(found[0].params) == {"pooler.lora_A.default.weight", "pooler.lora_B.default.weight"}
     assert "target_modules" in found[0].hint and "pooler" in found[0].hint
+
+
+class SkippedAtFirst(TwoHeads):
+    """``pooler`` is skipped at the first step only (LayerDrop, data-dependent routing): used, not unused."""
+
+    def forward(self, x, use_pooler=True):
+        x = self.body(x)
+        return self.pooler(x) if use_pooler else x
+
+
+def test_layer_idle_at_the_first_step_only_is_not_unused():
+    model = peft.get_peft_model(SkippedAtFirst(), peft.LoraConfig(r=2, target_modules=["body", "pooler"]))
+    mon = monitor(probe=False)
+    mon.dispatch("init", model, step=0)
+    found = _steps(mon, model, lambda step: model(torch.ones(2, 8), use_pooler=step > 1), 4)
+    assert found == []
+
+
+def test_layer_drop_lengthens_the_unused_horizon():
+    from transformers import M2M100Config, M2M100ForConditionalGeneration
+
+    from callbacks.checks.adapters import steps_past_layer_drop
+
+    config = M2M100Config(vocab_size=64, d_model=16, encoder_layers=2, decoder_layers=2, encoder_attention_heads=2,
+                          decoder_attention_heads=2, encoder_ffn_dim=16, decoder_ffn_dim=16,
+                          encoder_layerdrop=0.05, decoder_layerdrop=0.0)
+    assert steps_past_layer_drop(M2M100ForConditionalGeneration(config)) == 5  # 0.05**5 < 1e-6
+    assert steps_past_layer_drop(TwoHeads()) == 0
 
 
 def test_every_adapter_outside_forward_path_is_dead():

@@ -1,13 +1,13 @@
-"""Adapter initialisation audit (issue 3): mis-initialised, frozen and dead adapters.
+"""Adapter initialisation audit: mis-initialised, frozen and dead adapters.
 
 Codes: ``ADAPTER_INIT_WRONG`` (init: a parameter breaks its method's init contract, is non-finite, on another
 device than its base layer, or not floating point), ``ADAPTER_NOT_IDENTITY`` (init: a fresh adapter that promises
 an unchanged output changes it, measured by a probe forward), ``ADAPTER_NOT_TRAINABLE`` (init: an active adapter's
 parameters are frozen), ``ADAPTER_DEAD`` (step: an adapter with no non-zero gradient at the first step, or a
 trainable adapter parameter still without one after ``dead_after_steps`` steps), ``ADAPTER_UNUSED`` (step,
-warning: adapters outside the forward path while the model's other adapters train, e.g. a masked LM's pooler
-under ``all-linear``). ``CHECK_NOT_APPLICABLE`` (info)
-says what was not judged and why (PiSSA-style inits, ``init_lora_weights=False``, bert/houlsby bottlenecks...).
+warning: adapters that got no gradient in any of the first ``dead_after_steps`` steps, longer under LayerDrop,
+while the model's other adapters train, e.g. a masked LM's pooler under ``all-linear``). ``CHECK_NOT_APPLICABLE``
+(info) says what was not judged and why (PiSSA-style inits, ``init_lora_weights=False``, bert/houlsby bottlenecks...).
 
 The contract of each unit is read from the adapter's own config (``LoraConfig.init_lora_weights``,
 ``IA3Config.init_ia3_weights``, ``BnConfig.init_weights``...), never guessed from the values. Functions hold the
@@ -620,6 +620,21 @@ def grad_state(parts: Sequence[AdapterPart]) -> list[str]:
     return [("nonzero" if next(it) else "zero") if f == "?" else f for f in flags]
 
 
+def shared_grad_state(parts: Sequence[AdapterPart], states: Sequence[str]) -> dict[str, str]:
+    """``{part name: state}`` where a part sharing its buffer with a part that got a non-zero gradient counts as
+    ``nonzero``: the optimizer's update of one writes the other (PEFT's ``ensure_weight_tying`` makes the embedding
+    adapter's factors views of the tied head's, and only the head's parameters receive the gradient)."""
+    out = dict(zip((p.name for p in parts), states, strict=True))
+    by_buffer: dict[tuple[Any, ...], list[str]] = {}
+    for part in parts:
+        if part.param.device.type != "meta" and part.param.numel():
+            by_buffer.setdefault(buffer_key(part.param), []).append(part.name)
+    for names in by_buffer.values():
+        if len(names) > 1 and any(out[n] == "nonzero" for n in names):
+            out.update(dict.fromkeys(names, "nonzero"))
+    return out
+
+
 def dead_reason(unit: AdapterUnit, states: Sequence[str]) -> str:
     """Why a unit got no non-zero gradient, from what is visible."""
     if not unit.active:
@@ -630,6 +645,28 @@ def dead_reason(unit: AdapterUnit, states: Sequence[str]) -> str:
     if params and all(torch.count_nonzero(p.detach()).item() == 0 for p in params):
         return "every parameter is zero (e.g. LoRA A and B both zero): each factor's gradient is zero"
     return "its gradients are all zero"
+
+
+def steps_past_layer_drop(model: nn.Module, miss: float = 1e-6) -> int:
+    """Steps after which a layer that LayerDrop skips at random (HF configs: ``layerdrop``, ``encoder_layerdrop``,
+    ``decoder_layerdrop``; the whole batch skips it) has been idle in every step with probability below ``miss``;
+    0 without LayerDrop. A drop probability of 1 or more never ends."""
+    config = getattr(model, "config", None)
+    to_dict = getattr(config, "to_dict", None)
+    if not callable(to_dict):
+        return 0
+    try:
+        values = to_dict()
+    except Exception:  # noqa: BLE001 - a config that cannot describe itself declares no LayerDrop
+        return 0
+    rates = []
+    for entry in [values, *(v for v in values.values() if isinstance(v, dict))]:
+        rates += [float(v) for k, v in entry.items() if "layerdrop" in str(k).lower()
+                  and isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0]
+    if not rates:
+        return 0
+    rate = max(rates)
+    return 10**9 if rate >= 1 else math.ceil(math.log(miss) / math.log(rate))
 
 
 def is_unused_reason(reason: str) -> bool:
@@ -676,6 +713,9 @@ class AdapterInitCheck(Check):
         self.first_step: int | None = None
         self.nonzero: set[str] = set()
         self.flagged: set[str] = set()
+        self.idle: list[list[str]] = []  # [adapter, layer, reason] of units idle at the first step
+        self.unused_after = self.config.dead_after_steps
+        self.dead_reported = False
         self.done = False
         self.loaded = False
         self.trained: dict[str, tuple[int, int]] = {}
@@ -835,10 +875,11 @@ class AdapterInitCheck(Check):
         step = ctx.step or 0
         findings: list[Finding] = []
         trainable = [p for u in units for p in u.parts if p.param.requires_grad]
-        states = dict(zip((p.name for p in trainable), grad_state(trainable), strict=True))
+        states = shared_grad_state(trainable, grad_state(trainable))
         self.nonzero |= {n for n, s in states.items() if s == "nonzero"}
         if self.first_step is None:
             self.first_step = step
+            self.unused_after = max(self.config.dead_after_steps, steps_past_layer_drop(ctx.model))
             dead: dict[tuple[str, str], list[AdapterUnit]] = {}
             for unit in units:
                 unit_states = [states[p.name] for p in unit.parts if p.param.requires_grad]
@@ -846,20 +887,24 @@ class AdapterInitCheck(Check):
                     dead.setdefault((unit.adapter, dead_reason(unit, unit_states)), []).append(unit)
             others_train = any(s == "nonzero" for s in states.values())
             for (adapter, reason), dead_units in dead.items():
+                if others_train and is_unused_reason(reason):
+                    # judged later: LayerDrop and data-dependent routing leave a used layer idle for a step
+                    self.idle += [[adapter, u.layer, reason] for u in dead_units]
+                    continue
                 parts = [p for u in dead_units for p in u.parts if p.param.requires_grad]
                 self.flagged |= {p.name for p in parts}
                 layers = [u.layer for u in dead_units]
-                if others_train and is_unused_reason(reason):
-                    findings.append(self._unused_finding(ctx, adapter, dead_units, parts, reason))
-                    continue
                 findings.append(self.finding(
                     "ADAPTER_DEAD", ctx, params=_names(parts),
                     message=f"adapter {adapter!r}: no parameter received a non-zero gradient at step {step} in "
                             f"{len(layers)} layer(s) (e.g. {layers[0]}): {reason}",
                     hint=_dead_hint(reason), adapter=adapter, layers=layers[:20], reason=reason))
-        if step - self.first_step + 1 >= self.config.dead_after_steps:
-            self.done = True
-            never = [p for p in trainable if p.name not in self.nonzero and p.name not in self.flagged]
+        steps = step - self.first_step + 1
+        idle_layers = {(adapter, layer) for adapter, layer, _ in self.idle}
+        if steps >= self.config.dead_after_steps and not self.dead_reported:
+            self.dead_reported = True
+            never = [p for u in units if (u.adapter, u.layer) not in idle_layers for p in u.parts
+                     if p.param.requires_grad and p.name not in self.nonzero and p.name not in self.flagged]
             by_adapter: dict[str, list[AdapterPart]] = {}
             unit_of = {p.name: u for u in units for p in u.parts}
             for part in never:
@@ -868,18 +913,29 @@ class AdapterInitCheck(Check):
                 findings.append(self.finding(
                     "ADAPTER_DEAD", ctx, params=_names(parts),
                     message=f"adapter {adapter!r}: {len(parts)} trainable parameter(s) (e.g. {parts[0].name}) "
-                            f"received no non-zero gradient in {step - self.first_step + 1} steps",
+                            f"received no non-zero gradient in {steps} steps",
                     hint=DEAD_HINTS["all zero"], adapter=adapter))
+        if steps >= self.unused_after or (self.dead_reported and not self.idle):
+            self.done = True
+            by_key = {(u.adapter, u.layer): u for u in units}
+            still: dict[tuple[str, str], list[AdapterUnit]] = {}
+            for adapter, layer, reason in self.idle:
+                unit = by_key.get((adapter, layer))
+                if unit is not None and not any(p.name in self.nonzero for p in unit.parts):
+                    still.setdefault((adapter, reason), []).append(unit)
+            for (adapter, reason), idle_units in still.items():
+                parts = [p for u in idle_units for p in u.parts if p.param.requires_grad]
+                findings.append(self._unused_finding(ctx, adapter, idle_units, parts, reason, steps))
         return findings
 
     def _unused_finding(self, ctx: EventContext, adapter: str, units: Sequence[AdapterUnit],
-                        parts: Sequence[AdapterPart], reason: str) -> Finding:
+                        parts: Sequence[AdapterPart], reason: str, steps: int) -> Finding:
         layers = [u.layer for u in units]
         modules = sorted({layer.rsplit(".", 1)[-1] for layer in layers})
         shown = ", ".join(layers[:5]) + (f" and {len(layers) - 5} more" if len(layers) > 5 else "")
         return self.finding(
             "ADAPTER_UNUSED", ctx, params=_names(parts),
-            message=f"adapter {adapter!r}: {len(layers)} layer(s) got no gradient at step {ctx.step} while the "
+            message=f"adapter {adapter!r}: {len(layers)} layer(s) got no gradient in {steps} step(s) while the "
                     f"model's other adapters train ({shown}): {reason}; they cost memory and are saved, but "
                     "never learn",
             hint=f"leave those modules out of target_modules (e.g. exclude_modules={modules!r}), or make the "
@@ -894,12 +950,16 @@ class AdapterInitCheck(Check):
     def state_dict(self) -> dict[str, Any]:
         """Step bookkeeping of the dead-adapter check (plain data)."""
         return {"first_step": self.first_step, "nonzero": sorted(self.nonzero), "flagged": sorted(self.flagged),
-                "done": self.done}
+                "idle": [list(entry) for entry in self.idle], "unused_after": self.unused_after,
+                "dead_reported": self.dead_reported, "done": self.done}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict` (a resume: from here on the adapters are not judged as fresh)."""
         self.first_step = state.get("first_step")
         self.nonzero = set(state.get("nonzero", ()))
         self.flagged = set(state.get("flagged", ()))
+        self.idle = [list(entry) for entry in state.get("idle", ())]
+        self.unused_after = int(state.get("unused_after", self.config.dead_after_steps))
+        self.dead_reported = bool(state.get("dead_reported", self.done))
         self.done = bool(state.get("done", False))
         self.loaded = True  # state is restored only on resume: the adapters hold trained values
