@@ -185,3 +185,23 @@ def test_a_declared_tie_with_a_typo_is_name_not_found_and_the_config_tie_is_stil
     assert "lm_head.weight" in missing[0].message  # the closest name
     broken = [f for f in callback.findings if f.code == "TIE_BROKEN"]
     assert broken and "lm_head.weight" in broken[0].params
+
+
+# -- 7. a second adapter named like a module -------------------------------------------------------------------
+
+@pytest.mark.parametrize("second", ["second", "mlp"])
+def test_a_second_adapter_named_like_a_module_loses_keys_and_the_fix_says_rename(tmp_path, second):
+    from models import tiny_gpt2
+
+    model = peft.get_peft_model(tiny_gpt2(), peft.LoraConfig(r=2, target_modules=["c_attn", "c_fc"]))
+    model.add_adapter(second, peft.LoraConfig(r=2, target_modules=["c_attn"]))
+    model.set_adapter("default")
+    callback = train(model, tmp_path, steps=2)
+    if second == "second":
+        assert alarms(callback) == []
+        return
+    unsaved = [f for f in callback.findings if f.code == "UNSAVED_TRAINABLE"]
+    assert {f.event for f in unsaved} == {"init", "checkpoint"}
+    assert {p for f in unsaved for p in f.params} == {f"transformer.h.{i}.mlp.c_fc.lora_{ab}.default.weight"
+                                                    for i in (0, 1) for ab in "AB"}
+    assert all("named 'mlp'" in f.hint and "rename" in f.hint for f in unsaved)

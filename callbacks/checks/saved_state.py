@@ -182,6 +182,14 @@ def _input_embedding_weight(model: Any) -> torch.Tensor | None:
     return None
 
 
+def adapter_names_in_path(adapters: Iterable[str], name: str) -> list[str]:
+    """Adapter names other than ``name``'s own that are also module names on its path (``mlp`` for
+    ``h.0.mlp.c_fc.lora_A.default.weight``): the tensor's own adapter is the last adapter name on the path."""
+    segments = name.split(".")
+    found = [i for i, segment in enumerate(segments) if segment in set(adapters)]
+    return sorted({segments[i] for i in found[:-1]} - {segments[found[-1]]}) if len(found) > 1 else []
+
+
 def fix_hint(model: Any, missing: Unsaved, framework: str) -> str:
     """The concrete fix for one unsaved trainable tensor under ``framework``."""
     name = missing.tensor.name
@@ -194,6 +202,14 @@ def fix_hint(model: Any, missing: Unsaved, framework: str) -> str:
         peft_model = find_peft_model(model)
         listed = [entry for config in getattr(peft_model, "peft_config", {}).values()
                   for entry in (getattr(config, "modules_to_save", None) or [])]
+        clashes = adapter_names_in_path(getattr(peft_model, "peft_config", {}), name)
+        if clashes:
+            other = clashes[0]
+            return (f"another adapter of the model is named {other!r}, like a module on this tensor's path: PEFT's "
+                    f"get_peft_model_state_dict drops every key containing '.{other}.' from the other adapters' "
+                    f"files, as it filters adapters by name (PEFT issue 3584), so {name!r} never reaches the file: "
+                    "rename that adapter (add_adapter / load_adapter with a name that is no module name, e.g. "
+                    f"'{other}_adapter'), or delete it before saving")
         embedding = _input_embedding_weight(model)
         if embedding is not None and embedding is missing.tensor.tensor:
             return (f"PEFT saves only adapters and modules_to_save: for new token rows add "
