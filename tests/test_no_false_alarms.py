@@ -205,3 +205,47 @@ def test_a_second_adapter_named_like_a_module_loses_keys_and_the_fix_says_rename
     assert {p for f in unsaved for p in f.params} == {f"transformer.h.{i}.mlp.c_fc.lora_{ab}.default.weight"
                                                     for i in (0, 1) for ab in "AB"}
     assert all("named 'mlp'" in f.hint and "rename" in f.hint for f in unsaved)
+
+
+# -- 10. tensor subclasses: torchao int8 weight-only quantisation ----------------------------------------------
+
+def quantised_llama(head: bool = True):
+    """Every Linear (the tied ``lm_head`` too unless ``head=False``) as torchao ``Int8Tensor`` weights, then LoRA."""
+    quantization = pytest.importorskip("torchao.quantization")
+    model = llama()
+    keep_head = None if head else (lambda module, name: isinstance(module, nn.Linear) and name != "lm_head")
+    quantization.quantize_(model, quantization.Int8WeightOnlyConfig(), filter_fn=keep_head)
+    assert type(model.model.layers[0].self_attn.q_proj.weight).__name__ == "Int8Tensor"
+    return peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+
+
+def test_int8_quantised_lora_trains_clean_and_a_quantised_tied_head_is_information(tmp_path):
+    callback = train(quantised_llama(), tmp_path, IntegrityCallback(policy="raise"))
+    assert alarms(callback) == []
+    replaced = [f for f in callback.findings if f.code == "TIE_REPLACED"]
+    assert len(replaced) == 1 and "Int8Tensor" in replaced[0].message and "lm_head.weight" in replaced[0].params
+
+
+def test_int8_quantised_frozen_weight_written_in_place_is_frozen_changed(tmp_path):
+    model = quantised_llama()
+    q_proj = model.get_base_model().model.layers[0].self_attn.q_proj.base_layer
+
+    def corrupt(module, args):
+        with torch.no_grad():
+            module.weight.qdata.add_(1)  # a hook writing a frozen quantised weight during the step
+
+    q_proj.register_forward_pre_hook(corrupt)
+    callback = train(model, tmp_path, steps=2)
+    changed = [f for f in callback.findings if f.code == "FROZEN_CHANGED"]
+    assert changed and changed[0].details["changed_in_steps"][0] == 1
+    assert changed[0].params == ("model.layers.0.self_attn.q_proj.weight",)
+
+
+def test_int8_quantised_model_keeps_its_tie_check(tmp_path):
+    model = quantised_llama(head=False)
+    head = model.get_base_model().lm_head
+    head.weight = nn.Parameter(head.weight.detach().clone(), requires_grad=False)  # untied while quantised
+    callback = train(model, tmp_path, steps=2)
+    broken = [f for f in callback.findings if f.code == "TIE_BROKEN"]
+    assert broken and broken[0].event == "init" and "lm_head.weight" in broken[0].params
+    assert "CHECK_FAILED" not in codes(callback.findings)

@@ -16,6 +16,7 @@ from callbacks.checks.base import Check, CheckConfig
 from callbacks.events import EventContext
 from callbacks.facts import ORIGINAL_MODULE, DeclaredNames
 from callbacks.findings import Finding
+from callbacks.hashing import is_wrapper_subclass
 from callbacks.primitives.checkpoints import list_checkpoint, read_tensors
 from callbacks.primitives.naming import named_parameters_all, storage_key, user_name
 from callbacks.primitives.tiemap import ExpectedTie, TieMap, build_tie_map
@@ -53,6 +54,8 @@ def tie_values_equal(params: Sequence[torch.Tensor]) -> bool | None:
     first = params[0]
     if any(p.device.type == "meta" for p in params):
         return None
+    if any(is_wrapper_subclass(p) for p in params):
+        return None  # a quantised weight (torchao): its values are not those of a plain tensor
     for other in params[1:]:
         if other.shape != first.shape or other.dtype != first.dtype:
             return None
@@ -79,6 +82,8 @@ def fetch(model: nn.Module, raw: str) -> torch.Tensor | None:
 
 #: how :func:`broken_ties` describes a tie whose parameter names are gone
 MISSING = "no parameter named"
+#: how :func:`broken_ties` describes a tie one side of which was replaced by a quantised copy
+QUANTISED = "quantised"
 
 
 def broken_ties(
@@ -95,6 +100,11 @@ def broken_ties(
             out.append((tie, f"{MISSING} {', '.join(missing)} any more"))
             continue
         if len({storage_key(p) for p in params}) > 1:
+            quantised = [f"{name} ({type(p).__name__})" for name, p in zip(tie.names, params, strict=True)
+                         if is_wrapper_subclass(p)]
+            if quantised:
+                out.append((tie, f"{QUANTISED}: {', '.join(quantised)}"))
+                continue
             equal = tie_values_equal(params)
             state = {True: "equal values", False: "different values", None: "values not comparable"}[equal]
             out.append((tie, f"they are {len(params)} separate tensors ({state})"))
@@ -242,6 +252,16 @@ class TieCheck(Check):
             now_broken.add(tie.names)
             if tie.names in self.reported:
                 continue  # reported once until it holds again
+            if what.startswith(QUANTISED):
+                findings.append(self.finding(
+                    "TIE_REPLACED", ctx, params=tie.names,
+                    message=f"the {tie.source} tie {' and '.join(tie.names)} was replaced by a quantised copy "
+                            f"({what.split(': ', 1)[1]}): quantising one side gives it its own tensor, so the two "
+                            "no longer share one; frozen, each keeps its value",
+                    hint="nothing to fix while both stay frozen; to keep the tie leave the tied layer out of "
+                         "quantisation (torchao quantize_(..., filter_fn=...), as transformers leaves tied heads "
+                         "out of bitsandbytes), and do not save the quantised model as tied", source=tie.source))
+                continue
             findings.append(self.finding(
                 "TIE_BROKEN", ctx, params=tie.names,
                 message=f"{' and '.join(tie.names)} should share one tensor ({tie.source} tie) but {what}",
