@@ -166,9 +166,15 @@ def test_lora_on_fused_moe_experts_trains_clean_with_distinct_names(tmp_path):
 
 # -- 5. prompt learning ----------------------------------------------------------------------------------------
 
-def test_prompt_tuning_trains_clean(tmp_path):
-    config = peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4)
+@pytest.mark.parametrize("method", ["prompt", "prefix", "p_tuning"])
+def test_prompt_learning_trains_clean_with_user_names(tmp_path, method):
+    config = {"prompt": peft.PromptTuningConfig, "prefix": peft.PrefixTuningConfig,
+              "p_tuning": peft.PromptEncoderConfig}[method](task_type="CAUSAL_LM", num_virtual_tokens=4)
     model = peft.get_peft_model(llama(), config)
+    from callbacks.primitives.naming import named_parameters_all
+
+    users = {user for _, user, _ in named_parameters_all(model)}
+    assert "model.embed_tokens.weight" in users and "lm_head.weight" in users  # not "embed_tokens.weight"
     callback = train(model, tmp_path, IntegrityCallback(policy="raise"))
     assert alarms(callback) == []
     assert not [f for f in callback.findings if f.code == "NAME_NOT_FOUND"]
@@ -205,6 +211,61 @@ def test_a_second_adapter_named_like_a_module_loses_keys_and_the_fix_says_rename
     assert {p for f in unsaved for p in f.params} == {f"transformer.h.{i}.mlp.c_fc.lora_{ab}.default.weight"
                                                     for i in (0, 1) for ab in "AB"}
     assert all("named 'mlp'" in f.hint and "rename" in f.hint for f in unsaved)
+
+
+# -- 5. adapters outside the forward path, in a real Trainer run -----------------------------------------------
+
+def esm():
+    from transformers import EsmConfig, EsmForMaskedLM
+
+    torch.manual_seed(0)
+    return EsmForMaskedLM(EsmConfig(vocab_size=33, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                    intermediate_size=32, pad_token_id=1, mask_token_id=32,
+                                    position_embedding_type="absolute"))
+
+
+def test_esm_all_linear_warns_that_the_contact_head_is_unused(tmp_path):
+    model = peft.get_peft_model(esm(), peft.LoraConfig(r=2, target_modules="all-linear"))
+    callback = IntegrityCallback(policy="raise")  # a warning does not stop training
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=4, save_steps=2, per_device_train_batch_size=4,
+                             report_to=[], logging_steps=1000, use_cpu=True, disable_tqdm=True, learning_rate=1e-2)
+    Trainer(model=model, args=args, train_dataset=TokenDataset(vocab=33), callbacks=[callback]).train()
+    found = alarms(callback)
+    assert codes(found) == ["ADAPTER_UNUSED"] and found[0].severity == "warning" and found[0].step == 3
+    assert {p.split(".lora_")[0] for p in found[0].params} == {"esm.contact_head.regression"}
+    assert "exclude_modules=['regression']" in found[0].hint
+
+
+# -- 7. one source of truth for declared ties ------------------------------------------------------------------
+
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+def test_a_tie_declared_by_argument_or_by_recipe_section_gives_the_same_verdicts(tmp_path, tied):
+    """A checkpoint that stores the tied pair once (as HF does): saved in full when the tie holds, ``output``
+    unsaved when it does not. Both ways of declaring the tie give the same findings at init and checkpoint."""
+    from models import LinguaLM
+    from safetensors.torch import save_file
+
+    from callbacks import Monitor
+
+    verdicts = []
+    for how in ("argument", "section"):
+        model = LinguaLM(tie=tied)
+        kwargs = ({"declare_ties": [("tok_embeddings.weight", "output.weight")]} if how == "argument" else
+                  {"checks": {"ties": {"declare": [["tok_embeddings.weight", "output.weight"]]}}})
+        monitor = Monitor(policy="log", **kwargs)
+        found = monitor.dispatch("init", model, step=0)
+        folder = tmp_path / how / "checkpoint-1"
+        folder.mkdir(parents=True)
+        state = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items() if k != "output.weight"}
+        save_file(state, str(folder / "model.safetensors"))
+        found += monitor.dispatch("checkpoint", model, step=1, checkpoint_dir=str(folder))
+        verdicts.append(sorted((f.code, f.event, f.params) for f in found if f.severity != "info"))
+    assert verdicts[0] == verdicts[1]
+    if tied:
+        assert verdicts[0] == []
+    else:
+        assert ("TIE_BROKEN", "init", ("output.weight", "tok_embeddings.weight")) in verdicts[0]
+        assert ("UNSAVED_TRAINABLE", "checkpoint", ("output.weight",)) in verdicts[0]
 
 
 # -- 10. tensor subclasses: torchao int8 weight-only quantisation ----------------------------------------------
