@@ -310,3 +310,32 @@ def test_int8_quantised_model_keeps_its_tie_check(tmp_path):
     broken = [f for f in callback.findings if f.code == "TIE_BROKEN"]
     assert broken and broken[0].event == "init" and "lm_head.weight" in broken[0].params
     assert "CHECK_FAILED" not in codes(callback.findings)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_bitsandbytes_qlora_trains_clean_and_a_frozen_quantised_weight_written_in_place_is_caught(tmp_path, bits):
+    pytest.importorskip("bitsandbytes")
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    llama().save_pretrained(tmp_path / "base")
+    quantization = (BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32) if bits == 4
+                    else BitsAndBytesConfig(load_in_8bit=True))
+
+    def qlora():
+        model = AutoModelForCausalLM.from_pretrained(tmp_path / "base", quantization_config=quantization,
+                                                     device_map="cpu")
+        model = peft.prepare_model_for_kbit_training(model)
+        return peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+
+    callback = train(qlora(), tmp_path / "healthy", IntegrityCallback(policy="raise"))
+    assert alarms(callback) == []
+    model = qlora()
+    v_proj = model.get_base_model().model.layers[0].self_attn.v_proj.base_layer
+
+    def corrupt(module, args):
+        with torch.no_grad():
+            module.weight.data.view(torch.uint8 if bits == 4 else torch.int8).add_(1)
+
+    v_proj.register_forward_pre_hook(corrupt)
+    changed = [f for f in train(model, tmp_path / "faulty", steps=2).findings if f.code == "FROZEN_CHANGED"]
+    assert changed and changed[0].params == ("model.layers.0.self_attn.v_proj.weight",)
