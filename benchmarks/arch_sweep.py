@@ -269,6 +269,8 @@ def lora(model: nn.Module, task: str, head: str | None = None):
         targets = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, (nn.Linear, Conv1D))})
     elif head == "save" and name:
         to_save = [name.rsplit(".", 1)[-1]]
+    if getattr(model.config, "model_type", None) == "mamba" and head is None:
+        targets = ["in_proj", "x_proj", "dt_proj"]  # PEFT refuses Mamba's out_proj and conv1d under all-linear
     extra = {"ensure_weight_tying": True} if head == "lora-tied" else {}
     config = LoraConfig(r=4, lora_alpha=8, target_modules=targets, task_type=task_type, modules_to_save=to_save,
                         **extra)
