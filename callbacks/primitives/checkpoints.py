@@ -18,6 +18,11 @@ Folders are HF Trainer ``checkpoint-N/`` folders, PEFT ``save_pretrained`` folde
 
 :func:`list_checkpoint` never raises for a bad file: each problem is a :class:`CheckpointReadError` in the
 listing's ``errors`` (the file and the reason). :func:`read_tensors` raises the first one.
+
+Files are hostile until proven otherwise (the ``MAX_*`` constants below are the limits): only regular
+files are opened (never a FIFO, device or socket), every file a folder names resolves inside that folder (links
+and index shard names included), headers, pickles and indexes are read up to a size bound, nesting and entry
+counts are bounded, and torch zips must be stored uncompressed as torch writes them (no zip bomb inflates).
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import json
 import os
 import pickle
 import re
+import stat
 import struct
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -45,8 +51,19 @@ WEIGHT_FILES: tuple[str, ...] = (
 ACCELERATE_MODEL_FILE = re.compile(r"^(model_\d+\.safetensors|pytorch_model_\d+\.bin)$")
 ACCELERATE_FSDP_FOLDER = re.compile(r"^pytorch_model_fsdp_\d+$")
 DCP_METADATA = ".metadata"
+#: Lightning ``ModelCheckpoint`` files (``last.ckpt``, ``epoch=0-step=3.ckpt``)
+LIGHTNING_SUFFIX = ".ckpt"
 #: safetensors refuses headers above 100 MB; so do we (a larger length is a corrupt length field)
 SAFETENSORS_MAX_HEADER = 100_000_000
+#: index JSON files (``*.index.json``): real ones are a few hundred kB even for 1000-shard models
+MAX_INDEX_BYTES = 64_000_000
+#: a torch zip's ``data.pkl`` and a DCP ``.metadata``: a 10k-tensor model's pickle is ~1 MB
+MAX_PICKLE_BYTES = 256_000_000
+#: entries of one zip directory, tensors of one header, keys of one index
+MAX_ENTRIES = 2_000_000
+#: nested containers walked when flattening a pickle's object (shared references count once per visit)
+MAX_NESTING = 64
+MAX_VISITS = 4_000_000
 
 #: safetensors dtype tag -> (torch dtype name, bytes per element; 0 for sub-byte types checked loosely)
 SAFETENSORS_DTYPES: dict[str, tuple[str, float]] = {
@@ -65,6 +82,70 @@ class CheckpointReadError(Exception):
     def __init__(self, path: str, reason: str):
         self.path, self.reason = path, reason
         super().__init__(f"{path}: {reason}")
+
+
+def _short(obj: Any, limit: int = 200) -> str:
+    """A bounded description of a hostile value (``repr`` of deep or huge input would itself hang or recurse)."""
+    import reprlib
+
+    short = reprlib.Repr()
+    short.maxlevel, short.maxstring, short.maxother = 3, limit, limit
+    try:
+        return short.repr(obj)[:limit]
+    except Exception:  # noqa: BLE001 - a value whose repr raises still gets described
+        return f"<{type(obj).__name__}>"
+
+
+def _inside(path: str, root: str) -> bool:
+    real, base = os.path.realpath(path), os.path.realpath(root)
+    return real == base or real.startswith(base.rstrip(os.sep) + os.sep)
+
+
+def regular_file_size(path: str, root: str | None = None) -> int:
+    """Size of ``path`` if it is a regular file (links followed) inside ``root``; else :class:`CheckpointReadError`.
+
+    FIFOs, devices and sockets are refused before they are opened (reading one hangs or never ends); ``root``
+    is the checkpoint folder a file was found in: a link or name resolving outside it is refused, so a
+    checkpoint whose weights live elsewhere never passes as complete.
+    """
+    try:
+        info = os.stat(path)
+    except OSError as err:
+        raise CheckpointReadError(path, f"cannot read file ({err.strerror or err})") from None
+    if not stat.S_ISREG(info.st_mode):
+        kind = ("a FIFO" if stat.S_ISFIFO(info.st_mode) else "a device" if stat.S_ISCHR(info.st_mode)
+                or stat.S_ISBLK(info.st_mode) else "a socket" if stat.S_ISSOCK(info.st_mode)
+                else "a folder" if stat.S_ISDIR(info.st_mode) else "not a regular file")
+        raise CheckpointReadError(path, f"is {kind}; only regular files are read")
+    if root is not None and not _inside(path, root):
+        raise CheckpointReadError(
+            path, f"resolves to {os.path.realpath(path)}, outside the checkpoint folder {root}; files outside "
+                  "it are not read")
+    return info.st_size
+
+
+def read_bounded(path: str, limit: int, root: str | None = None, what: str = "file") -> bytes:
+    """The bytes of a regular file of at most ``limit`` bytes (see :func:`regular_file_size`)."""
+    size = regular_file_size(path, root)
+    if size > limit:
+        raise CheckpointReadError(path, f"{what} of {size} bytes exceeds the {limit}-byte bound")
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        with os.fdopen(fd, "rb") as fh:
+            if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):  # swapped for a FIFO after the check
+                raise CheckpointReadError(path, "is not a regular file; only regular files are read")
+            return fh.read(limit + 1)[:limit]
+    except OSError as err:
+        raise CheckpointReadError(path, f"cannot read file ({err.strerror or err})") from None
+
+
+def _parse_json(path: str, raw: bytes, what: str) -> Any:
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except RecursionError:
+        raise CheckpointReadError(path, f"{what} nests deeper than the JSON parser's limit") from None
+    except (UnicodeDecodeError, ValueError) as err:
+        raise CheckpointReadError(path, f"{what} is not valid JSON ({_short(str(err))})") from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,16 +194,19 @@ class CheckpointListing:
 
 
 # -- safetensors ----------------------------------------------------------------------------------------------
-def read_safetensors_header(path: str) -> tuple[dict[str, SavedTensor], dict[str, str]]:
+def read_safetensors_header(path: str, root: str | None = None) -> tuple[dict[str, SavedTensor], dict[str, str]]:
     """Tensor entries and ``__metadata__`` of a safetensors file, validated against the file size.
 
     Reads 8 bytes and the JSON header, nothing else. Raises :class:`CheckpointReadError` for a file shorter
     than the length field, a header length beyond the file, a header that is not a JSON object, malformed
-    entries, byte ranges that do not match dtype and shape, and tensor data cut off by truncation.
+    entries (dimensions and offsets must be non-negative integers, ``true`` is not one), byte ranges that do not
+    match dtype and shape or that overlap, leave gaps or stop short of the file's end (as safetensors itself
+    refuses them), and tensor data cut off by truncation. ``root``: the checkpoint folder the file must lie in.
     """
+    size = regular_file_size(path, root)
     try:
-        size = os.path.getsize(path)
-        with open(path, "rb") as fh:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        with os.fdopen(fd, "rb") as fh:
             head = fh.read(8)
             if len(head) < 8:
                 raise CheckpointReadError(path, f"file of {size} bytes is shorter than the 8-byte header length")
@@ -135,63 +219,83 @@ def read_safetensors_header(path: str) -> tuple[dict[str, SavedTensor], dict[str
                 raise CheckpointReadError(path, f"header length {header_len} exceeds safetensors' 100 MB limit")
             raw = fh.read(header_len)
     except OSError as err:
-        raise CheckpointReadError(path, f"cannot read file ({err})") from None
-    try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as err:
-        raise CheckpointReadError(path, f"header is not valid JSON ({err})") from None
+        raise CheckpointReadError(path, f"cannot read file ({err.strerror or err})") from None
+    header = _parse_json(path, raw, "header")
     if not isinstance(header, dict):
         raise CheckpointReadError(path, f"header is a JSON {type(header).__name__}, not an object")
+    if len(header) > MAX_ENTRIES:
+        raise CheckpointReadError(path, f"header lists {len(header)} entries, beyond the bound of {MAX_ENTRIES}")
     metadata = header.pop("__metadata__", None) or {}
-    if not isinstance(metadata, dict):
-        raise CheckpointReadError(path, "header __metadata__ is not an object")
+    if not (isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())):
+        raise CheckpointReadError(path, "header __metadata__ is not an object of strings")
     data_size = size - 8 - header_len
     entries: dict[str, SavedTensor] = {}
-    data_end = 0
+    ranges: list[tuple[int, int, str]] = []
     for key, entry in header.items():
         if not (isinstance(entry, dict) and isinstance(entry.get("dtype"), str)
                 and isinstance(entry.get("shape"), list) and isinstance(entry.get("data_offsets"), list)
                 and len(entry["data_offsets"]) == 2
-                and all(isinstance(v, int) and v >= 0 for v in [*entry["shape"], *entry["data_offsets"]])):
-            raise CheckpointReadError(path, f"header entry {key!r} is malformed: {str(entry)[:200]}")
+                and all(type(v) is int and v >= 0 for v in [*entry["shape"], *entry["data_offsets"]])):
+            raise CheckpointReadError(path, f"header entry {_short(key)} is malformed: {_short(entry)}")
         dtype = SAFETENSORS_DTYPES.get(entry["dtype"])
         if dtype is None:
-            raise CheckpointReadError(path, f"header entry {key!r} has unknown dtype {entry['dtype']!r}")
+            raise CheckpointReadError(path, f"header entry {_short(key)} has unknown dtype {_short(entry['dtype'])}")
         begin, end = entry["data_offsets"]
         numel = 1
         for dim in entry["shape"]:
             numel *= dim
         if end < begin or (dtype[1] >= 1 and end - begin != numel * dtype[1]):
             raise CheckpointReadError(
-                path, f"header entry {key!r}: byte range {begin}..{end} does not fit {entry['dtype']} "
-                      f"shape {entry['shape']}")
-        data_end = max(data_end, end)
+                path, f"header entry {_short(key)}: byte range {begin}..{end} does not fit {entry['dtype']} "
+                      f"shape {_short(entry['shape'])}")
+        ranges.append((begin, end, key))
         entries[key] = SavedTensor(key=key, dtype=dtype[0], shape=tuple(entry["shape"]), file=path)
+    data_end = max((end for _, end, _ in ranges), default=0)
     if data_end > data_size:
         raise CheckpointReadError(
             path, f"tensor data truncated: the header describes {data_end} bytes of data, the file holds "
                   f"{data_size}")
-    return entries, {str(k): str(v) for k, v in metadata.items()}
+    position, previous = 0, None
+    for begin, end, key in sorted(ranges):
+        if begin != position:
+            what = (f"overlaps {_short(previous)}" if begin < position
+                    else f"leaves {begin - position} unowned bytes before it")
+            raise CheckpointReadError(path, f"header entry {_short(key)}: byte range {begin}..{end} {what}")
+        position, previous = end, key
+    if position != data_size:
+        raise CheckpointReadError(
+            path, f"{data_size - position} bytes after the last tensor's data belong to no header entry")
+    return entries, dict(metadata)
 
 
-def read_safetensors_index(path: str) -> dict[str, str]:
-    """The ``weight_map`` (key -> shard file name) of a sharded checkpoint's index JSON."""
-    try:
-        with open(path, encoding="utf-8") as fh:
-            weight_map = json.load(fh)["weight_map"]
-    except OSError as err:
-        raise CheckpointReadError(path, f"cannot read index ({err})") from None
-    except (ValueError, KeyError, TypeError) as err:
-        raise CheckpointReadError(path, f"broken index JSON ({type(err).__name__}: {err})") from None
+def read_safetensors_index(path: str, root: str | None = None) -> dict[str, str]:
+    """The ``weight_map`` (key -> shard file name) of a sharded checkpoint's index JSON.
+
+    Shard names must be plain relative names that stay inside the index's folder (no absolute path, no ``..``).
+    """
+    data = _parse_json(path, read_bounded(path, MAX_INDEX_BYTES, root, "index"), "broken index JSON: the file")
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
     if not isinstance(weight_map, dict) or not all(
             isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
         raise CheckpointReadError(path, "broken index JSON (weight_map is not an object of key -> file name)")
+    if len(weight_map) > MAX_ENTRIES:
+        raise CheckpointReadError(path, f"index lists {len(weight_map)} keys, beyond the bound of {MAX_ENTRIES}")
+    for key, shard in weight_map.items():
+        parts = shard.replace("\\", "/").split("/")
+        if not shard or os.path.isabs(shard) or ".." in parts or "\0" in shard:
+            raise CheckpointReadError(
+                path, f"the index places {_short(key)} in {_short(shard)}, a path outside the checkpoint folder; "
+                      "shards must be files of the index's own folder")
     return weight_map
 
 
 # -- torch pickles --------------------------------------------------------------------------------------------
-def torch_load_mmap(path: str) -> Any:
-    """``torch.load(path, weights_only=True, mmap=True)`` on CPU; failures as :class:`CheckpointReadError`."""
+def torch_load_mmap(path: str, root: str | None = None) -> Any:
+    """``torch.load(path, weights_only=True, mmap=True)`` on CPU; failures as :class:`CheckpointReadError`.
+
+    The zip is checked first (:func:`check_torch_zip`): a regular file inside ``root``, stored uncompressed.
+    """
+    check_torch_zip(path, root)
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as err:  # noqa: BLE001 - any unpickling failure is a bad file, reported as such
@@ -201,13 +305,36 @@ def torch_load_mmap(path: str) -> Any:
         raise CheckpointReadError(path, f"unreadable torch file ({type(err).__name__}: {reason})") from None
 
 
+class _TooLarge(Exception):
+    """A pickle's object exceeds :data:`MAX_NESTING` or :data:`MAX_VISITS` while being flattened."""
+
+
 def _flatten(obj: Any, prefix: str, out: dict[str, Any], leaf: type = torch.Tensor) -> None:
-    if isinstance(obj, leaf):
-        out[prefix[:-1]] = obj
-    elif isinstance(obj, Mapping):
-        for key, value in obj.items():
-            if isinstance(key, str):
-                _flatten(value, f"{prefix}{key}.", out, leaf)
+    # iterative with bounds: a small pickle of shared references describes a tree exponential in its size
+    stack: list[tuple[Any, str, int]] = [(obj, prefix, 0)]
+    visits = 0
+    while stack:
+        item, path, depth = stack.pop()
+        visits += 1
+        if visits > MAX_VISITS:
+            raise _TooLarge(f"more than {MAX_VISITS} nested entries (shared references repeated?)")
+        if isinstance(item, leaf):
+            out[path[:-1]] = item
+        elif isinstance(item, Mapping):
+            if depth >= MAX_NESTING:
+                raise _TooLarge(f"containers nested deeper than {MAX_NESTING} levels")
+            children = [(value, f"{path}{key}.", depth + 1) for key, value in item.items() if isinstance(key, str)]
+            stack.extend(reversed(children))
+
+
+def flatten_state(obj: Any, path: str, leaf: type = torch.Tensor) -> dict[str, Any]:
+    """Dotted key -> ``leaf`` of every leaf inside nested mappings; bounded (:class:`CheckpointReadError`)."""
+    out: dict[str, Any] = {}
+    try:
+        _flatten(obj, "", out, leaf)
+    except _TooLarge as err:
+        raise CheckpointReadError(path, f"unreadable torch file (its object has {err})") from None
+    return out
 
 
 def torch_state_dict(obj: Any, path: str) -> tuple[Mapping[str, Any], str]:
@@ -221,9 +348,7 @@ def torch_state_dict(obj: Any, path: str) -> tuple[Mapping[str, Any], str]:
     if isinstance(obj, Mapping):
         if all(isinstance(v, torch.Tensor) for v in obj.values()):
             return obj, "torch"
-        flat: dict[str, torch.Tensor] = {}
-        _flatten(obj, "", flat)
-        return flat, "torch"
+        return flatten_state(obj, path), "torch"
     raise CheckpointReadError(path, f"expected a state dict, found {type(obj).__name__}")
 
 
@@ -234,6 +359,20 @@ _STORAGE_DTYPES = {
     "ByteStorage": "uint8", "BoolStorage": "bool", "ComplexFloatStorage": "complex64",
     "ComplexDoubleStorage": "complex128", "Float8_e4m3fnStorage": "float8_e4m3fn", "Float8_e5m2Storage": "float8_e5m2",
 }
+
+
+def _weights_only_globals() -> frozenset[str]:
+    """``module.name`` of every global ``torch.load(weights_only=True)`` admits (torch's own allow-list)."""
+    try:
+        from torch._weights_only_unpickler import _get_allowed_globals
+
+        names = set(_get_allowed_globals())
+    except Exception:  # noqa: BLE001 - a torch without the private list: only the names this reader builds
+        names = set()
+    for obj in torch.serialization.get_safe_globals():
+        target = obj[0] if isinstance(obj, tuple) else obj
+        names.add(f"{getattr(target, '__module__', '')}.{getattr(target, '__qualname__', '')}")
+    return frozenset(names)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -265,8 +404,8 @@ class _Opaque:
 
 
 def _rebuild_tensor_meta(storage: Any, storage_offset: int, size: Any, *args: Any, **kwargs: Any) -> Any:
-    if isinstance(storage, _StorageMeta):
-        return TensorMeta(dtype=storage.dtype, shape=tuple(int(s) for s in size))
+    if isinstance(storage, _StorageMeta) and isinstance(size, (tuple, list)) and all(type(s) is int for s in size):
+        return TensorMeta(dtype=storage.dtype, shape=tuple(size))
     return _Opaque()
 
 
@@ -276,7 +415,15 @@ def _rebuild_parameter_meta(data: Any, *args: Any, **kwargs: Any) -> Any:
 
 class _TorchMetadataUnpickler(pickle.Unpickler):
     """Unpickles a torch zip's ``data.pkl`` into :class:`TensorMeta` and containers: storages are never loaded
-    and no global is imported except the safe containers below (everything else becomes :class:`_Opaque`)."""
+    and no global is imported except the safe containers below (everything else becomes :class:`_Opaque`).
+
+    ``foreign`` collects the globals the pickle names that ``torch.load(weights_only=True)`` would refuse: a
+    weight file naming one cannot be read for its values, so listing it as fine would call it clean.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.foreign: list[str] = []
 
     def find_class(self, module: str, name: str) -> Any:
         if module == "torch._utils" and name == "_rebuild_tensor_v2":
@@ -291,50 +438,109 @@ class _TorchMetadataUnpickler(pickle.Unpickler):
             return _STORAGE_DTYPES[name]
         if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
             return str(getattr(torch, name)).removeprefix("torch.")
+        if f"{module}.{name}" not in _WEIGHTS_ONLY_GLOBALS and len(self.foreign) < 20:
+            self.foreign.append(f"{module}.{name}"[:200])
         return _Opaque
 
     def persistent_load(self, pid: Any) -> Any:
         # ("storage", storage type (a dtype name from find_class, or a torch.dtype), key, location, numel)
-        if isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage":
+        if isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage" and type(pid[4]) is int:
             dtype = pid[1] if isinstance(pid[1], str) else "unknown"
-            return _StorageMeta(dtype=dtype, key=str(pid[2]), numel=int(pid[4]))
+            return _StorageMeta(dtype=dtype, key=str(pid[2])[:200], numel=pid[4])
         return _Opaque()
 
 
-def read_torch_metadata(path: str) -> Any:
+_WEIGHTS_ONLY_GLOBALS = _weights_only_globals()
+
+
+def check_torch_zip(path: str, root: str | None = None) -> Any:
+    """Open a torch zip checkpoint after checking it cannot inflate: returns the open ``ZipFile``.
+
+    A regular file inside ``root``; at most :data:`MAX_ENTRIES` members, each stored uncompressed (torch writes
+    every record so; a compressed member is how a 1 MB file inflates to gigabytes) and inside the file's size.
+    """
+    import zipfile
+
+    size = regular_file_size(path, root)
+    try:
+        archive = zipfile.ZipFile(path)
+    except zipfile.BadZipFile as err:
+        reason = "not a zip archive: truncated, corrupt, or the legacy (pre-1.6) torch format"
+        raise CheckpointReadError(path, f"unreadable torch file ({reason}: {err})") from None
+    except (OSError, ValueError, EOFError) as err:
+        raise CheckpointReadError(path, f"cannot read file ({err})") from None
+    members = archive.infolist()
+    problem = None
+    if len(members) > MAX_ENTRIES:
+        problem = f"{len(members)} zip members, beyond the bound of {MAX_ENTRIES}"
+    else:
+        for info in members:
+            if info.compress_type != zipfile.ZIP_STORED:
+                problem = (f"member {_short(info.filename)} is compressed ({info.compress_size} -> {info.file_size} "
+                           "bytes); torch stores every record uncompressed, so this is not a torch checkpoint")
+                break
+            if info.file_size > size:
+                problem = f"member {_short(info.filename)} declares {info.file_size} bytes, beyond the file's {size}"
+                break
+    if problem is not None:
+        archive.close()
+        raise CheckpointReadError(path, f"unreadable torch file ({problem})")
+    return archive
+
+
+def read_torch_metadata(path: str, root: str | None = None, foreign: list[str] | None = None) -> Any:
     """The object a torch zip pickle holds, with every tensor as a :class:`TensorMeta` (dtype, shape).
 
     Reads the zip directory and ``data.pkl`` only; no storage is read and no code from the file runs, so
     checkpoints whose extra entries (hyper-parameters, configs) ``weights_only=True`` would refuse still list.
+    Globals the pickle names beyond ``weights_only``'s allow-list are appended to ``foreign``.
     """
     import zipfile
 
+    with check_torch_zip(path, root) as archive:
+        pickles = [i for i in archive.infolist() if i.filename == "data.pkl" or i.filename.endswith("/data.pkl")]
+        if not pickles:
+            raise CheckpointReadError(path, "unreadable torch file (a zip without data.pkl)")
+        if pickles[0].file_size > MAX_PICKLE_BYTES:
+            raise CheckpointReadError(
+                path, f"unreadable torch file (data.pkl of {pickles[0].file_size} bytes exceeds the "
+                      f"{MAX_PICKLE_BYTES}-byte bound)")
+        try:
+            with archive.open(pickles[0]) as fh:
+                data = fh.read(MAX_PICKLE_BYTES + 1)
+        except (zipfile.BadZipFile, OSError, ValueError, EOFError) as err:
+            raise CheckpointReadError(path, f"unreadable torch file (data.pkl: {_short(str(err))})") from None
+    unpickler = _TorchMetadataUnpickler(io.BytesIO(data))
     try:
-        with zipfile.ZipFile(path) as archive:
-            pickles = [n for n in archive.namelist() if n == "data.pkl" or n.endswith("/data.pkl")]
-            if not pickles:
-                raise CheckpointReadError(path, "unreadable torch file (a zip without data.pkl)")
-            data = archive.read(pickles[0])
-    except zipfile.BadZipFile as err:
-        reason = "not a zip archive: truncated, corrupt, or the legacy (pre-1.6) torch format"
-        raise CheckpointReadError(path, f"unreadable torch file ({reason}: {err})") from None
-    except OSError as err:
-        raise CheckpointReadError(path, f"cannot read file ({err})") from None
-    try:
-        return _TorchMetadataUnpickler(io.BytesIO(data)).load()
+        obj = unpickler.load()
     except Exception as err:  # noqa: BLE001 - any unpickling failure is a bad file
-        raise CheckpointReadError(path, f"unreadable torch file (data.pkl: {type(err).__name__}: {err})") from None
+        raise CheckpointReadError(
+            path, f"unreadable torch file (data.pkl: {type(err).__name__}: {_short(str(err))})") from None
+    if foreign is not None:
+        foreign.extend(unpickler.foreign)
+    return obj
 
 
-def list_torch_file(path: str) -> tuple[dict[str, SavedTensor], str]:
+def list_torch_file(path: str, root: str | None = None) -> tuple[dict[str, SavedTensor], str]:
     """Tensor entries of a torch zip pickle from its ``data.pkl`` only (:func:`read_torch_metadata`), and its
-    format (``lightning`` or ``torch``)."""
-    obj = read_torch_metadata(path)
+    format (``lightning`` or ``torch``).
+
+    A plain torch file (``pytorch_model.bin``) whose pickle names globals ``weights_only`` loading refuses is a
+    :class:`CheckpointReadError`: its values could not be read, so it is not called readable. Lightning
+    ``.ckpt`` files may carry such objects beside ``state_dict`` (hyper-parameters); they list.
+    """
+    foreign: list[str] = []
+    obj = read_torch_metadata(path, root, foreign)
     if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
         state, fmt = obj["state_dict"], "lightning"
+        state = flatten_state(state, path, TensorMeta) if not all(
+            isinstance(v, TensorMeta) for v in state.values()) else state
     elif isinstance(obj, Mapping):
-        state, fmt = {}, "torch"
-        _flatten(obj, "", state, TensorMeta)
+        state, fmt = flatten_state(obj, path, TensorMeta), "torch"
+        if foreign:
+            raise CheckpointReadError(
+                path, f"unreadable torch file (its pickle names {', '.join(foreign[:3])}, which weights_only "
+                      "loading refuses; nothing from it was run)")
     else:
         raise CheckpointReadError(path, f"expected a state dict, found {type(obj).__name__}")
     entries = {}
@@ -345,11 +551,25 @@ def list_torch_file(path: str) -> tuple[dict[str, SavedTensor], str]:
 
 
 # -- torch.distributed.checkpoint -----------------------------------------------------------------------------
+#: the exact classes a DCP ``.metadata`` pickle is built from (torch 2.x ``FileSystemWriter``): metadata
+#: records, their field types, and nothing those modules merely import (a TCPStore, a Connection, ...)
+_DCP_CLASSES: dict[str, frozenset[str]] = {
+    "torch.distributed.checkpoint.metadata": frozenset({
+        "Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata", "TensorProperties",
+        "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING"}),
+    "torch.distributed.checkpoint.filesystem": frozenset({"_StorageInfo", "_StoragePrefix"}),
+    "pathlib": frozenset({"PosixPath", "WindowsPath", "PurePosixPath", "PureWindowsPath", "Path"}),
+    "collections": frozenset({"OrderedDict"}),
+    "builtins": frozenset({"set", "frozenset"}),
+}
+
+
 class _DCPMetadataUnpickler(pickle.Unpickler):
-    """Builds only DCP metadata classes, torch dtypes/layouts/sizes and paths; refuses every other global."""
+    """Builds only the DCP metadata classes of :data:`_DCP_CLASSES`, torch dtypes/layouts/memory formats,
+    ``torch.Size`` and paths; refuses every other global."""
 
     def find_class(self, module: str, name: str) -> Any:
-        if module.startswith("torch.distributed.checkpoint"):
+        if name in _DCP_CLASSES.get(module, ()):
             import importlib
 
             obj = getattr(importlib.import_module(module), name, None)
@@ -361,38 +581,31 @@ class _DCPMetadataUnpickler(pickle.Unpickler):
                 return obj
         elif module == "torch.serialization" and name == "_get_layout":
             return torch.serialization._get_layout
-        elif module in ("pathlib", "collections") and name in (
-                "PosixPath", "WindowsPath", "PurePosixPath", "PureWindowsPath", "Path", "OrderedDict"):
-            import importlib
-
-            return getattr(importlib.import_module(module), name)
-        elif module == "builtins" and name in ("set", "frozenset", "tuple", "list", "dict"):
-            import builtins
-
-            return getattr(builtins, name)
-        raise pickle.UnpicklingError(f"global {module}.{name} is not DCP metadata")
+        raise pickle.UnpicklingError(f"global {_short(module)}.{_short(name)} is not DCP metadata")
 
 
-def list_dcp(folder: str) -> dict[str, SavedTensor]:
+def list_dcp(folder: str, root: str | None = None) -> dict[str, SavedTensor]:
     """Tensor entries of a ``torch.distributed.checkpoint`` folder, from its ``.metadata`` file only."""
     path = os.path.join(folder, DCP_METADATA)
+    raw = read_bounded(path, MAX_PICKLE_BYTES, root or folder, "DCP metadata")
     try:
-        with open(path, "rb") as fh:
-            metadata = _DCPMetadataUnpickler(fh).load()
-    except OSError as err:
-        raise CheckpointReadError(path, f"cannot read DCP metadata ({err})") from None
+        metadata = _DCPMetadataUnpickler(io.BytesIO(raw)).load()
     except Exception as err:  # noqa: BLE001 - any unpickling failure is a bad file
-        raise CheckpointReadError(path, f"unreadable DCP metadata ({type(err).__name__}: {err})") from None
+        raise CheckpointReadError(
+            path, f"unreadable DCP metadata ({type(err).__name__}: {_short(str(err))})") from None
     items = getattr(metadata, "state_dict_metadata", None)
     if not isinstance(items, Mapping):
         raise CheckpointReadError(path, f"DCP metadata without state_dict_metadata ({type(metadata).__name__})")
     entries = {}
     for key, meta in items.items():
         props, size = getattr(meta, "properties", None), getattr(meta, "size", None)
-        if props is None or size is None:  # BytesStorageMetadata: a non-tensor object
+        if props is None and size is None:  # BytesStorageMetadata: a non-tensor object
             continue
-        entries[key] = SavedTensor(key=key, dtype=str(props.dtype).removeprefix("torch."), shape=tuple(size),
-                                   file=path)
+        dtype = getattr(props, "dtype", None)
+        if not (isinstance(key, str) and isinstance(dtype, torch.dtype) and isinstance(size, (tuple, list))
+                and all(type(d) is int and d >= 0 for d in size)):
+            raise CheckpointReadError(path, f"DCP metadata entry {_short(key)} is malformed: {_short(meta)}")
+        entries[key] = SavedTensor(key=key, dtype=str(dtype).removeprefix("torch."), shape=tuple(size), file=path)
     return entries
 
 
@@ -435,6 +648,10 @@ def checkpoint_parts(path: str) -> list[tuple[str, str, str]]:
         if adapter in names:
             parts.append(("", _file_kind(adapter), os.path.join(path, adapter)))
             break
+    if not parts:  # a Lightning checkpoint folder: every .ckpt in it (one: the folder's own keys)
+        ckpts = sorted(n for n in names if n.endswith(LIGHTNING_SUFFIX) and not n.startswith("."))
+        for name in ckpts:
+            parts.append(("" if len(ckpts) == 1 else name, "torch", os.path.join(path, name)))
     for name in sorted(names):
         full = os.path.join(path, name)
         if ACCELERATE_MODEL_FILE.match(name):
@@ -454,26 +671,26 @@ def find_weight_files(path: str) -> list[str]:
     return [part for _, _, part in checkpoint_parts(path)]
 
 
-def _list_part(listing: CheckpointListing, group: str, kind: str, path: str) -> None:
+def _list_part(listing: CheckpointListing, group: str, kind: str, path: str, root: str | None) -> None:
     if kind == "safetensors":
-        entries, _ = read_safetensors_header(path)
+        entries, _ = read_safetensors_header(path, root)
         listing.files.append(path)
         listing.add(group, entries.values())
     elif kind in ("safetensors-index", "torch-index"):
-        weight_map = read_safetensors_index(path)
-        listing.files.append(path)
         folder = os.path.dirname(path)
+        weight_map = read_safetensors_index(path, root)
+        listing.files.append(path)
         by_shard: dict[str, list[str]] = {}
         for key, shard in weight_map.items():
             by_shard.setdefault(shard, []).append(key)
         for shard, keys in by_shard.items():
             shard_path = os.path.join(folder, shard)
-            if not os.path.isfile(shard_path):
+            if not os.path.lexists(shard_path):
                 raise CheckpointReadError(path, f"the index names shard {shard!r}, which does not exist")
             if kind == "safetensors-index":
-                entries, _ = read_safetensors_header(shard_path)
+                entries, _ = read_safetensors_header(shard_path, folder)
             else:
-                entries, _ = list_torch_file(shard_path)
+                entries, _ = list_torch_file(shard_path, folder)
             listing.files.append(shard_path)
             absent = [k for k in keys if k not in entries]
             if absent:
@@ -482,11 +699,11 @@ def _list_part(listing: CheckpointListing, group: str, kind: str, path: str) -> 
                           f"(first: {absent[0]!r})")
             listing.add(group, (entries[k] for k in keys))
     elif kind == "dcp":
-        entries = list_dcp(path)
+        entries = list_dcp(path, root or path)
         listing.files.append(os.path.join(path, DCP_METADATA))
         listing.add(group, entries.values())
     else:
-        entries, fmt = list_torch_file(path)
+        entries, fmt = list_torch_file(path, root)
         listing.files.append(path)
         listing.add(group, entries.values())
         kind = fmt
@@ -506,37 +723,44 @@ def list_checkpoint(path: str) -> CheckpointListing:
     except CheckpointReadError as err:
         listing.errors.append(err)
         return listing
+    root = path if os.path.isdir(path) else None
     for group, kind, part in parts:
         try:
-            _list_part(listing, group, kind, part)
+            _list_part(listing, group, kind, part, root)
         except CheckpointReadError as err:
             listing.errors.append(err)
+        except RecursionError:  # a reader missed a nesting bound: still a finding, never a traceback
+            listing.errors.append(CheckpointReadError(part, "nests deeper than the reader's limit"))
     return listing
 
 
 # -- reading values -------------------------------------------------------------------------------------------
-def read_tensors(path: str, keys: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
+def read_tensors(path: str, keys: Iterable[str] | None = None, *, root: str | None = None) -> dict[str, torch.Tensor]:
     """Read the tensors named ``keys`` (all when ``None``) from a weight file or checkpoint folder.
 
-    safetensors files are validated from their header before any tensor is read; torch files are loaded with
-    ``weights_only=True, mmap=True`` so only the wanted tensors' pages are touched. DCP folders are not read
-    (listing only). Raises :class:`CheckpointReadError` for the first unreadable file.
+    safetensors files are validated from their header before any tensor is read; torch files are checked
+    (:func:`check_torch_zip`) and loaded with ``weights_only=True, mmap=True`` so only the wanted tensors' pages
+    are touched. DCP folders are not read (listing only). Files must lie inside ``root`` (the folder when
+    ``path`` is one). Raises :class:`CheckpointReadError` for the first unreadable file.
     """
     wanted = None if keys is None else set(keys)
+    if root is None and os.path.isdir(path):
+        root = path
     out: dict[str, torch.Tensor] = {}
     for _, kind, part in checkpoint_parts(path):
         if kind in ("safetensors-index", "torch-index"):
-            weight_map = read_safetensors_index(part)
+            weight_map = read_safetensors_index(part, root)
             shards: dict[str, list[str]] = {}
             for key, shard in weight_map.items():
                 if wanted is None or key in wanted:
                     shards.setdefault(shard, []).append(key)
+            folder = os.path.dirname(part)
             for shard, shard_keys in shards.items():
-                out.update(read_tensors(os.path.join(os.path.dirname(part), shard), shard_keys))
+                out.update(read_tensors(os.path.join(folder, shard), shard_keys, root=folder))
         elif kind == "safetensors":
             from safetensors import SafetensorError, safe_open
 
-            entries, _ = read_safetensors_header(part)
+            entries, _ = read_safetensors_header(part, root)
             try:
                 with safe_open(part, framework="pt") as fh:
                     for key in entries:
@@ -545,7 +769,7 @@ def read_tensors(path: str, keys: Iterable[str] | None = None) -> dict[str, torc
             except (SafetensorError, OSError) as err:
                 raise CheckpointReadError(part, f"unreadable safetensors file ({err})") from None
         elif kind == "torch":
-            state, _ = torch_state_dict(torch_load_mmap(part), part)
+            state, _ = torch_state_dict(torch_load_mmap(part, root), part)
             for key, value in state.items():
                 if isinstance(value, torch.Tensor) and (wanted is None or key in wanted):
                     out[key] = value
