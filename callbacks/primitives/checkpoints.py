@@ -63,7 +63,7 @@ MAX_PICKLE_BYTES = 256_000_000
 MAX_ENTRIES = 2_000_000
 #: nested containers walked when flattening a pickle's object (shared references count once per visit)
 MAX_NESTING = 64
-MAX_VISITS = 4_000_000
+MAX_VISITS = 1_000_000
 
 #: safetensors dtype tag -> (torch dtype name, bytes per element; 0 for sub-byte types checked loosely)
 SAFETENSORS_DTYPES: dict[str, tuple[str, float]] = {
@@ -134,7 +134,7 @@ def read_bounded(path: str, limit: int, root: str | None = None, what: str = "fi
         with os.fdopen(fd, "rb") as fh:
             if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):  # swapped for a FIFO after the check
                 raise CheckpointReadError(path, "is not a regular file; only regular files are read")
-            return fh.read(limit + 1)[:limit]
+            return fh.read(min(size, limit) + 1)[:limit]  # never a buffer of `limit` for a small file
     except OSError as err:
         raise CheckpointReadError(path, f"cannot read file ({err.strerror or err})") from None
 
@@ -309,22 +309,50 @@ class _TooLarge(Exception):
     """A pickle's object exceeds :data:`MAX_NESTING` or :data:`MAX_VISITS` while being flattened."""
 
 
-def _flatten(obj: Any, prefix: str, out: dict[str, Any], leaf: type = torch.Tensor) -> None:
-    # iterative with bounds: a small pickle of shared references describes a tree exponential in its size
-    stack: list[tuple[Any, str, int]] = [(obj, prefix, 0)]
-    visits = 0
+def _check_tree(obj: Any) -> None:
+    """Refuse an object whose flattened tree is too large, too deep or cyclic, in time linear in its containers.
+
+    A pickle can share one container under many keys: a 2 kB file describes 2**60 paths. Subtree sizes are
+    counted once per distinct container (post-order, no recursion), so the bound is checked before any walk.
+    """
+    sizes: dict[int, int] = {}
+    depths: dict[int, int] = {}
+    on_path: set[int] = set()
+    stack: list[tuple[Any, bool]] = [(obj, False)]
     while stack:
-        item, path, depth = stack.pop()
-        visits += 1
-        if visits > MAX_VISITS:
-            raise _TooLarge(f"more than {MAX_VISITS} nested entries (shared references repeated?)")
+        item, done = stack.pop()
+        if not isinstance(item, Mapping):
+            continue
+        key = id(item)
+        children = [v for k, v in item.items() if isinstance(k, str)]
+        if done:
+            on_path.discard(key)
+            nested = [id(v) for v in children if isinstance(v, Mapping)]
+            sizes[key] = 1 + len(children) - len(nested) + sum(sizes[n] for n in nested)
+            depths[key] = 1 + max((depths[n] for n in nested), default=0)
+            if sizes[key] > MAX_VISITS:
+                raise _TooLarge(f"more than {MAX_VISITS} nested entries (shared references repeated?)")
+            if depths[key] > MAX_NESTING:
+                raise _TooLarge(f"containers nested deeper than {MAX_NESTING} levels")
+            continue
+        if key in sizes:
+            continue
+        if key in on_path:
+            raise _TooLarge("a container that contains itself")
+        on_path.add(key)
+        stack.append((item, True))
+        stack.extend((v, False) for v in children if isinstance(v, Mapping) and id(v) not in sizes)
+
+
+def _flatten(obj: Any, prefix: str, out: dict[str, Any], leaf: type = torch.Tensor) -> None:
+    _check_tree(obj)  # bounds the walk below
+    stack: list[tuple[Any, str]] = [(obj, prefix)]
+    while stack:
+        item, path = stack.pop()
         if isinstance(item, leaf):
             out[path[:-1]] = item
         elif isinstance(item, Mapping):
-            if depth >= MAX_NESTING:
-                raise _TooLarge(f"containers nested deeper than {MAX_NESTING} levels")
-            children = [(value, f"{path}{key}.", depth + 1) for key, value in item.items() if isinstance(key, str)]
-            stack.extend(reversed(children))
+            stack.extend(reversed([(v, f"{path}{k}.") for k, v in item.items() if isinstance(k, str)]))
 
 
 def flatten_state(obj: Any, path: str, leaf: type = torch.Tensor) -> dict[str, Any]:
