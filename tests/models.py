@@ -86,6 +86,21 @@ class TokenDataset(torch.utils.data.Dataset):
         return {"input_ids": self.ids[i], "labels": self.ids[i].clone()}
 
 
+class ImageDataset(torch.utils.data.Dataset):
+    """16x16 RGB images with 3 labels, for the tiny ViT classifier."""
+
+    def __init__(self, n: int = 16):
+        gen = torch.Generator().manual_seed(0)
+        self.pixels = torch.randn(n, 3, 16, 16, generator=gen)
+        self.labels = torch.randint(0, 3, (n,), generator=gen)
+
+    def __len__(self) -> int:
+        return len(self.pixels)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"pixel_values": self.pixels[i], "labels": self.labels[i]}
+
+
 def hf_lightning_module(model):
     """A LightningModule holding an HF (or PEFT) model as ``self.model``, trained on its own loss.
 

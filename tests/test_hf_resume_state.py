@@ -11,8 +11,7 @@ from __future__ import annotations
 import json
 import warnings
 
-import torch
-from models import tiny_vit_classifier
+from models import ImageDataset, tiny_vit_classifier
 from peft import LoraConfig, get_peft_model
 from transformers import Trainer, TrainingArguments
 
@@ -20,21 +19,6 @@ from callbacks.hf import IntegrityCallback
 
 SAVED_STATE_ONLY = {name: {"enabled": False} for name in ("ties", "adapter_init", "hashes", "merge")}
 TIES_ONLY = {name: {"enabled": False} for name in ("saved_state", "adapter_init", "hashes", "merge")}
-
-
-class ImageDataset(torch.utils.data.Dataset):
-    """16x16 RGB images with 3 labels, for the tiny ViT classifier."""
-
-    def __init__(self, n: int = 16):
-        gen = torch.Generator().manual_seed(0)
-        self.pixels = torch.randn(n, 3, 16, 16, generator=gen)
-        self.labels = torch.randint(0, 3, (n,), generator=gen)
-
-    def __len__(self) -> int:
-        return len(self.pixels)
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {"pixel_values": self.pixels[i], "labels": self.labels[i]}
 
 
 def vit_lora(unsaved: bool = True):

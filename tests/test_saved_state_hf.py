@@ -6,8 +6,7 @@ import os
 import warnings
 
 import pytest
-import torch
-from models import TokenDataset, tiny_gpt2, tiny_vit_classifier
+from models import ImageDataset, TokenDataset, tiny_gpt2, tiny_vit_classifier
 from peft import LoraConfig, get_peft_model
 from transformers import Trainer, TrainingArguments
 
@@ -16,21 +15,6 @@ from callbacks.hf import IntegrityCallback
 from callbacks.primitives.checkpoints import list_checkpoint
 
 ONLY_SAVED_STATE = {name: {"enabled": False} for name in ("ties", "adapter_init", "hashes", "merge")}
-
-
-class ImageDataset(torch.utils.data.Dataset):
-    """16x16 RGB images with 3 labels, for the tiny ViT classifier."""
-
-    def __init__(self, n: int = 16):
-        gen = torch.Generator().manual_seed(0)
-        self.pixels = torch.randn(n, 3, 16, 16, generator=gen)
-        self.labels = torch.randint(0, 3, (n,), generator=gen)
-
-    def __len__(self) -> int:
-        return len(self.pixels)
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {"pixel_values": self.pixels[i], "labels": self.labels[i]}
 
 
 def vit_lora(modules_to_save):
