@@ -13,6 +13,7 @@ import sys
 import textwrap
 
 import pytest
+import torch
 import yaml
 
 from callbacks.cli import main
@@ -202,6 +203,12 @@ def test_audit_bad_input_exits_2(tmp_path, capsys):
     (tmp_path / "adapter").mkdir()
     (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps(
         {"peft_type": "LORA", "base_model_name_or_path": "google/gemma-2-2b"}))
+    assert main(["audit", str(tmp_path / "adapter")]) == 2
+    assert "holds no weight file" in capsys.readouterr().err  # never passed as clean
+    from safetensors.torch import save_file
+
+    save_file({"base_model.model.lm_head.lora_A.weight": torch.zeros(2, 4)},
+              str(tmp_path / "adapter" / "adapter_model.safetensors"))
     assert main(["audit", str(tmp_path / "adapter")]) == 2
     assert "nothing is downloaded" in capsys.readouterr().err
 
