@@ -1,4 +1,4 @@
-"""Command line: ``python -m callbacks run|audit|schema|diff``.
+"""Command line: ``python -m callbacks run|audit|schema|diff`` (help in plain text, with examples).
 
 Exit codes: ``run`` and ``audit``: 0 clean, 1 error findings, 2 bad input. ``diff``: 0 identical, 1 diverged,
 2 bad input. ``schema``: 0.
@@ -117,26 +117,63 @@ def _cmd_diff(args: argparse.Namespace) -> int:
     return code
 
 
+PROG = "python -m callbacks"
+
+#: what ``--help`` shows after the options: examples and exit codes, plain text for a terminal
+EPILOGS = {
+    None: f"""examples:
+  {PROG} run recipes/quickstart.yaml
+  {PROG} audit out/quickstart/checkpoint-6
+  {PROG} <command> --help
+
+exit codes: run and audit 0 clean, 1 error findings, 2 bad input; diff 0 identical, 1 diverged, 2 bad input""",
+    "run": f"""examples:
+  {PROG} run recipes/quickstart.yaml
+  {PROG} run recipes/failures/dead_adapter.yaml --html out/dead.html
+
+exit codes: 0 no error finding, 1 error findings, 2 bad recipe (the message names file, key and allowed values)""",
+    "audit": f"""examples:
+  {PROG} audit out/quickstart/checkpoint-6
+  {PROG} audit my_adapter/ --recipe recipes/quickstart.yaml --report audit.json
+
+exit codes: 0 clean, 1 error findings, 2 a folder or file it cannot read or judge""",
+    "schema": f"""examples:
+  {PROG} schema -o recipe.schema.json     (for an editor's YAML validation)""",
+    "diff": f"""examples:
+  {PROG} diff run_a/hashes.jsonl run_b/hashes.jsonl
+
+exit codes: 0 identical, 1 diverged (the first step and tensors are printed), 2 bad input""",
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``python -m callbacks``."""
-    parser = argparse.ArgumentParser(prog="python -m callbacks", description=__doc__.splitlines()[0])
+    plain = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(prog=PROG, formatter_class=plain, epilog=EPILOGS[None],
+                                     description="Training-loop integrity checks: run a recipe, audit a "
+                                                 "checkpoint, print the recipe schema, compare hash ledgers.")
     sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="run a recipe's training job with the integrity checks")
+
+    def command(name: str, summary: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=summary, description=summary[0].upper() + summary[1:] + ".",
+                              epilog=EPILOGS[name], formatter_class=plain)
+
+    run = command("run", "run a recipe's training job with the integrity checks")
     run.add_argument("recipe", help="path of the recipe YAML")
     run.add_argument("--html", help="HTML report path (default: the JSON report's path with .html)")
     run.set_defaults(func=_cmd_run)
-    audit = sub.add_parser("audit", help="the saved-state, tie and adapter checks on a checkpoint folder, offline")
+    audit = command("audit", "the saved-state, tie and adapter checks on a checkpoint folder, offline")
     audit.add_argument("checkpoint", help="a checkpoint folder (config.json / adapter_config.json and weights)")
     audit.add_argument("--recipe", help="recipe whose model:/adapter: sections rebuild the model")
     audit.add_argument("--report", help="JSON report path")
     audit.add_argument("--html", help="HTML report path (default: the JSON report's path with .html)")
     audit.set_defaults(func=_cmd_audit)
-    schema = sub.add_parser("schema", help="JSON schema of a whole recipe")
+    schema = command("schema", "JSON schema of a whole recipe")
     schema.add_argument("-o", "--output", help="write to this file instead of stdout")
     schema.set_defaults(func=_cmd_schema)
-    diff = sub.add_parser("diff", help="first step and tensors where two hash ledgers differ")
-    diff.add_argument("ledger_a")
-    diff.add_argument("ledger_b")
+    diff = command("diff", "first step and tensors where two hash ledgers differ")
+    diff.add_argument("ledger_a", help="a hash ledger (JSON lines) written by the hashes check")
+    diff.add_argument("ledger_b", help="the ledger of the run to compare with")
     diff.set_defaults(func=_cmd_diff)
     return parser
 

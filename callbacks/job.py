@@ -21,6 +21,7 @@ import fnmatch
 import importlib
 import inspect
 import os
+import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
@@ -212,7 +213,32 @@ def recipe_json_schema() -> dict[str, Any]:
                                      "default": None, "description": "the integrity checks (see README)"}
     defs["AccelerateArgs"] = AccelerateArgs.model_json_schema()
     schema["title"] = "integrity-callbacks recipe"
-    return schema
+    return _plain_descriptions(schema)
+
+
+#: reStructuredText roles (``:class:`~a.B```) and literals (````x````): docstring markup a terminal shows raw
+_RST_ROLE = re.compile(r":(?:class|func|meth|mod|data|attr|obj|exc):`~?([^`]+)`")
+_RST_LITERAL = re.compile(r"``([^`]+)``")
+
+
+def plain_text(text: str) -> str:
+    """``text`` without reStructuredText markup: a role becomes its target (``~`` shortens it to the last
+    name, as Sphinx does), a literal its content."""
+    def role(match: re.Match[str]) -> str:
+        target = match.group(1)
+        return target.rsplit(".", 1)[-1] if "`~" in match.group(0) else target
+
+    return _RST_LITERAL.sub(r"\1", _RST_ROLE.sub(role, text))
+
+
+def _plain_descriptions(node: Any) -> Any:
+    """Every ``description`` in a JSON schema as plain text."""
+    if isinstance(node, dict):
+        return {k: plain_text(v) if k == "description" and isinstance(v, str) else _plain_descriptions(v)
+                for k, v in node.items()}
+    if isinstance(node, list):
+        return [_plain_descriptions(v) for v in node]
+    return node
 
 
 def load_job(path: str) -> tuple[JobRecipe, IntegrityConfig]:

@@ -367,3 +367,21 @@ def test_fault_hooks_run_at_the_same_moments_under_every_trainer(tmp_path, monke
     assert main(["run", path]) == 0
     assert RecordingFault.calls == [("setup", None), ("before", 1, True), ("after", 1), ("before", 2, True),
                                     ("after", 2)]
+
+
+# -- help and schema are plain text --------------------------------------------------------------------------------
+@pytest.mark.parametrize("command", [[], ["run"], ["audit"], ["schema"], ["diff"]])
+def test_help_is_plain_text_with_examples(command, capsys):
+    assert main([*command, "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "examples:" in out and f"python -m callbacks {command[0] if command else 'run'} " in out
+    assert "``" not in out and ":class:" not in out
+
+
+def test_schema_descriptions_are_plain_text(capsys):
+    assert main(["schema"]) == 0
+    out = capsys.readouterr().out
+    schema = json.loads(out)
+    assert schema["title"] == "integrity-callbacks recipe"
+    assert "``" not in out and not any(role in out for role in (":class:", ":meth:", ":func:", ":mod:"))
+    assert "callbacks.gallery.Fault subclass" in out  # a role's target kept, its markup gone
