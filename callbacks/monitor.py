@@ -239,9 +239,12 @@ class Monitor:
     def checked_merge(self, model: Any, method: str | None = None, **kwargs: Any) -> Any:
         """Merge adapters (PEFT ``merge_and_unload`` by default; ``merge_adapter``, ``unmerge_adapter``, or the
         ``adapters`` library's ``merge_adapter``/``reset_adapter``) and run the merge checks; returns the merged
-        model. See :func:`callbacks.checks.merge.checked_merge`."""
+        model. Findings are attributed to ``step=`` if given, else to the last step this monitor saw (a merge
+        after training reports ``merge@<last step>``, the convention of every other event). See
+        :func:`callbacks.checks.merge.checked_merge`."""
         from callbacks.checks.merge import checked_merge
 
+        kwargs.setdefault("step", lambda: self._last_step)
         return checked_merge(self, model, method, **kwargs)
 
     # -- state ------------------------------------------------------------------------------------------------

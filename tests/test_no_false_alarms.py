@@ -128,6 +128,7 @@ def test_ensure_weight_tying_trains_clean_and_its_merge_is_a_true_mismatch(tmp_p
     callback.monitor.checked_merge(model)
     merge = [f for f in callback.findings if f.event == "merge" and f.severity == "error"]
     assert codes(merge) == ["MERGE_MISMATCH"]  # the shared delta is added twice: PEFT's merge of the tie
+    assert {f.step for f in merge} == {4}  # the README's call, no step given: the last step trained
 
 
 def test_ensure_weight_tying_with_a_redrawn_head_adapter_is_init_wrong(tmp_path):
@@ -339,3 +340,4 @@ def test_bitsandbytes_qlora_trains_clean_and_a_frozen_quantised_weight_written_i
     v_proj.register_forward_pre_hook(corrupt)
     changed = [f for f in train(model, tmp_path / "faulty", steps=2).findings if f.code == "FROZEN_CHANGED"]
     assert changed and changed[0].params == ("model.layers.0.self_attn.v_proj.weight",)
+
