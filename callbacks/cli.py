@@ -75,6 +75,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
             from callbacks.report_html import write_html
 
             write_html(monitor.report, html, title=f"integrity report: {args.recipe}")
+            print(f"integrity: HTML report {os.path.abspath(html)}")
         print(f"integrity: {len(monitor.report.errors)} error finding(s); exit {code}")
         if exit_file:
             with open(exit_file, "w", encoding="utf-8") as fh:
@@ -92,6 +93,7 @@ def _cmd_audit(args: argparse.Namespace) -> int:
         from callbacks.report_html import write_html
 
         write_html(monitor.report, html, title=f"integrity audit: {args.checkpoint}")
+        print(f"integrity: HTML report {os.path.abspath(html)}")
     errors = len(monitor.report.errors)
     print(f"integrity audit: {errors} error finding(s); exit {EXIT_FINDINGS if errors else EXIT_CLEAN}")
     return EXIT_FINDINGS if errors else EXIT_CLEAN

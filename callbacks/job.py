@@ -466,12 +466,17 @@ def run_job(path: str) -> tuple[int, Any]:
     holder: dict[str, Any] = {}
     try:
         trained, step = runner(job, integrity, model, dataset, faults, path, holder)
-        if job.adapter is not None and job.adapter.merge:
+        if merges_after_training(job):
             _merge_and_save(job, holder["callback"].monitor, trained, step)
     except IntegrityError:
         pass  # the monitor already printed the table and wrote the report
     monitor = holder["callback"].monitor
     return (1 if monitor.report.errors else 0), monitor
+
+
+def merges_after_training(job: JobRecipe) -> bool:
+    """Whether the job runs a checked merge after training (its table is printed after the merge, once)."""
+    return job.adapter is not None and bool(job.adapter.merge)
 
 
 def _merge_and_save(job: JobRecipe, monitor: Any, model: torch.nn.Module, step: int) -> None:
@@ -514,6 +519,7 @@ def _run_hf(job: JobRecipe, integrity: IntegrityConfig, model, dataset, faults, 
     except (TypeError, ValueError) as err:
         raise RecipeError(source, "trainer.args", f"TrainingArguments rejected these arguments: {err}") from None
     holder["callback"] = callback = IntegrityCallback(config=integrity)
+    callback.monitor.summary_at_end = not merges_after_training(job)  # one table per job
     trainer = Trainer(model=model, args=args, train_dataset=dataset)
     # HF calls callbacks in list order and puts its reporters (TensorBoard, W&B, ...) first; the faults must act
     # before the checks look, and the checks must add their counts to `logs` before the reporters write them.
@@ -567,6 +573,7 @@ def _run_lightning(job: JobRecipe, integrity: IntegrityConfig, model, dataset, f
 
     pl.seed_everything(job.seed, verbose=False)
     holder["callback"] = callback = IntegrityCallback(config=integrity)
+    callback.monitor.summary_at_end = not merges_after_training(job)  # one table per job
     if job.trainer.processes > 1:
         args.setdefault("strategy", "ddp")
         args.setdefault("devices", job.trainer.processes)
@@ -618,6 +625,7 @@ def _run_accelerate(job: JobRecipe, integrity: IntegrityConfig, model, dataset, 
     loader = torch.utils.data.DataLoader(dataset, batch_size=opts.batch_size, shuffle=False)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     holder["callback"] = hooks = AcceleratorHooks(accelerator, config=integrity)
+    hooks.monitor.summary_at_end = not merges_after_training(job)  # one table per job
     if job.trainer.resume_from:
         accelerator.load_state(job.trainer.resume_from)
         # this runner names its save_state folders checkpoint-N: the step count goes on from N

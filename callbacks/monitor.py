@@ -101,6 +101,9 @@ class Monitor:
             self.checks.append(check)
         self._findings: list[Finding] = []
         self._summary_printed = False
+        #: whether the ``end`` event prints the table; a job that checks more after training (a merge) sets it
+        #: False and calls :meth:`finish` itself, so the terminal shows one table per job
+        self.summary_at_end = True
         self._last_step: int | None = None
         self._merge_watch: Any = None
         self.rank = distributed_rank()
@@ -166,7 +169,10 @@ class Monitor:
         self._findings.extend(new)
         self._apply_policy(new)
         if event == "end":
-            self.finish()
+            if self.summary_at_end:
+                self.finish()
+            else:
+                self._write_report()
         return new
 
     def _establish(self, event: str, model: Any, step: int | None) -> list[Finding]:
@@ -196,9 +202,9 @@ class Monitor:
                 continue
             logger.log(level, "%s", finding)
         errors = [f for f in new if f.severity == "error"]
-        if errors and not self._summary_printed:
-            self._summary_printed = True  # the first error gets the table at once; the end prints it again
-            self._emit(final=self.policy == "raise")
+        if errors and self.policy == "raise" and not self._summary_printed:
+            self._summary_printed = True  # training stops here: the table now, once
+            self._emit(final=True)
         if errors and self.policy == "raise":
             raise IntegrityError(errors)
 
@@ -210,13 +216,21 @@ class Monitor:
     def _emit(self, final: bool) -> None:
         if self.rank != 0:
             return
-        report = self.report
-        print(str(report), file=sys.stdout, flush=True)
-        if final and self.config.report:
-            path = self.config.report
-            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-            with open(path, "w", encoding="utf-8") as fh:
-                fh.write(report.to_json())
+        print(str(self.report), file=sys.stdout, flush=True)
+        if final:
+            path = self._write_report()
+            if path:
+                print(f"integrity: JSON report {path}", file=sys.stdout, flush=True)
+
+    def _write_report(self) -> str | None:
+        """Write the JSON report (rank 0, when a path is configured); its absolute path."""
+        if self.rank != 0 or not self.config.report:
+            return None
+        path = os.path.abspath(self.config.report)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w", encoding="utf-8") as fh:
+            fh.write(self.report.to_json())
+        return path
 
     # -- merge ------------------------------------------------------------------------------------------------
     def _watch_merges(self, model: Any) -> None:

@@ -95,7 +95,8 @@ def check_recipe(name: str, tmp_path, monkeypatch, capsys) -> None:
                                 capture_output=True, text=True, timeout=240)
         code, out = result.returncode, result.stdout
         assert code == exit_code, result.stdout[-3000:] + result.stderr[-3000:]
-        assert out.count("integrity: ") == 1, "the summary is printed by rank 0 only"
+        assert out.count("integrity report") == 1 and out.count("error finding(s); exit") == 1, \
+            "the summary is printed by rank 0 only"
     else:
         code = main(["run", path])
         out = capsys.readouterr().out

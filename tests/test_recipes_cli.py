@@ -385,3 +385,22 @@ def test_schema_descriptions_are_plain_text(capsys):
     assert schema["title"] == "integrity-callbacks recipe"
     assert "``" not in out and not any(role in out for role in (":class:", ":meth:", ":func:", ":mod:"))
     assert "callbacks.gallery.Fault subclass" in out  # a role's target kept, its markup gone
+
+
+# -- a terminal that says it once ----------------------------------------------------------------------------------
+def test_merge_gallery_recipe_prints_one_table_and_ends_with_the_report_paths(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["run", os.path.join(RECIPES, "failures", "tied_lm_head_merge.yaml")]) == 1
+    out = capsys.readouterr().out
+    assert out.count("integrity report") == 1  # not after training, after the merge and at the end
+    folder = tmp_path / "out" / "failures" / "tied_lm_head_merge"
+    tail = out.strip().splitlines()[-3:]
+    assert tail == [f"integrity: JSON report {folder / 'integrity.json'}",
+                    f"integrity: HTML report {folder / 'integrity.html'}", "integrity: 3 error finding(s); exit 1"]
+    assert "MERGE_SIDE_EFFECT" in out
+
+
+def test_audit_prints_one_table(resumed_run, tmp_path, capsys):
+    assert main(["audit", str(resumed_run / "checkpoint-2"), "--report", str(tmp_path / "a.json")]) == 1
+    out = capsys.readouterr().out
+    assert out.count("integrity report") == 1 and f"integrity: JSON report {tmp_path / 'a.json'}" in out
