@@ -102,7 +102,8 @@ def resolve_name(name: str, names: Sequence[str]) -> tuple[str | None, str]:
     return None, "is not a parameter of the model"
 
 
-def _closest(name: str, names: Sequence[str]) -> tuple[str, ...]:
+def closest_names(name: str, names: Sequence[str]) -> tuple[str, ...]:
+    """Up to three of ``names`` closest to ``name`` (for the fix in a NAME_NOT_FOUND)."""
     close = difflib.get_close_matches(name, names, n=3, cutoff=0.5)
     if not close:  # a long path with one wrong segment: compare the last segments
         tail = name.rsplit(".", 2)[-2:]
@@ -145,13 +146,13 @@ def establish_facts(model: nn.Module, declared: Iterable[DeclaredNames] = (),
                     module_patterns[pattern] = entry.where
                 else:
                     unknown.append(UnknownName(pattern, entry.where, "matches no module of the model",
-                                               _closest(pattern, module_names)))
+                                               closest_names(pattern, module_names)))
             continue
         resolved = []
         for name in entry.names:
             found, why = resolve_name(name, name_list)
             if found is None:
-                unknown.append(UnknownName(name, entry.where, why, _closest(user_name(name), name_list)))
+                unknown.append(UnknownName(name, entry.where, why, closest_names(user_name(name), name_list)))
             else:
                 resolved.append(found)
         group = tuple(sorted(set(resolved)))
@@ -208,8 +209,3 @@ def name_not_found(unknown: UnknownName, *, event: str, step: int | None, check:
              "prints them, without wrapper prefixes such as module. or base_model.model.; module patterns are "
              "fnmatch patterns over module names)",
         name=unknown.name, where=unknown.where, closest=list(unknown.closest))
-
-
-def closest_names(name: str, names: Sequence[str]) -> tuple[str, ...]:
-    """Up to three of ``names`` closest to ``name`` (for the fix in a NAME_NOT_FOUND)."""
-    return _closest(name, names)

@@ -359,14 +359,23 @@ def shared_parts(units: Sequence[AdapterUnit]) -> set[int]:
     embedding adapter's B/A, and the head's Linear init writes into them last: those parts hold the Linear
     contract's values (judged on the head's unit), not the embedding's.
     """
-    keys: dict[tuple[Any, ...], set[int]] = {}
-    for index, unit in enumerate(units):
-        for part in unit.parts:
-            if part.param.device.type != "meta" and part.param.numel():
-                keys.setdefault(buffer_key(part.param), set()).add(index)
-    return {id(part) for unit in units if unit.kind == "embedding" for part in unit.parts
-            if part.param.device.type != "meta" and part.param.numel()
-            and len(keys.get(buffer_key(part.param), ())) > 1}
+    unit_of = {id(part): index for index, unit in enumerate(units) for part in unit.parts}
+    embedding = {id(part) for unit in units if unit.kind == "embedding" for part in unit.parts}
+    shared: set[int] = set()
+    for group in buffer_groups([part for unit in units for part in unit.parts]):
+        if len({unit_of[id(part)] for part in group}) > 1:
+            shared |= {id(part) for part in group if id(part) in embedding}
+    return shared
+
+
+def buffer_groups(parts: Sequence[AdapterPart]) -> list[list[AdapterPart]]:
+    """Parts grouped by the buffer they live in (views of one memory), groups of two or more only; meta and
+    empty parameters belong to no group."""
+    by_buffer: dict[tuple[Any, ...], list[AdapterPart]] = {}
+    for part in parts:
+        if part.param.device.type != "meta" and part.param.numel():
+            by_buffer.setdefault(buffer_key(part.param), []).append(part)
+    return [group for group in by_buffer.values() if len(group) > 1]
 
 
 def audit_units(units: Sequence[AdapterUnit], fresh: bool | Iterable[AdapterUnit] = True) -> list[Violation]:
@@ -625,13 +634,9 @@ def shared_grad_state(parts: Sequence[AdapterPart], states: Sequence[str]) -> di
     ``nonzero``: the optimizer's update of one writes the other (PEFT's ``ensure_weight_tying`` makes the embedding
     adapter's factors views of the tied head's, and only the head's parameters receive the gradient)."""
     out = dict(zip((p.name for p in parts), states, strict=True))
-    by_buffer: dict[tuple[Any, ...], list[str]] = {}
-    for part in parts:
-        if part.param.device.type != "meta" and part.param.numel():
-            by_buffer.setdefault(buffer_key(part.param), []).append(part.name)
-    for names in by_buffer.values():
-        if len(names) > 1 and any(out[n] == "nonzero" for n in names):
-            out.update(dict.fromkeys(names, "nonzero"))
+    for group in buffer_groups(parts):
+        if any(out[part.name] == "nonzero" for part in group):
+            out.update(dict.fromkeys((part.name for part in group), "nonzero"))
     return out
 
 
