@@ -207,13 +207,19 @@ def _reports_to(args: Any) -> list[str]:
     return [report_to] if isinstance(report_to, str) else [r for r in report_to if r != "none"]
 
 
+def _own_index(entries: list[Any], key: str) -> int | None:
+    """Index of the latest entry under ``key`` in HF's list of stored states for one class name."""
+    return next((i for i in range(len(entries) - 1, -1, -1)
+                 if isinstance(entries[i], dict) and entries[i].get("state_key") == key), None)
+
+
 def _own_entry(stored: Any, key: str) -> dict[str, Any] | None:
     """The latest entry under ``key`` among HF's stored states for one class name (one dict, or a list that
     HF appends to at every save); an unkeyed single entry is one written before entries carried keys."""
     entries = stored if isinstance(stored, list) else [stored]
-    own = [e for e in entries if isinstance(e, dict) and e.get("state_key") == key]
-    if own:
-        return own[-1]
+    index = _own_index(entries, key)
+    if index is not None:
+        return entries[index]
     if isinstance(stored, dict) and "state_key" not in stored:
         return stored
     return None
@@ -221,11 +227,10 @@ def _own_entry(stored: Any, key: str) -> dict[str, Any] | None:
 
 def _replace_own_entry(stored: Any, fresh: dict[str, Any]) -> Any:
     """``stored`` with its latest entry under ``fresh['state_key']`` replaced by ``fresh``; None if it has none."""
-    if isinstance(stored, dict) and stored.get("state_key") == fresh["state_key"]:
-        return fresh
-    if isinstance(stored, list):
-        for i in range(len(stored) - 1, -1, -1):
-            if isinstance(stored[i], dict) and stored[i].get("state_key") == fresh["state_key"]:
-                stored[i] = fresh
-                return stored
-    return None
+    if isinstance(stored, dict):
+        return fresh if stored.get("state_key") == fresh["state_key"] else None
+    index = _own_index(stored, fresh["state_key"]) if isinstance(stored, list) else None
+    if index is None:
+        return None
+    stored[index] = fresh
+    return stored
