@@ -171,11 +171,7 @@ class TieCheck(Check):
         facts = self.facts_of(ctx)
         self.tie_map = facts.tie_map
         self.names = dict(facts.names)
-        merged: dict[tuple[str, ...], ExpectedTie] = {}
-        for tie in [*facts.expected_ties, *self.expected]:  # self.expected: restored on resume
-            if all(n in self.names for n in tie.names):
-                merged.setdefault(tie.names, tie)
-        self.expected = list(merged.values())
+        self.expected = facts.expected_ties  # the engine's registry (ties restored on resume included)
         findings = list(self._broken(ctx))
         for replaced in facts.replaced_ties:
             others = [n for n in replaced.names if not n.startswith(replaced.module + ".")]
@@ -238,6 +234,8 @@ class TieCheck(Check):
 
     # -- logic ------------------------------------------------------------------------------------------------
     def _broken(self, ctx: EventContext) -> list[Finding]:
+        if ctx.facts is not None:
+            self.expected = ctx.facts.expected_ties
         if not self.expected:
             return []
         findings = []
@@ -276,9 +274,10 @@ class TieCheck(Check):
                 "expected": [{"names": list(t.names), "source": t.source} for t in self.expected]}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"expected": [[list(t.names), t.source] for t in self.expected],
-                "reported": [list(n) for n in sorted(self.reported)]}
+        """The ties reported broken (reported once until they hold again)."""
+        return {"reported": [list(n) for n in sorted(self.reported)]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.expected = [ExpectedTie(names=tuple(n), source=s) for n, s in state.get("expected", [])]
+        """Restore :meth:`state_dict`."""
+        # expected ties are the engine's (it restores the recorded ones); only what was reported is ours
         self.reported = {tuple(n) for n in state.get("reported", [])}
