@@ -47,7 +47,17 @@ class EventContext:
         state_dict: ``checkpoint``: the dict about to be saved; ``load``: the dict about to be / just loaded.
         checkpoint_dir: ``checkpoint``/``load``: a folder or file written / read by the trainer.
         trainer: which integration dispatched (``hf``, ``lightning``, ``accelerate``, ``custom``).
-        extra: anything else an integration knows (merge details, etc.).
+        checkpoint: Lightning ``checkpoint``: the whole checkpoint dict (``state_dict`` is its weights), so a
+            check can look again after the LightningModule's own ``on_save_checkpoint`` edited it.
+        probe_batch: ``init``: a batch the model accepts, for checks that run the model (identity probe);
+            ``None``: the check builds one from the model's config.
+        grad_scaler: ``step``: the dynamic loss scaler in use (AMP), when the loop has one.
+        merge_method: ``merge``: the merge method that ran (``merge_and_unload``, ``unmerge_adapter``, ...).
+        merge: ``merge``: the :class:`~callbacks.merging.MergeObservation` (what the model held before and
+            after); ``None`` when the merge ran unobserved.
+        merge_error: ``merge``: why observing the merge failed (the merge itself ran); the merge check turns
+            it into CHECK_FAILED.
+        extra: free-form data for custom checks; the package's own checks read only the typed fields.
         facts: the :class:`~callbacks.facts.ModelFacts` the engine established at its first event (names,
             expected ties, resolved configuration); ``None`` when a check runs without a monitor.
     """
@@ -61,6 +71,12 @@ class EventContext:
     state_dict: Mapping[str, Any] | None = None
     checkpoint_dir: str | None = None
     trainer: str = "custom"
+    checkpoint: Mapping[str, Any] | None = None
+    probe_batch: Mapping[str, Any] | None = None
+    grad_scaler: Any = None
+    merge_method: str | None = None
+    merge: Any = None
+    merge_error: str | None = None
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
     facts: Any = None
 

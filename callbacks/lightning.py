@@ -76,11 +76,11 @@ def _make_callback_class(base: type) -> type:
 
         def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
             """The checkpoint dict is built; its ``state_dict`` is what will be written."""
-            # extra["checkpoint"]: the whole dict, so checks can look again after the LightningModule's own
+            # checkpoint=: the whole dict, so checks can look again after the LightningModule's own
             # on_save_checkpoint, which Lightning calls after the callbacks' (it may replace "state_dict")
             self.monitor.dispatch("checkpoint", pl_module, step=trainer.global_step,
                                   state_dict=checkpoint.get("state_dict"), trainer="lightning",
-                                  extra={"checkpoint": checkpoint})
+                                  checkpoint=checkpoint)
 
         def on_fit_end(self, trainer, pl_module) -> None:
             """Training finished: last checks, summary table and report."""

@@ -538,11 +538,11 @@ def probe_target(model: nn.Module) -> nn.Module | None:
     return None
 
 
-def probe_inputs(model: nn.Module, extra: Mapping[str, Any] | None = None) -> dict[str, Any] | None:
-    """``extra['probe_batch']`` when given, else a one-row batch built from the model's config by the shared
-    probe primitive (private generator: the global RNG is not consumed); None when none can be built."""
-    if extra and isinstance(extra.get("probe_batch"), Mapping):
-        return dict(extra["probe_batch"])
+def probe_inputs(model: nn.Module, given: Mapping[str, Any] | None = None) -> dict[str, Any] | None:
+    """``given`` (the event's ``probe_batch``) when set, else a one-row batch built from the model's config by
+    the shared probe primitive (private generator: the global RNG is not consumed); None when none can be built."""
+    if isinstance(given, Mapping):
+        return dict(given)
     try:
         return build_probe_batch(model, batch_size=1, seq_len=8)
     except ProbeUnavailable:
@@ -839,16 +839,16 @@ class AdapterInitCheck(Check):
                 "CHECK_NOT_APPLICABLE", ctx, message=f"identity probe not run: {listed}",
                 hint="nothing to fix: this init is not meant to leave the output unchanged; the parameter checks "
                      "still ran", adapters=sorted(unjudged))]
-        target = ctx.model if ctx.extra.get("probe_batch") is not None else probe_target(ctx.model)
-        batch = probe_inputs(target, ctx.extra) if target is not None else None
+        target = ctx.model if ctx.probe_batch is not None else probe_target(ctx.model)
+        batch = probe_inputs(target, ctx.probe_batch) if target is not None else None
         if target is None or batch is None:
             return [self.finding(
                 "CHECK_NOT_APPLICABLE", ctx, message="identity probe not run: no probe batch can be built from "
-                "the model's config", hint="pass extra={'probe_batch': {...}} to dispatch('init', ...) to probe")]
+                "the model's config", hint="pass probe_batch={...} to dispatch('init', ...) to probe")]
         result = probe_identity(target, probed, batch)
         if result.skipped:
             hint = ("unmerge adapters before training to probe them" if "merged" in result.skipped else
-                    "pass extra={'probe_batch': {...}} (a batch the model accepts) to dispatch('init', ...) to "
+                    "pass probe_batch={...} (a batch the model accepts) to dispatch('init', ...) to "
                     "probe; the parameter checks still ran")
             return [self.finding("CHECK_NOT_APPLICABLE", ctx, message=f"identity probe not run: {result.skipped}",
                                  hint=hint)]

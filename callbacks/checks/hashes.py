@@ -188,7 +188,7 @@ def optimizer_parameters(optimizer: Any) -> list[torch.Tensor] | None:
 
 def loss_scaled(ctx: EventContext) -> bool:
     """Whether a dynamic loss scaler (which skips steps with non-finite gradients) is in use."""
-    if ctx.extra.get("grad_scaler") is not None:
+    if ctx.grad_scaler is not None:
         return True
     scaler = getattr(ctx.optimizer, "scaler", None)
     return scaler is not None and bool(getattr(scaler, "is_enabled", lambda: True)())

@@ -370,7 +370,7 @@ class SavedStateCheck(Check):
                 findings.extend(self._verify(ctx, {"": keys}, lambda group, key: state.get(key), source=source,
                                              files=[]))
             self._pending = _PendingStateDict(
-                step=ctx.step, checkpoint=ctx.extra.get("checkpoint"), state_dict=state,
+                step=ctx.step, checkpoint=ctx.checkpoint, state_dict=state,
                 reported={n for f in unsaved for n in f.params}, framework=framework)
         if ctx.checkpoint_dir:
             findings.extend(self._check_files(ctx, ctx.checkpoint_dir, framework))
