@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict
 
 from callbacks.events import EventContext
 from callbacks.facts import DeclaredNames, ModelFacts, establish_facts
-from callbacks.findings import Finding
+from callbacks.findings import Finding, Severity
 
 
 class CheckConfig(BaseModel):
@@ -23,6 +23,46 @@ class CheckConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     enabled: bool = True
+
+
+class ReportedOnce:
+    """Which failures were reported, per code, so each is reported once while it lasts.
+
+    :meth:`new` is "once until it recovers": a key that stops failing becomes reportable again. :meth:`first`
+    is "once for the run": a key is never reported twice. Keys are strings or tuples of strings; the state is
+    plain lists (picklable and JSON-ready).
+    """
+
+    def __init__(self) -> None:
+        self._keys: dict[str, set[Any]] = {}
+
+    def new(self, code: str, failing: Iterable[Any]) -> list[Any]:
+        """The keys of ``failing`` not reported for ``code`` at the last call; they now count as reported, and
+        keys that are no longer failing are forgotten (reported again if they fail again)."""
+        failing = list(failing)
+        before = self._keys.get(code, set())
+        self._keys[code] = set(failing)
+        return [k for k in failing if k not in before]
+
+    def first(self, code: str, failing: Iterable[Any]) -> list[Any]:
+        """The keys of ``failing`` never reported for ``code``; they now count as reported for good."""
+        seen = self._keys.setdefault(code, set())
+        new = [k for k in dict.fromkeys(failing) if k not in seen]
+        seen.update(new)
+        return new
+
+    def keys(self, code: str) -> set[Any]:
+        """The keys currently counted as reported for ``code``."""
+        return set(self._keys.get(code, set()))
+
+    def state_dict(self) -> dict[str, list[Any]]:
+        """``{code: sorted keys}``, tuples as lists."""
+        return {code: sorted(list(k) if isinstance(k, tuple) else k for k in keys)
+                for code, keys in self._keys.items()}
+
+    def load_state_dict(self, state: dict[str, list[Any]]) -> None:
+        """Restore :meth:`state_dict`."""
+        self._keys = {code: {tuple(k) if isinstance(k, list) else k for k in keys} for code, keys in state.items()}
 
 
 class Check:
@@ -90,10 +130,11 @@ class Check:
         return []
 
     def finding(self, code: str, ctx: EventContext, *, params: Iterable[str] = (), message: str, hint: str,
-                **details: Any) -> Finding:
-        """Build a :class:`Finding` at ``ctx``'s event and step, attributed to this check."""
+                severity: Severity | None = None, **details: Any) -> Finding:
+        """Build a :class:`Finding` at ``ctx``'s event and step, attributed to this check. ``severity``
+        overrides the code's default (e.g. ``warning`` where the condition is expected under a loss scaler)."""
         return Finding.make(code, event=ctx.event, step=ctx.step, params=params, message=message, hint=hint,
-                            check=self.name, **details)
+                            severity=severity, check=self.name, **details)
 
     def report_section(self) -> dict[str, Any] | None:
         """Extra JSON-ready data this check adds to the report (e.g. the tie map); ``None`` for nothing."""

@@ -12,7 +12,7 @@ import torch
 from pydantic import Field, field_validator
 from torch import nn
 
-from callbacks.checks.base import Check, CheckConfig
+from callbacks.checks.base import Check, CheckConfig, ReportedOnce
 from callbacks.events import EventContext
 from callbacks.facts import ORIGINAL_MODULE, DeclaredNames
 from callbacks.findings import Finding
@@ -160,7 +160,8 @@ class TieCheck(Check):
         self.tie_map: TieMap | None = None
         self.expected: list[ExpectedTie] = []
         self.names: dict[str, str] = {}
-        self.reported: set[tuple[str, ...]] = set()
+        #: broken ties already reported (again only after they hold again)
+        self.reported = ReportedOnce()
 
     def declared_names(self) -> list[DeclaredNames]:
         """``checks.ties.declare`` (the engine adds ``declare_ties=`` and reports unknown names)."""
@@ -239,16 +240,15 @@ class TieCheck(Check):
         if not self.expected:
             return []
         findings = []
-        now_broken = set()
         broken = broken_ties(ctx.model, self.expected, self.names)
         if any(what.startswith(MISSING) for _, what in broken):
             # raw names can change while user names do not (merge_and_unload drops ``.base_layer``, a re-wrap
             # adds a prefix): look the parameters up as the model spells them now before calling them gone
             self.names = {**self.names, **raw_names(ctx.model)}
             broken = broken_ties(ctx.model, self.expected, self.names)
+        newly_broken = set(self.reported.new("TIE_BROKEN", [tie.names for tie, _ in broken]))
         for tie, what in broken:
-            now_broken.add(tie.names)
-            if tie.names in self.reported:
+            if tie.names not in newly_broken:
                 continue  # reported once until it holds again
             if what.startswith(QUANTISED):
                 findings.append(self.finding(
@@ -264,7 +264,6 @@ class TieCheck(Check):
                 "TIE_BROKEN", ctx, params=tie.names,
                 message=f"{' and '.join(tie.names)} should share one tensor ({tie.source} tie) but {what}",
                 hint=HINTS[tie.source], source=tie.source))
-        self.reported = now_broken
         return findings
 
     def report_section(self) -> dict[str, Any] | None:
@@ -275,9 +274,9 @@ class TieCheck(Check):
 
     def state_dict(self) -> dict[str, Any]:
         """The ties reported broken (reported once until they hold again)."""
-        return {"reported": [list(n) for n in sorted(self.reported)]}
+        return {"reported": self.reported.state_dict().get("TIE_BROKEN", [])}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict`."""
         # expected ties are the engine's (it restores the recorded ones); only what was reported is ours
-        self.reported = {tuple(n) for n in state.get("reported", [])}
+        self.reported.load_state_dict({"TIE_BROKEN": state.get("reported", [])})
