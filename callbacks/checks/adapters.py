@@ -17,6 +17,7 @@ logic; :class:`AdapterInitCheck` is the thin stateful class the engine runs.
 from __future__ import annotations
 
 import dataclasses
+import enum
 import logging
 import math
 from collections.abc import Iterable, Mapping, Sequence
@@ -267,15 +268,34 @@ def init_contract(unit: AdapterUnit) -> Contract:
 
 # -- evaluation ------------------------------------------------------------------------------------------------
 
+class Broken(enum.Enum):
+    """Which expectation a parameter breaks; :data:`FIXES` holds the fix for each."""
+
+    NOT_ZERO = "not zero"
+    NOT_CONSTANT = "not the constant its init sets"
+    ALL_ZERO = "all zero"
+    WRONG_SPREAD = "wrong spread"
+    DORA_MAGNITUDE = "DoRA magnitude is not the base weight norm"
+    PRODUCT_NOT_ZERO = "product B·A not zero"
+    NOT_FLOATING = "not floating point"
+    WRONG_DEVICE = "on another device than its base layer"
+    NON_FINITE = "non-finite"
+
+
 @dataclasses.dataclass
 class Violation:
-    """One parameter breaking one expectation. ``problem`` groups violations into findings."""
+    """One parameter breaking one expectation. ``problem`` (the words the finding shows) groups violations into
+    findings; ``broken`` says which expectation, for the fix."""
 
     unit: AdapterUnit
     part: AdapterPart
-    problem: str
+    broken: Broken
     expected: str
     found: str
+    problem: str = ""
+
+    def __post_init__(self) -> None:
+        self.problem = self.problem or self.broken.value
 
 
 def _describe(t: torch.Tensor) -> str:
@@ -308,23 +328,24 @@ def rule_violation(unit: AdapterUnit, part: AdapterPart, rule: Rule) -> Violatio
     if rule.kind == "zero":
         if torch.count_nonzero(t).item() == 0:
             return None
-        return Violation(unit, part, "not zero", "0 (all zero)", _describe(t))
+        return Violation(unit, part, Broken.NOT_ZERO, "0 (all zero)", _describe(t))
     if rule.kind in ("ones", "const"):
         target = 1.0 if rule.kind == "ones" else rule.value
         if bool(torch.all(t == target)):
             return None
-        return Violation(unit, part, f"not {target:g}", f"{target:g} everywhere", _describe(t))
+        return Violation(unit, part, Broken.NOT_CONSTANT, f"{target:g} everywhere", _describe(t),
+                         problem=f"not {target:g}")
     if rule.kind == "nonzero":
         if torch.count_nonzero(t).item() > 0:
             return None
-        return Violation(unit, part, "all zero", "non-zero values", "all zero")
+        return Violation(unit, part, Broken.ALL_ZERO, "non-zero values", "all zero")
     if rule.kind == "spread":
         if torch.count_nonzero(t).item() == 0:
-            return Violation(unit, part, "all zero", f"random values with std ~{rule.value:.4g}", "all zero")
+            return Violation(unit, part, Broken.ALL_ZERO, f"random values with std ~{rule.value:.4g}", "all zero")
         if t.numel() >= 64 and rule.value > 0:
             std = t.double().std().item()
             if not 0.5 * rule.value <= std <= 2.0 * rule.value:
-                return Violation(unit, part, "wrong spread", f"std ~{rule.value:.4g}", _describe(t))
+                return Violation(unit, part, Broken.WRONG_SPREAD, f"std ~{rule.value:.4g}", _describe(t))
         return None
     if rule.kind == "dora_norm":
         expected = _dora_expected_norm(unit)
@@ -334,7 +355,7 @@ def rule_violation(unit: AdapterUnit, part: AdapterPart, rule: Rule) -> Violatio
         if found.shape == expected.shape and torch.allclose(found, expected, rtol=1e-4, atol=1e-6):
             return None
         diff = (found - expected).abs().max().item() if found.shape == expected.shape else float("nan")
-        return Violation(unit, part, "DoRA magnitude is not the base weight norm",
+        return Violation(unit, part, Broken.DORA_MAGNITUDE,
                          "the row norms of the base weight (W + s·BA)", f"max difference {diff:.4g}")
     raise ValueError(f"unknown rule kind {rule.kind!r}")
 
@@ -349,7 +370,7 @@ def product_violation(unit: AdapterUnit, roles: tuple[str, str]) -> Violation | 
     worst = prod.abs().max().item()
     if worst <= 1e-5 * max(scale, 1e-12) * a.param.shape[0]:
         return None
-    return Violation(unit, b, "product B·A not zero", "B·A = 0 (orthogonal init)", f"max |B·A| {worst:.4g}")
+    return Violation(unit, b, Broken.PRODUCT_NOT_ZERO, "B·A = 0 (orthogonal init)", f"max |B·A| {worst:.4g}")
 
 
 def shared_parts(units: Sequence[AdapterUnit]) -> set[int]:
@@ -390,11 +411,11 @@ def audit_units(units: Sequence[AdapterUnit], fresh: bool | Iterable[AdapterUnit
         for part in unit.parts:
             t = part.param
             if not t.is_floating_point():
-                out.append(Violation(unit, part, "not floating point", "a floating-point dtype", str(t.dtype)))
+                out.append(Violation(unit, part, Broken.NOT_FLOATING, "a floating-point dtype", str(t.dtype)))
                 bad_parts.add(id(part))
                 continue
             if device is not None and t.device != device:
-                out.append(Violation(unit, part, "on another device than its base layer", str(device),
+                out.append(Violation(unit, part, Broken.WRONG_DEVICE, str(device),
                                      str(t.device)))
                 bad_parts.add(id(part))
                 continue
@@ -404,7 +425,7 @@ def audit_units(units: Sequence[AdapterUnit], fresh: bool | Iterable[AdapterUnit
             finite = torch.isfinite(t.detach())
             if not bool(finite.all()):
                 bad = int(finite.numel() - finite.sum().item())
-                out.append(Violation(unit, part, "non-finite", "finite values",
+                out.append(Violation(unit, part, Broken.NON_FINITE, "finite values",
                                      f"{bad} of {t.numel()} values are NaN/Inf"))
                 bad_parts.add(id(part))
         if id(unit) not in fresh_ids:
@@ -490,29 +511,39 @@ def trained_adapters(units: Sequence[AdapterUnit]) -> dict[str, tuple[int, int]]
     return {a: (sum(v), len(v)) for a, v in seen.items() if 2 * sum(v) > len(v)}
 
 
-def fix_for(problem: str, unit: AdapterUnit) -> str:
-    """The concrete fix for a kind of violation."""
-    if problem == "non-finite":
-        return ("the adapter holds NaN/Inf: if it was loaded from a file, that file is corrupt (re-save or re-train "
-                "the adapter); otherwise find the init or load step that produced it before training on it")
-    if problem == "on another device than its base layer":
-        return ("move the model after adding adapters (model.to(device)); get_peft_model(low_cpu_mem_usage=True) "
-                "leaves adapters on the meta device until their weights are loaded")
-    if problem == "not floating point":
-        return "adapter parameters must be floating point: do not cast or quantise the adapter weights"
-    if unit.library == "adapters" and any(problem.startswith(p) for p in ("not 1", "not 0")):
-        return ("an init routine touched the adapter's LayerNorm (e.g. treating adapter_down[0] as the down "
-                "projection when ln_before=True): initialise only the nn.Linear layers of adapter_down and reset "
-                "the norm to weight 1, bias 0")
-    if problem == "DoRA magnitude is not the base weight norm":
-        return ("the DoRA magnitude must start as the base weight's row norm: add the adapter after the base "
-                "weights are final (loaded), or re-create it")
+REINITIALISED = ("something re-initialised the adapter after it was added: a model.post_init() / init_weights() / "
+                 "apply(model._init_weights) call or an init loop over every nn.Linear. Initialise the base model "
+                 "before adding adapters, skip adapter modules in custom init code, or reset the adapter "
+                 "(PEFT: layer.reset_lora_parameters(name, True); adapters: add it again)")
+
+#: the fix for each broken expectation; values a re-initialisation produces share :data:`REINITIALISED`
+FIXES: dict[Broken, str] = {
+    Broken.NON_FINITE: ("the adapter holds NaN/Inf: if it was loaded from a file, that file is corrupt (re-save or "
+                        "re-train the adapter); otherwise find the init or load step that produced it before "
+                        "training on it"),
+    Broken.WRONG_DEVICE: ("move the model after adding adapters (model.to(device)); "
+                          "get_peft_model(low_cpu_mem_usage=True) leaves adapters on the meta device until their "
+                          "weights are loaded"),
+    Broken.NOT_FLOATING: "adapter parameters must be floating point: do not cast or quantise the adapter weights",
+    Broken.DORA_MAGNITUDE: ("the DoRA magnitude must start as the base weight's row norm: add the adapter after "
+                            "the base weights are final (loaded), or re-create it"),
+}
+#: the adapters library's LayerNorm given another init (e.g. ``mam_adapter`` with ``ln_before=True``)
+ADAPTERS_NORM_FIX = ("an init routine touched the adapter's LayerNorm (e.g. treating adapter_down[0] as the down "
+                     "projection when ln_before=True): initialise only the nn.Linear layers of adapter_down and "
+                     "reset the norm to weight 1, bias 0")
+CUSTOM_FIX = "re-run the hand-written adapter's init after the model's own init, or fix the declared role"
+
+
+def fix_for(broken: Broken, unit: AdapterUnit) -> str:
+    """The concrete fix for a kind of violation of ``unit``'s contract."""
+    if broken in FIXES:
+        return FIXES[broken]
+    if unit.library == "adapters" and broken is Broken.NOT_CONSTANT:
+        return ADAPTERS_NORM_FIX
     if unit.library == "custom":
-        return "re-run the hand-written adapter's init after the model's own init, or fix the declared role"
-    return ("something re-initialised the adapter after it was added: a model.post_init() / init_weights() / "
-            "apply(model._init_weights) call or an init loop over every nn.Linear. Initialise the base model "
-            "before adding adapters, skip adapter modules in custom init code, or reset the adapter "
-            "(PEFT: layer.reset_lora_parameters(name, True); adapters: add it again)")
+        return CUSTOM_FIX
+    return REINITIALISED
 
 
 # -- identity probe ----------------------------------------------------------------------------------------------
@@ -640,16 +671,25 @@ def shared_grad_state(parts: Sequence[AdapterPart], states: Sequence[str]) -> di
     return out
 
 
-def dead_reason(unit: AdapterUnit, states: Sequence[str]) -> str:
+class DeadReason(enum.StrEnum):
+    """Why a unit got no non-zero gradient (the value is the sentence findings show)."""
+
+    INACTIVE = "the adapter is not active (never named by set_adapter / set_active_adapters / train_adapter)"
+    OUTSIDE_FORWARD = "no gradient reached it: the adapter is outside the forward path"
+    ALL_FACTORS_ZERO = "every parameter is zero (e.g. LoRA A and B both zero): each factor's gradient is zero"
+    ZERO_GRADIENTS = "its gradients are all zero"
+
+
+def dead_reason(unit: AdapterUnit, states: Sequence[str]) -> DeadReason:
     """Why a unit got no non-zero gradient, from what is visible."""
     if not unit.active:
-        return "the adapter is not active (never named by set_adapter / set_active_adapters / train_adapter)"
+        return DeadReason.INACTIVE
     if all(s == "none" for s in states):
-        return "no gradient reached it: the adapter is outside the forward path"
+        return DeadReason.OUTSIDE_FORWARD
     params = [p.param for p in unit.parts if p.param.requires_grad and p.param.device.type != "meta"]
     if params and all(torch.count_nonzero(p.detach()).item() == 0 for p in params):
-        return "every parameter is zero (e.g. LoRA A and B both zero): each factor's gradient is zero"
-    return "its gradients are all zero"
+        return DeadReason.ALL_FACTORS_ZERO
+    return DeadReason.ZERO_GRADIENTS
 
 
 def steps_past_layer_drop(model: nn.Module, miss: float = 1e-6) -> int:
@@ -674,28 +714,21 @@ def steps_past_layer_drop(model: nn.Module, miss: float = 1e-6) -> int:
     return 10**9 if rate >= 1 else math.ceil(math.log(miss) / math.log(rate))
 
 
-def is_unused_reason(reason: str) -> bool:
-    """Whether a dead unit's reason says its layer is idle (outside the forward path, or reached with zero
-    gradients) rather than broken (inactive, or every factor zero)."""
-    return "forward path" in reason or reason == "its gradients are all zero"
+#: reasons that say a layer is idle (the forward pass does not use it, or reaches it with zero gradients)
+#: rather than broken (inactive, or every factor zero)
+IDLE_REASONS = frozenset({DeadReason.OUTSIDE_FORWARD, DeadReason.ZERO_GRADIENTS})
 
-
-DEAD_HINTS = {
-    "not active": "activate the adapter (PEFT: model.set_adapter(name); adapters: model.train_adapter(name))",
-    "forward path": ("the adapter's layer is not used by the forward pass: check target_modules / the adapter's "
-                     "location, and that the model you train is the one the adapter was added to"),
-    "zero": ("initialise one factor randomly (PEFT: init_lora_weights=True or 'gaussian'); zeroing both A and B "
-             "(or up and down) leaves the adapter at a saddle where no gradient flows"),
-    "all zero": ("check the loss reaches this adapter's output, and that nothing zeroes or detaches it "
-                 "(torch.no_grad, .detach(), a frozen branch)"),
+DEAD_HINTS: dict[DeadReason, str] = {
+    DeadReason.INACTIVE: "activate the adapter (PEFT: model.set_adapter(name); adapters: model.train_adapter(name))",
+    DeadReason.OUTSIDE_FORWARD: ("the adapter's layer is not used by the forward pass: check target_modules / the "
+                                 "adapter's location, and that the model you train is the one the adapter was "
+                                 "added to"),
+    DeadReason.ALL_FACTORS_ZERO: ("initialise one factor randomly (PEFT: init_lora_weights=True or 'gaussian'); "
+                                  "zeroing both A and B (or up and down) leaves the adapter at a saddle where no "
+                                  "gradient flows"),
+    DeadReason.ZERO_GRADIENTS: ("check the loss reaches this adapter's output, and that nothing zeroes or detaches "
+                                "it (torch.no_grad, .detach(), a frozen branch)"),
 }
-
-
-def _dead_hint(reason: str) -> str:
-    for key in ("not active", "forward path", "every parameter is zero"):
-        if key in reason:
-            return DEAD_HINTS["zero" if key.startswith("every") else key]
-    return DEAD_HINTS["all zero"]
 
 
 # -- the check ---------------------------------------------------------------------------------------------------
@@ -789,7 +822,7 @@ class AdapterInitCheck(Check):
                        f"({contract.init}): found {first.found}, expected {first.expected}")
             findings.append(self.finding(
                 "ADAPTER_INIT_WRONG", ctx, params=_names(v.part for v in vs), message=message,
-                hint=fix_for(problem, first.unit), adapter=adapter, role=role, problem=problem,
+                hint=fix_for(first.broken, first.unit), adapter=adapter, role=role, problem=problem,
                 expected=first.expected, found={v.part.name: v.found for v in vs[:20]}, layers=layers[:20],
                 init=contract.init))
         return findings
@@ -892,7 +925,7 @@ class AdapterInitCheck(Check):
                     dead.setdefault((unit.adapter, dead_reason(unit, unit_states)), []).append(unit)
             others_train = any(s == "nonzero" for s in states.values())
             for (adapter, reason), dead_units in dead.items():
-                if others_train and is_unused_reason(reason):
+                if others_train and reason in IDLE_REASONS:
                     # judged later: LayerDrop and data-dependent routing leave a used layer idle for a step
                     self.idle += [[adapter, u.layer, reason] for u in dead_units]
                     continue
@@ -903,7 +936,7 @@ class AdapterInitCheck(Check):
                     "ADAPTER_DEAD", ctx, params=_names(parts),
                     message=f"adapter {adapter!r}: no parameter received a non-zero gradient at step {step} in "
                             f"{len(layers)} layer(s) (e.g. {layers[0]}): {reason}",
-                    hint=_dead_hint(reason), adapter=adapter, layers=layers[:20], reason=reason))
+                    hint=DEAD_HINTS[reason], adapter=adapter, layers=layers[:20], reason=reason))
         steps = step - self.first_step + 1
         idle_layers = {(adapter, layer) for adapter, layer, _ in self.idle}
         if steps >= self.config.dead_after_steps and not self.dead_reported:
@@ -919,7 +952,7 @@ class AdapterInitCheck(Check):
                     "ADAPTER_DEAD", ctx, params=_names(parts),
                     message=f"adapter {adapter!r}: {len(parts)} trainable parameter(s) (e.g. {parts[0].name}) "
                             f"received no non-zero gradient in {steps} steps",
-                    hint=DEAD_HINTS["all zero"], adapter=adapter))
+                    hint=DEAD_HINTS[DeadReason.ZERO_GRADIENTS], adapter=adapter))
         if steps >= self.unused_after or (self.dead_reported and not self.idle):
             self.done = True
             by_key = {(u.adapter, u.layer): u for u in units}
