@@ -47,8 +47,9 @@ class EventContext:
         state_dict: ``checkpoint``: the dict about to be saved; ``load``: the dict about to be / just loaded.
         checkpoint_dir: ``checkpoint``/``load``: a folder or file written / read by the trainer.
         trainer: which integration dispatched (``hf``, ``lightning``, ``accelerate``, ``custom``).
-        checkpoint: Lightning ``checkpoint``: the whole checkpoint dict (``state_dict`` is its weights), so a
-            check can look again after the LightningModule's own ``on_save_checkpoint`` edited it.
+        state_dict_revised: ``checkpoint``: ``state_dict`` is the same checkpoint's dict as edited after the
+            first ``checkpoint`` event of this step (Lightning calls the LightningModule's own
+            ``on_save_checkpoint`` after the callbacks'); checks report only what the first look did not.
         probe_batch: ``init``: a batch the model accepts, for checks that run the model (identity probe);
             ``None``: the check builds one from the model's config.
         grad_scaler: ``step``: the dynamic loss scaler in use (AMP), when the loop has one.
@@ -71,7 +72,7 @@ class EventContext:
     state_dict: Mapping[str, Any] | None = None
     checkpoint_dir: str | None = None
     trainer: str = "custom"
-    checkpoint: Mapping[str, Any] | None = None
+    state_dict_revised: bool = False
     probe_batch: Mapping[str, Any] | None = None
     grad_scaler: Any = None
     merge_method: str | None = None

@@ -12,7 +12,11 @@ hook                              event
 ``on_before_optimizer_step``      ``step`` / ``before_optimizer`` (Lightning calls it before clipping)
 ``on_train_batch_end``            ``step`` / ``after_optimizer``, only when the optimizer really stepped
                                   (it also fires on gradient-accumulation batches)
-``on_save_checkpoint``            ``checkpoint`` with the dict's ``state_dict`` (before it is written)
+``on_save_checkpoint``            ``checkpoint`` with the dict's ``state_dict`` (before it is written); at
+                                  the callback's next hook, ``checkpoint`` again with
+                                  ``state_dict_revised=True`` if the LightningModule's own
+                                  ``on_save_checkpoint`` (which Lightning calls after the callbacks') changed
+                                  which tensors the dict holds
 ``on_fit_end``                    ``end``
 (after each step)                 the finding counts per code go to the trainer's loggers (``pl_module.log``)
 ================================  =====================================================================
@@ -22,7 +26,9 @@ The monitor's state is saved in the checkpoint under a per-instance ``state_key`
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
+from collections.abc import Mapping
 from typing import Any
 
 from callbacks.integration import MonitorOwner
@@ -43,6 +49,7 @@ def _make_callback_class(base: type) -> type:
             MonitorOwner.__init__(self, **kwargs)
             base.__init__(self)
             self._last_stepped = None
+            self._saved: _SavedCheckpoint | None = None
 
         @property
         def state_key(self) -> str:
@@ -51,22 +58,26 @@ def _make_callback_class(base: type) -> type:
 
         def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
             """A checkpoint is being restored: check its state dict against the model's ties."""
+            self._look_again(pl_module)
             self.monitor.dispatch("load", pl_module, step=checkpoint.get("global_step"),
                                   state_dict=checkpoint.get("state_dict"), trainer="lightning")
 
         def on_fit_start(self, trainer, pl_module) -> None:
             """The model is set up (after ``configure_model``) and any checkpoint restored."""
+            self._look_again(pl_module)
             self._last_stepped = trainer.global_step
             self.monitor.dispatch("init", pl_module, step=trainer.global_step,
                                   optimizer=_first_optimizer(trainer), trainer="lightning")
 
         def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
             """Gradients accumulated (and reduced); clipping has not run yet."""
+            self._look_again(pl_module)
             self.monitor.dispatch("step", pl_module, step=trainer.global_step + 1, phase="before_optimizer",
                                   grads_clipped=False, optimizer=optimizer, trainer="lightning")
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
             """After a batch: an ``after_optimizer`` step event only when ``global_step`` advanced."""
+            self._look_again(pl_module)
             if self._last_stepped is not None and trainer.global_step == self._last_stepped:
                 return  # an accumulation batch: no optimizer step happened
             self._last_stepped = trainer.global_step
@@ -76,14 +87,26 @@ def _make_callback_class(base: type) -> type:
 
         def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
             """The checkpoint dict is built; its ``state_dict`` is what will be written."""
-            # checkpoint=: the whole dict, so checks can look again after the LightningModule's own
-            # on_save_checkpoint, which Lightning calls after the callbacks' (it may replace "state_dict")
-            self.monitor.dispatch("checkpoint", pl_module, step=trainer.global_step,
-                                  state_dict=checkpoint.get("state_dict"), trainer="lightning",
-                                  checkpoint=checkpoint)
+            self._look_again(pl_module)
+            state = checkpoint.get("state_dict")
+            self.monitor.dispatch("checkpoint", pl_module, step=trainer.global_step, state_dict=state,
+                                  trainer="lightning")
+            # the LightningModule's own on_save_checkpoint runs after this and may replace or edit "state_dict"
+            self._saved = _SavedCheckpoint(trainer.global_step, checkpoint, _tensor_keys(state))
+
+        def _look_again(self, pl_module) -> None:
+            """Dispatch the last checkpoint's ``state_dict`` again if it changed after ``on_save_checkpoint``."""
+            saved, self._saved = self._saved, None
+            if saved is None:
+                return
+            state = saved.checkpoint.get("state_dict")
+            if isinstance(state, Mapping) and _tensor_keys(state) != saved.tensor_keys:
+                self.monitor.dispatch("checkpoint", pl_module, step=saved.step, state_dict=state,
+                                      state_dict_revised=True, trainer="lightning")
 
         def on_fit_end(self, trainer, pl_module) -> None:
             """Training finished: last checks, summary table and report."""
+            self._look_again(pl_module)
             self.monitor.dispatch("end", pl_module, step=trainer.global_step, trainer="lightning")
 
         def state_dict(self) -> dict[str, Any]:
@@ -97,6 +120,23 @@ def _make_callback_class(base: type) -> type:
     IntegrityCallback.__module__ = __name__
     IntegrityCallback.__qualname__ = "IntegrityCallback"
     return IntegrityCallback
+
+
+@dataclasses.dataclass
+class _SavedCheckpoint:
+    """A checkpoint dict handed to ``on_save_checkpoint``, with the tensor keys its state dict held then."""
+
+    step: int
+    checkpoint: Mapping[str, Any]
+    tensor_keys: frozenset[str]
+
+
+def _tensor_keys(state: Any) -> frozenset[str]:
+    if not isinstance(state, Mapping):
+        return frozenset()
+    import torch
+
+    return frozenset(k for k, v in state.items() if isinstance(v, torch.Tensor))
 
 
 def _first_optimizer(trainer) -> Any:

@@ -320,17 +320,6 @@ def _read_group_tensors(listing: CheckpointListing) -> dict[tuple[str, str], tor
 
 
 # -- the check ------------------------------------------------------------------------------------------------
-@dataclasses.dataclass
-class _PendingStateDict:
-    """A Lightning checkpoint dict to look at again at the next event (the module's own hook runs later)."""
-
-    step: int | None
-    checkpoint: Any
-    state_dict: Mapping[str, Any]
-    reported: set[str]
-    framework: str
-
-
 class SavedStateCheck(Check):
     """UNSAVED_TRAINABLE, SAVED_VALUE_MISMATCH and CHECKPOINT_UNREADABLE."""
 
@@ -339,15 +328,10 @@ class SavedStateCheck(Check):
 
     def __init__(self, config: SavedStateConfig | None = None, **kwargs: Any):
         super().__init__(config, **kwargs)
-        self._pending: _PendingStateDict | None = None
+        #: names reported UNSAVED_TRAINABLE at the last look at a state dict (a revised look reports the rest)
+        self._reported_at_save: set[str] = set()
         #: per checkpoint: {"step", "source", "files", "trainable", "saved", "unsaved"} (for the report)
         self.history: list[dict[str, Any]] = []
-
-    def run(self, ctx: EventContext) -> list[Finding]:
-        """Look again at a pending Lightning checkpoint dict, then run this event's handler."""
-        findings = self._recheck_pending(ctx)
-        findings.extend(super().run(ctx))
-        return findings
 
     # -- events -----------------------------------------------------------------------------------------------
     def on_init(self, ctx: EventContext) -> Iterable[Finding]:
@@ -359,7 +343,12 @@ class SavedStateCheck(Check):
     def on_checkpoint(self, ctx: EventContext) -> Iterable[Finding]:
         framework = framework_of(ctx.model, ctx.trainer)
         findings: list[Finding] = []
-        if ctx.state_dict is not None:
+        if ctx.state_dict is not None and ctx.state_dict_revised:
+            keys = [k for k, v in ctx.state_dict.items() if isinstance(v, torch.Tensor)]
+            unsaved = self._coverage(ctx, {"": keys}, source="the checkpoint's state_dict after "
+                                     "on_save_checkpoint", files=[], framework=framework, when="was saved")
+            findings.extend(f for f in unsaved if not set(f.params) <= self._reported_at_save)
+        elif ctx.state_dict is not None:
             source = "the checkpoint's state_dict"
             state = ctx.state_dict
             keys = [k for k, v in state.items() if isinstance(v, torch.Tensor)]
@@ -369,9 +358,7 @@ class SavedStateCheck(Check):
             if self.config.verify_values:
                 findings.extend(self._verify(ctx, {"": keys}, lambda group, key: state.get(key), source=source,
                                              files=[]))
-            self._pending = _PendingStateDict(
-                step=ctx.step, checkpoint=ctx.checkpoint, state_dict=state,
-                reported={n for f in unsaved for n in f.params}, framework=framework)
+            self._reported_at_save = {n for f in unsaved for n in f.params}
         if ctx.checkpoint_dir:
             findings.extend(self._check_files(ctx, ctx.checkpoint_dir, framework))
         return findings
@@ -455,20 +442,6 @@ class SavedStateCheck(Check):
                  "optimizer step",
             files=list(files), source=source)
             for name, why in value_mismatches(pairs)]
-
-    def _recheck_pending(self, ctx: EventContext) -> list[Finding]:
-        pending, self._pending = self._pending, None
-        if pending is None:
-            return []
-        state = pending.state_dict
-        if isinstance(pending.checkpoint, Mapping) and isinstance(pending.checkpoint.get("state_dict"), Mapping):
-            state = pending.checkpoint["state_dict"]
-        keys = [k for k, v in state.items() if isinstance(v, torch.Tensor)]
-        later = EventContext(event="checkpoint", model=ctx.model, step=pending.step, trainer=ctx.trainer,
-                             facts=ctx.facts)
-        findings = self._coverage(later, {"": keys}, source="the checkpoint's state_dict after "
-                                  "on_save_checkpoint", files=[], framework=pending.framework, when="was saved")
-        return [f for f in findings if not set(f.params) <= pending.reported]
 
     def report_section(self) -> dict[str, Any] | None:
         return {"coverage": self.history} if self.history else None
