@@ -6,7 +6,6 @@ The code table is part of the public contract (see README): codes are never rena
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Iterable
 from typing import Any, Literal
 
@@ -153,8 +152,3 @@ class Finding:
         return f"[{self.severity}] {self.code} at {where}: {self.message}" + (
             f" [{names}]" if names else ""
         ) + f" -> fix: {self.hint}"
-
-
-def findings_to_json(findings: Iterable[Finding]) -> str:
-    """Serialise findings as a JSON list."""
-    return json.dumps([f.to_dict() for f in findings], indent=2, default=str)

@@ -24,9 +24,6 @@ from callbacks.report import Report
 
 logger = logging.getLogger("callbacks")
 
-POLICIES = ("raise", "warn", "log")
-
-
 class IntegrityWarning(UserWarning):
     """Category of the warnings issued under policy ``warn``."""
 

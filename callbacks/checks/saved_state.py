@@ -1,12 +1,12 @@
-"""Saved-state coverage (issue 4): every trainable parameter reaches the checkpoint, proven from what was written.
+"""Saved-state coverage: every trainable parameter reaches the checkpoint, proven from what was written.
 
 - ``init``: what *will* be saved (PEFT: ``get_peft_model_state_dict`` per adapter; otherwise the model's own
   ``state_dict``) against every parameter with ``requires_grad=True`` -> ``UNSAVED_TRAINABLE`` before training.
 - ``checkpoint`` with ``checkpoint_dir``: the keys of the files on disk (headers and metadata only, see
   :mod:`callbacks.primitives.checkpoints`) -> ``UNSAVED_TRAINABLE``; unreadable files -> ``CHECKPOINT_UNREADABLE``.
-- ``checkpoint`` with ``state_dict`` (Lightning ``on_save_checkpoint``): the dict's keys now, and again at the
-  next event, because Lightning calls the LightningModule's own ``on_save_checkpoint`` (which may drop keys)
-  after the callbacks'.
+- ``checkpoint`` with ``state_dict`` (Lightning ``on_save_checkpoint``): the dict's keys; with
+  ``state_dict_revised`` (the integration's second look after the LightningModule's own hook edited the dict),
+  only the names the first look did not report.
 - ``verify_values``: each saved tensor equals the live parameter (cast to the saved dtype), by hash ->
   ``SAVED_VALUE_MISMATCH``.
 
@@ -31,18 +31,18 @@ from callbacks.events import EventContext
 from callbacks.facts import DeclaredNames
 from callbacks.findings import Finding
 from callbacks.primitives.checkpoints import CheckpointListing, CheckpointReadError, list_checkpoint, read_tensors
-from callbacks.primitives.naming import named_parameters_all, storage_key
+from callbacks.primitives.naming import find_peft_model, named_parameters_all, storage_key
 from callbacks.primitives.saved_names import (
     MODULES_TO_SAVE,
     SavedIndex,
     SavedKey,
     adapter_names,
-    find_peft_model,
     live_key,
     owner_module,
     saved_name,
 )
 from callbacks.primitives.tiemap import ExpectedTie
+from callbacks.primitives.values import bitwise_equal
 
 
 class SavedStateConfig(CheckConfig):
@@ -104,16 +104,6 @@ def expected_partners(ties: Iterable[ExpectedTie], adapters: Sequence[str] = ())
         for name in names:
             out.setdefault(name, set()).update(names - {name})
     return out
-
-
-def bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Whether two tensors hold the same dtype, shape and bytes (NaN payloads included)."""
-    if a.dtype != b.dtype or a.shape != b.shape or "meta" in (a.device.type, b.device.type):
-        return False
-    a, b = a.detach().reshape(-1), b.detach().to(a.device).reshape(-1)
-    if a.numel() == 0:
-        return True
-    return torch.equal(a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8))
 
 
 @dataclasses.dataclass

@@ -20,6 +20,7 @@ from callbacks.hashing import is_wrapper_subclass
 from callbacks.primitives.checkpoints import list_checkpoint, read_tensors
 from callbacks.primitives.naming import named_parameters_all, storage_key, user_name
 from callbacks.primitives.tiemap import ExpectedTie, TieMap, build_tie_map
+from callbacks.primitives.values import bitwise_equal
 
 
 class TiesConfig(CheckConfig):
@@ -59,7 +60,7 @@ def tie_values_equal(params: Sequence[torch.Tensor]) -> bool | None:
     for other in params[1:]:
         if other.shape != first.shape or other.dtype != first.dtype:
             return None
-        if not torch.equal(first.detach().cpu(), other.detach().cpu()):
+        if not bitwise_equal(first.detach().cpu(), other.detach().cpu()):
             return False
     return True
 
@@ -128,7 +129,7 @@ def checkpoint_conflicts(tie_map: TieMap, state_dict: Mapping[str, Any]) -> list
             other = other.detach().to("cpu")
             if other.shape != first.shape:
                 worst = float("inf")
-            elif not torch.equal(first, other):
+            elif not bitwise_equal(first, other):
                 worst = max(worst, (first.double() - other.double()).abs().max().item())
         if worst > 0:
             out.append((tuple(n for n, _ in present), worst))

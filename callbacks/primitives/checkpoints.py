@@ -694,11 +694,6 @@ def checkpoint_parts(path: str) -> list[tuple[str, str, str]]:
     return parts
 
 
-def find_weight_files(path: str) -> list[str]:
-    """Weight files (and DCP folders) of a checkpoint: ``path`` itself if it is a file, else those of its folder."""
-    return [part for _, _, part in checkpoint_parts(path)]
-
-
 def _list_part(listing: CheckpointListing, group: str, kind: str, path: str, root: str | None) -> None:
     if kind == "safetensors":
         entries, _ = read_safetensors_header(path, root)

@@ -72,6 +72,26 @@ def _peft_model_class() -> type | None:
     return getattr(peft, "PeftModel", None) if peft is not None else None
 
 
+def find_peft_model(model: Any) -> Any | None:
+    """The ``peft.PeftModel`` at or inside ``model``'s wrappers (DDP, compile, FSDP), or None."""
+    peft_cls = _peft_model_class()
+    if peft_cls is None:
+        return None
+    seen = set()
+    while model is not None and id(model) not in seen:
+        seen.add(id(model))
+        if isinstance(model, peft_cls):
+            return model
+        for attr in ("module", "_orig_mod", "_fsdp_wrapped_module"):
+            inner = getattr(model, attr, None)
+            if isinstance(inner, nn.Module):
+                model = inner
+                break
+        else:
+            return None
+    return None
+
+
 def unwrap_model(model: Any) -> Any:
     """The user's own model inside DDP/FSDP1/compile/PEFT wrappers (the object whose names users know)."""
     seen = set()

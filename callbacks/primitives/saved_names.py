@@ -10,19 +10,16 @@ Both sides are brought to a *saved name* by :func:`saved_name`:
   ``classifier.weight``; the frozen ``original_module`` copy keeps its own name and never stands in for it.
 
 A checkpoint may nest the model's keys under a prefix (accelerate FSDP's DCP ``model.``, a custom
-``{"model": state_dict}``): :func:`match_saved_keys` picks the prefix under which most keys name live parameters.
+``{"model": state_dict}``): :func:`choose_prefix` picks the prefix under which most keys name live parameters.
 """
 
 from __future__ import annotations
 
 import functools
-import sys
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from torch import nn
-
-from callbacks.primitives.naming import named_parameters_all, user_name
+from callbacks.primitives.naming import find_peft_model, user_name
 
 #: PEFT's wrapper of a module listed in ``modules_to_save``: ``<module>.modules_to_save.<adapter>.<param>``
 MODULES_TO_SAVE = "modules_to_save"
@@ -30,27 +27,6 @@ MODULES_TO_SAVE = "modules_to_save"
 DORA_MAGNITUDE = "lora_magnitude_vector"
 #: PEFT prompt learning: every ``prompt_encoder.<adapter>.*`` parameter is saved as the one ``prompt_embeddings``
 PROMPT_ENCODER, PROMPT_EMBEDDINGS = "prompt_encoder", "prompt_embeddings"
-
-
-def find_peft_model(model: Any) -> Any | None:
-    """The ``peft.PeftModel`` at or inside ``model``'s wrappers (DDP, compile, FSDP), or None."""
-    peft = sys.modules.get("peft")
-    peft_cls = getattr(peft, "PeftModel", None) if peft is not None else None
-    if peft_cls is None:
-        return None
-    seen = set()
-    while model is not None and id(model) not in seen:
-        seen.add(id(model))
-        if isinstance(model, peft_cls):
-            return model
-        for attr in ("module", "_orig_mod", "_fsdp_wrapped_module"):
-            inner = getattr(model, attr, None)
-            if isinstance(inner, nn.Module):
-                model = inner
-                break
-        else:
-            return None
-    return None
 
 
 def adapter_names(model: Any) -> tuple[str, ...]:
@@ -99,15 +75,6 @@ def adapter_of(name: str, adapters: Iterable[str]) -> str | None:
     """The PEFT adapter a live name belongs to (its first path segment that is an adapter name), or None."""
     adapters = set(adapters)
     return next((part for part in name.split(".") if part in adapters), None) if adapters else None
-
-
-def live_saved_names(model: nn.Module, adapters: Iterable[str] = ()) -> dict[str, str]:
-    """Every live parameter's saved name -> its user name (duplicates of tied tensors included)."""
-    adapters = tuple(adapters)
-    out: dict[str, str] = {}
-    for raw, name, _ in named_parameters_all(model):
-        out.setdefault(saved_name(raw, adapters), name)
-    return out
 
 
 def _prefixes(keys: Iterable[str]) -> list[str]:
