@@ -361,8 +361,8 @@ class SavedStateCheck(Check):
         if listing.errors:
             return [self._unreadable(ctx, err, listing) for err in listing.errors]
         if not listing.groups:
-            return [Finding.make(
-                "CHECKPOINT_UNREADABLE", event=ctx.event, step=ctx.step, check=self.name, severity="warning",
+            return [self.finding(
+                "CHECKPOINT_UNREADABLE", ctx, severity="warning",
                 message=f"{path} holds no weight files this check can read (model[.safetensors|-*.safetensors + "
                         "index], pytorch_model.bin, adapter_model.*, accelerate model_i.*, DCP .metadata, .ckpt)",
                 hint="point checkpoint_dir at the folder or file the trainer wrote; formats this check does not "
