@@ -4,7 +4,7 @@ There is no callback system in a hand-written loop, so :class:`AcceleratorHooks`
 each becomes an event, nothing more::
 
     hooks = AcceleratorHooks(accelerator, policy="warn")
-    hooks.begin(model)                            # after accelerator.prepare (and load_state when resuming)
+    hooks.begin(model, optimizer=optimizer)       # after accelerator.prepare (and load_state when resuming)
     for step, batch in enumerate(loader, 1):
         with accelerator.accumulate(model):
             accelerator.backward(loss_fn(model, batch))
@@ -42,11 +42,16 @@ class AcceleratorHooks(MonitorOwner):
     def _stepping(self) -> bool:
         return bool(getattr(self.accelerator, "sync_gradients", True))
 
-    def begin(self, model: Any, resumed_from: str | None = None) -> None:
-        """Model prepared; ``resumed_from`` is the ``load_state`` folder when resuming (runs ``load`` first)."""
+    def begin(self, model: Any, resumed_from: str | None = None, optimizer: Any = None) -> None:
+        """Model (and ``optimizer``: one, or a list) prepared; ``resumed_from`` is the ``load_state`` folder when
+        resuming (runs ``load`` first). With the optimizer, the checks see from the start what it holds."""
+        optimizers = tuple(optimizer) if isinstance(optimizer, (list, tuple)) else ()
+        first = optimizers[0] if optimizers else optimizer
         if resumed_from is not None:
-            self.monitor.dispatch("load", model, step=self.step, checkpoint_dir=resumed_from, trainer="accelerate")
-        self.monitor.dispatch("init", model, step=self.step, trainer="accelerate")
+            self.monitor.dispatch("load", model, step=self.step, checkpoint_dir=resumed_from, optimizer=first,
+                                  optimizers=optimizers, trainer="accelerate")
+        self.monitor.dispatch("init", model, step=self.step, optimizer=first, optimizers=optimizers,
+                              trainer="accelerate")
 
     def before_optimizer_step(self, model: Any, optimizer: Any = None, grads_clipped: bool | None = None) -> None:
         """Gradients reduced, before ``optimizer.step()``; ignored on accumulation micro-batches."""

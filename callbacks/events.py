@@ -44,6 +44,10 @@ class EventContext:
         grads_clipped: for ``before_optimizer``: whether gradient clipping already ran (True under HF,
             False under Lightning); recorded with gradient hashes.
         optimizer: the optimizer, when the trainer exposes it.
+        optimizers: every optimizer, when the trainer has several (Lightning ``trainer.optimizers``); empty
+            means ``(optimizer,)``.
+        trainable_schedule: who changes the trainable set on purpose, when the trainer announces it (Lightning:
+            the class name of a ``BaseFinetuning`` callback such as ``BackboneFinetuning``).
         state_dict: ``checkpoint``: the dict about to be saved; ``load``: the dict about to be / just loaded.
         checkpoint_dir: ``checkpoint``/``load``: a folder or file written / read by the trainer.
         trainer: which integration dispatched (``hf``, ``lightning``, ``accelerate``, ``custom``).
@@ -69,6 +73,8 @@ class EventContext:
     phase: StepPhase | None = None
     grads_clipped: bool | None = None
     optimizer: Any = None
+    optimizers: tuple[Any, ...] = ()
+    trainable_schedule: str | None = None
     state_dict: Mapping[str, Any] | None = None
     checkpoint_dir: str | None = None
     trainer: str = "custom"

@@ -64,6 +64,15 @@ CODES: dict[str, CodeInfo] = {
     "ADAPTER_UNUSED": CodeInfo(
         "warning", "adapters that get no gradient while others of the same model train (outside the forward path)"
     ),
+    "TRAINABLE_NOT_OPTIMIZED": CodeInfo(
+        "error", "a requires_grad=True parameter that no optimizer parameter group holds"
+    ),
+    "TRAINABLE_SET_CHANGED": CodeInfo(
+        "error", "the set of trainable parameters changed mid-run without a declared schedule"
+    ),
+    "PARAM_NOT_UPDATED": CodeInfo(
+        "error", "a parameter the optimizer holds had non-zero gradients for K steps and never changed"
+    ),
     "NAME_NOT_FOUND": CodeInfo(
         "error", "a name the configuration gives (declared ties, tied copies, module patterns) matches nothing"
     ),

@@ -35,8 +35,9 @@ from callbacks.integration import MonitorOwner
 from callbacks.metrics import finding_metrics
 
 
-def _make_callback_class(base: type) -> type:
-    """The integrity callback class for one Lightning package's ``Callback`` base."""
+def _make_callback_class(base: type, finetuning: type | None) -> type:
+    """The integrity callback class for one Lightning package's ``Callback`` base (``finetuning``: that
+    package's ``BaseFinetuning``, whose callbacks change the trainable set on purpose)."""
 
     class IntegrityCallback(MonitorOwner, base):
         """Runs the integrity checks inside a Lightning ``Trainer``: ``Trainer(callbacks=[IntegrityCallback()])``.
@@ -66,14 +67,18 @@ def _make_callback_class(base: type) -> type:
             """The model is set up (after ``configure_model``) and any checkpoint restored."""
             self._look_again(pl_module)
             self._last_stepped = trainer.global_step
+            schedule = next((type(c).__name__ for c in trainer.callbacks
+                             if finetuning is not None and isinstance(c, finetuning)), None)
             self.monitor.dispatch("init", pl_module, step=trainer.global_step,
-                                  optimizer=_first_optimizer(trainer), trainer="lightning")
+                                  optimizer=_first_optimizer(trainer), optimizers=_optimizers(trainer),
+                                  trainable_schedule=schedule, trainer="lightning")
 
         def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
             """Gradients accumulated (and reduced); clipping has not run yet."""
             self._look_again(pl_module)
             self.monitor.dispatch("step", pl_module, step=trainer.global_step + 1, phase="before_optimizer",
-                                  grads_clipped=False, optimizer=optimizer, trainer="lightning")
+                                  grads_clipped=False, optimizer=optimizer, optimizers=_optimizers(trainer),
+                                  trainer="lightning")
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
             """After a batch: an ``after_optimizer`` step event only when ``global_step`` advanced."""
@@ -82,7 +87,8 @@ def _make_callback_class(base: type) -> type:
                 return  # an accumulation batch: no optimizer step happened
             self._last_stepped = trainer.global_step
             self.monitor.dispatch("step", pl_module, step=trainer.global_step, phase="after_optimizer",
-                                  optimizer=_first_optimizer(trainer), trainer="lightning")
+                                  optimizer=_first_optimizer(trainer), optimizers=_optimizers(trainer),
+                                  trainer="lightning")
             pl_module.log_dict(finding_metrics(self.monitor.findings), on_step=True, on_epoch=False)
 
         def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
@@ -139,6 +145,10 @@ def _tensor_keys(state: Any) -> frozenset[str]:
     return frozenset(k for k, v in state.items() if isinstance(v, torch.Tensor))
 
 
+def _optimizers(trainer) -> tuple[Any, ...]:
+    return tuple(getattr(trainer, "optimizers", None) or ())
+
+
 def _first_optimizer(trainer) -> Any:
     optimizers = getattr(trainer, "optimizers", None) or []
     return optimizers[0] if optimizers else None
@@ -147,7 +157,9 @@ def _first_optimizer(trainer) -> Any:
 _CLASSES: dict[str, type] = {}
 for _package in ("pytorch_lightning", "lightning.pytorch"):
     try:
-        _CLASSES[_package] = _make_callback_class(importlib.import_module(_package).Callback)
+        _module = importlib.import_module(_package)
+        _CLASSES[_package] = _make_callback_class(
+            _module.Callback, getattr(importlib.import_module(f"{_package}.callbacks"), "BaseFinetuning", None))
     except ImportError:
         continue
 

@@ -169,7 +169,8 @@ def named_parameters_all(model: nn.Module) -> Iterator[tuple[str, str, nn.Parame
         yield raw, name(raw), param
 
 
-def _local(tensor: torch.Tensor) -> torch.Tensor:
+def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """The part of ``tensor`` this process holds: a DTensor's local shard (FSDP2), else the tensor itself."""
     to_local = getattr(tensor, "to_local", None)  # a DTensor (FSDP2): its local shard is the memory it views
     return to_local() if callable(to_local) else tensor
 
@@ -179,7 +180,7 @@ def storage_key(tensor: torch.Tensor) -> tuple[Any, ...]:
 
     Meta and empty tensors have no memory to compare, so the tensor object itself is their identity.
     """
-    tensor = _local(tensor)
+    tensor = local_tensor(tensor)
     if tensor.device.type == "meta" or tensor.numel() == 0:
         return ("object", id(tensor))
     data_ptr = _storage_ptr(tensor)
@@ -199,7 +200,7 @@ def storage_key(tensor: torch.Tensor) -> tuple[Any, ...]:
 def buffer_key(tensor: torch.Tensor) -> tuple[Any, ...]:
     """Identity of the whole buffer a tensor lives in: views of one buffer share it even where their elements
     differ (a write through one may reach the other). Meta and empty tensors: as :func:`storage_key`."""
-    local = _local(tensor)
+    local = local_tensor(tensor)
     if local.device.type == "meta" or local.numel() == 0:
         return storage_key(tensor)
     data_ptr = _storage_ptr(local)
