@@ -60,10 +60,11 @@ class TrainableConfig(CheckConfig):
 
 @dataclasses.dataclass
 class HeldParameters:
-    """The parameters the optimizers hold: ``learning_rate`` by ``id``, and whether they are the model's own."""
+    """The parameters the optimizers hold: their group's ``learning_rate`` by ``id``, and for Adam-like groups
+    (``betas``) the group's ``eps`` (an update is about ``lr * g / (|g| + eps)``, so tiny gradients barely move)."""
 
     learning_rate: dict[int, float | None]
-    adam_like: set[int]
+    adam_eps: dict[int, float]
 
 
 def _inner_optimizers(optimizer: Any) -> Iterable[Any]:
@@ -89,8 +90,8 @@ def held_parameters(optimizers: Sequence[Any]) -> HeldParameters | None:
     DeepSpeed's ZeRO optimizers keep the model's parameters in ``bit16_groups`` / ``fp16_groups`` (their
     ``param_groups`` hold flat fp32 partitions): those lists are read instead.
     """
-    learning_rate: dict[int, float] = {}
-    adam_like: set[int] = set()
+    learning_rate: dict[int, float | None] = {}
+    adam_eps: dict[int, float] = {}
     readable = False
     for outer in optimizers:
         for optimizer in _inner_optimizers(outer):
@@ -109,16 +110,16 @@ def held_parameters(optimizers: Sequence[Any]) -> HeldParameters | None:
             try:
                 for group in groups:
                     lr = _group_learning_rate(group)
-                    adam = "betas" in group
+                    eps = group.get("eps", 1e-8) if "betas" in group else None
                     for p in group["params"]:
                         learning_rate.setdefault(id(p), lr)
-                        if adam:
-                            adam_like.add(id(p))
+                        if isinstance(eps, (int, float)):
+                            adam_eps.setdefault(id(p), float(eps))
             except (TypeError, KeyError, AttributeError, ValueError):
                 continue
             readable = True
             break
-    return HeldParameters(learning_rate, adam_like) if readable else None
+    return HeldParameters(learning_rate, adam_eps) if readable else None
 
 
 def _unique_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
@@ -201,6 +202,8 @@ class TrainableCheck(Check):
         #: a parameter seen to move, hashed with the watched ones (see :meth:`_reference_tensor`)
         self.reference: str | None = None
         self._reference_before: tuple[str, int] | None = None
+        #: ``id`` of parameters seen to move or judged (the fast path of :meth:`_snapshot`)
+        self._settled: set[int] = set()
 
     # -- events -----------------------------------------------------------------------------------------------
     def on_init(self, ctx: EventContext) -> Iterable[Finding]:
@@ -319,10 +322,16 @@ class TrainableCheck(Check):
         held = held_parameters(optimizers)
         if held is None:
             return
+        if all(id(p) in self._settled or id(p) not in held.learning_rate
+               for p in ctx.model.parameters() if p.requires_grad):
+            return  # every parameter the optimizer holds was seen to move (or judged): nothing to hash
         params = _unique_parameters(ctx.model)
         watched = []
         for name, p in params:
-            if (name in self.moved or name in self.judged or id(p) not in held.learning_rate
+            if name in self.moved or name in self.judged:
+                self._settled.add(id(p))
+                continue
+            if (id(p) not in held.learning_rate
                     or not p.requires_grad or p.grad is None or _matches(name, self.config.ignore)):
                 continue
             value, grad = local_tensor(p.detach()), local_tensor(p.grad.detach())
@@ -338,7 +347,12 @@ class TrainableCheck(Check):
             if not 0 < gm < float("inf"):
                 continue  # no gradient to apply, or a non-finite one (a loss scaler skips that step)
             lr = held.learning_rate[id(p)]
-            step_size = 1.0 if lr is None else lr if id(p) in held.adam_like else lr * gm
+            if lr is None:
+                step_size = float("inf")  # no learning rate to read (Adafactor's relative step): always judged
+            elif id(p) in held.adam_eps:
+                step_size = lr * gm / (gm + held.adam_eps[id(p)])
+            else:
+                step_size = lr * gm
             if lr == 0 or step_size >= _resolution(value.dtype) * vm:
                 judged.append((name, p, value, lr))
         if not judged:

@@ -1,0 +1,80 @@
+"""Per-step cost of the trainable-set family against one training step, measured in one run on CPU.
+
+The model of ``benchmarks/adapter_audit.py``: a 100-layer Llama-style model from a config, LoRA r=8 on all 700
+linear layers (1,400 adapter parameters). Only the ``trainable`` family is enabled. Each optimizer step is
+bracketed by its two events (``before_optimizer``: gradients read, watched values hashed; ``after_optimizer``:
+hashed again, the trainable set compared). Printed, as CPU and wall time and as a share of the training step:
+
+* the first step, where every adapter parameter is watched (LoRA A has a zero gradient at step 1 and is watched
+  again at step 2);
+* the steady state, once every watched parameter moved (one pass over ``requires_grad`` flags per step).
+
+    python benchmarks/trainable.py [--layers 100] [--hidden 256] [--batch 8] [--seq 256] [--steps 6]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from adapter_audit import Clock, build  # noqa: E402
+
+
+def main() -> None:
+    """Measure and print the per-step cost."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--layers", type=int, default=100)
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+    from callbacks import Monitor
+    from callbacks.checks import REGISTRY
+
+    model = build(args.layers, args.hidden)
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    ids = torch.randint(0, 256, (args.batch, args.seq), generator=torch.Generator().manual_seed(0))
+    monitor = Monitor(policy="log", checks={name: {"enabled": name == "trainable"} for name in REGISTRY})
+    monitor.dispatch("init", model, step=0, optimizer=optimizer)
+
+    rows = []
+    for step in range(1, args.steps + 1):
+        with Clock() as total:
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            with Clock() as before:
+                monitor.dispatch("step", model, step=step, phase="before_optimizer", optimizer=optimizer)
+            optimizer.step()
+            with Clock() as after:
+                monitor.dispatch("step", model, step=step, phase="after_optimizer", optimizer=optimizer)
+            optimizer.zero_grad(set_to_none=True)
+        check = (before.cpu + after.cpu, before.wall + after.wall)
+        rows.append((total.cpu - check[0], total.wall - check[1], *check))
+    loud = [f.code for f in monitor.findings if f.severity != "info"]
+    assert not loud, f"the healthy model has findings: {loud}"
+    watched = monitor.check("trainable")
+    print(f"model: {args.layers} layers, hidden {args.hidden}, "
+          f"{sum(p.requires_grad for p in model.parameters())} trainable tensors; batch {args.batch} x {args.seq}; "
+          f"torch threads {torch.get_num_threads()}; moved {len(watched.moved)}")
+    print(f"{'step':>6}{'train CPU ms':>14}{'check CPU ms':>14}{'ratio':>9}{'check wall ms':>15}{'ratio':>9}")
+    for step, (train_cpu, train_wall, cpu, wall) in enumerate(rows, 1):
+        print(f"{step:>6}{train_cpu * 1e3:14.1f}{cpu * 1e3:14.1f}{cpu / train_cpu:9.2%}{wall * 1e3:15.1f}"
+              f"{wall / train_wall:9.2%}")
+    steady = rows[3:] or rows[-1:]
+    ratio = statistics.median(r[2] / r[0] for r in steady)
+    print(f"steady state (steps 4+): {ratio:.3%} of a training step (CPU); first step "
+          f"{rows[0][2] / rows[0][0]:.2%}")
+
+
+if __name__ == "__main__":
+    main()
