@@ -164,6 +164,9 @@ def _resolution(dtype: torch.dtype) -> float:
     return torch.finfo(dtype).eps if dtype.is_floating_point else 1.0
 
 
+#: after the first steps, the model's modules are walked for re-registered parameters every this many steps
+FULL_PASS_EVERY = 10
+
 NOT_OPTIMIZED_HINT = ("build the optimizer after wrapping the model (get_peft_model, attaching a head), from the "
                       "final model: AdamW([p for p in model.parameters() if p.requires_grad]); Lightning: return "
                       "every trainable parameter from configure_optimizers; freeze them (requires_grad_(False)) if "
@@ -204,6 +207,8 @@ class TrainableCheck(Check):
         self._reference_before: tuple[str, int] | None = None
         #: ``id`` of parameters seen to move or judged (the fast path of :meth:`_snapshot`)
         self._settled: set[int] = set()
+        #: the model's parameters as the last walk over its modules found them
+        self._params: list[nn.Parameter] = []
 
     # -- events -----------------------------------------------------------------------------------------------
     def on_init(self, ctx: EventContext) -> Iterable[Finding]:
@@ -212,7 +217,8 @@ class TrainableCheck(Check):
         self.schedule = ctx.trainable_schedule or self.schedule
         if not self.recorded:
             self.recorded = _trainable_by_name(ctx.model)
-        self._flags = self._flag_signature(ctx.model)
+        self._params = list(ctx.model.parameters())
+        self._flags = self._flag_signature(self._params)
         return self._coverage(ctx, None)
 
     def on_step(self, ctx: EventContext) -> Iterable[Finding]:
@@ -272,11 +278,21 @@ class TrainableCheck(Check):
 
     # -- the trainable set ------------------------------------------------------------------------------------
     @staticmethod
-    def _flag_signature(model: nn.Module) -> tuple[tuple[int, bool], ...]:
-        return tuple((id(p), p.requires_grad) for p in model.parameters())
+    def _flag_signature(params: Sequence[nn.Parameter]) -> tuple[tuple[int, bool], ...]:
+        return tuple((id(p), p.requires_grad) for p in params)
+
+    def _full_pass_due(self, ctx: EventContext) -> bool:
+        """Whether to walk the model's modules for its parameters (a re-registered ``nn.Parameter`` is only
+        seen that way) rather than re-read the flags of the parameters the last walk found: in the first steps,
+        every ``FULL_PASS_EVERY`` steps, at checkpoints and at the end."""
+        if ctx.event != "step" or not self._params or ctx.step is None:
+            return True
+        return self._window_open(ctx.step) or ctx.step % FULL_PASS_EVERY == 0
 
     def _set_changes(self, ctx: EventContext) -> list[Finding]:
-        flags = self._flag_signature(ctx.model)
+        if self._full_pass_due(ctx):
+            self._params = list(ctx.model.parameters())
+        flags = self._flag_signature(self._params)
         if flags == self._flags or not self.recorded:
             return []
         self._flags = flags
@@ -323,7 +339,7 @@ class TrainableCheck(Check):
         if held is None:
             return
         if all(id(p) in self._settled or id(p) not in held.learning_rate
-               for p in ctx.model.parameters() if p.requires_grad):
+               for p in (self._params or ctx.model.parameters()) if p.requires_grad):
             return  # every parameter the optimizer holds was seen to move (or judged): nothing to hash
         params = _unique_parameters(ctx.model)
         watched = []
