@@ -7,7 +7,7 @@ import textwrap
 
 import pytest
 
-from callbacks.cli import main
+from callbacks.runner.cli import main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -14,8 +14,8 @@ import sys
 
 import pytest
 
-from callbacks.cli import main
 from callbacks.findings import Finding
+from callbacks.runner.cli import main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPES = os.path.join(ROOT, "recipes")

@@ -62,7 +62,7 @@ def _launch(recipe: str, processes: int, html: str | None) -> int:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # recipes never download
-    from callbacks.job import load_job, run_job
+    from callbacks.runner.job import load_job, run_job
 
     job, integrity = load_job(args.recipe)
     exit_file = os.environ.get(LAUNCHED_ENV)
@@ -85,7 +85,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 def _cmd_audit(args: argparse.Namespace) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from callbacks.audit import audit_checkpoint
+    from callbacks.runner.audit import audit_checkpoint
 
     monitor = audit_checkpoint(args.checkpoint, recipe=args.recipe, report=args.report)
     html = _html_path(args.report, args.html)
@@ -100,7 +100,7 @@ def _cmd_audit(args: argparse.Namespace) -> int:
 
 
 def _cmd_schema(args: argparse.Namespace) -> int:
-    from callbacks.job import recipe_json_schema
+    from callbacks.runner.job import recipe_json_schema
 
     text = json.dumps(recipe_json_schema(), indent=2)
     if args.output:

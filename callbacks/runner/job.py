@@ -7,7 +7,7 @@ Recipe (top level; the ``integrity:`` section is read by :mod:`callbacks.recipe`
     adapter: {config: LoraConfig, args: {r: 4, target_modules: [c_attn]}}      # optional, PEFT
     data:    {source: corpus, seq_len: 32}          # corpus (shipped) | synthetic | file (path:)
     trainer: {type: hf, output_dir: out/quickstart, args: {max_steps: 6, save_steps: 3}}
-    faults:  [{fault: callbacks.gallery:ReinitAfterWrap}]                      # optional, the gallery's
+    faults:  [{fault: callbacks.runner.gallery:ReinitAfterWrap}]                      # optional, the gallery's
     integrity: {...}
 
 Nothing is downloaded: models are built from config classes, a ``module:function`` factory or a local folder;
@@ -32,7 +32,7 @@ from callbacks.errors import IntegrityError, RecipeError
 from callbacks.recipe import SECTION, IntegrityConfig, describe_validation_error, parse_integrity_section, read_yaml
 
 #: the corpus shipped with the package (a few KB of English text)
-CORPUS_PATH = os.path.join(os.path.dirname(__file__), "data", "corpus.txt")
+CORPUS_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "corpus.txt")
 #: byte-level tokenisation: one token per byte
 BYTE_VOCAB = 256
 
@@ -76,7 +76,7 @@ class ModelSpec(_Strict):
     config: str | None = Field(None, description="transformers config class, e.g. GPT2Config")
     path: str | None = Field(None, description="local folder with config.json (and weights)")
     factory: str | None = Field(None, description="'module:function' returning an nn.Module, e.g. "
-                                                  "callbacks.gallery:lingua_lm")
+                                                  "callbacks.runner.gallery:lingua_lm")
     args: dict[str, Any] = Field(default_factory=dict, description="arguments of the config class or factory")
     task: Task = "causal_lm"
     freeze: list[str] = Field(default_factory=list, description="parameter name patterns to freeze")
@@ -160,19 +160,19 @@ class AccelerateArgs(_Strict):
 
 
 class FaultSpec(_Strict):
-    """One entry of ``faults:``: a :class:`callbacks.gallery.Fault` subclass by import path, and its ``args``."""
+    """One entry of ``faults:``: a :class:`callbacks.runner.gallery.Fault` subclass by import path, and its ``args``."""
 
-    fault: str = Field(description="'module:Class', e.g. callbacks.gallery:ReinitAfterWrap")
+    fault: str = Field(description="'module:Class', e.g. callbacks.runner.gallery:ReinitAfterWrap")
     args: dict[str, Any] = Field(default_factory=dict)
 
     @field_validator("fault")
     @classmethod
     def _is_fault(cls, value: str) -> str:
-        from callbacks.gallery import Fault
+        from callbacks.runner.gallery import Fault
 
         obj = resolve_import_path(value)
         if not (isinstance(obj, type) and issubclass(obj, Fault)):
-            raise ValueError(f"{value!r} is not a callbacks.gallery.Fault subclass")
+            raise ValueError(f"{value!r} is not a callbacks.runner.gallery.Fault subclass")
         return value
 
     def validate_args(self, source: str, key: str) -> None:

@@ -91,7 +91,7 @@ def _model_from_folder(folder: str) -> torch.nn.Module:
 
 def build_audit_model(folder: str, recipe: str | None) -> tuple[torch.nn.Module, IntegrityConfig | None]:
     """The model the checkpoint belongs to, built from its configs (weights are not loaded)."""
-    from callbacks.job import _set_trainable, build_model, load_job
+    from callbacks.runner.job import _set_trainable, build_model, load_job
 
     job, integrity = load_job(recipe) if recipe else (None, None)
     adapter_config = os.path.join(folder, ADAPTER_CONFIG)
