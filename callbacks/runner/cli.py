@@ -16,6 +16,7 @@ from collections.abc import Sequence
 
 from callbacks.errors import ConfigError
 
+#: exit codes: clean (or identical ledgers), error findings (or diverged ledgers), bad input
 EXIT_CLEAN, EXIT_FINDINGS, EXIT_BAD_INPUT = 0, 1, 2
 
 #: set in the environment of the processes ``run`` launches, so they do not launch again
@@ -119,6 +120,7 @@ def _cmd_diff(args: argparse.Namespace) -> int:
     return code
 
 
+#: the program name ``--help`` shows
 PROG = "python -m callbacks"
 
 #: what ``--help`` shows after the options: examples and exit codes, plain text for a terminal
