@@ -369,6 +369,7 @@ def test_recipe_runs_give_identical_ledgers_and_a_changed_learning_rate_diverges
     assert "first at step 1, trainable parameters (after the optimizer step)" in out
 
 
+@pytest.mark.slow  # the fused kernel under the interpreter, in a subprocess
 def test_fused_backend_under_the_interpreter_writes_the_same_ledger(tmp_path):
     """``backend: triton`` (the fused kernel, under Triton's CPU interpreter in a subprocess) gives a ledger
     identical to the torch reference's and the same GRAD_NONFINITE, counted by the fused pass."""

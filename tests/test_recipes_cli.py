@@ -273,6 +273,7 @@ def test_hf_reporters_get_finding_counts_in_logs(tmp_path, monkeypatch, capsys):
     assert len(printed) == 2 and all("'integrity/TIE_BROKEN': '1'" in line for line in printed), printed
 
 
+@pytest.mark.slow  # torchrun, 2 ranks
 def test_replicas_without_rank_local_noise_agree(tmp_path):
     path = _twin(tmp_path, "replicas_diverge.yaml", lambda d: d.pop("faults"))
     env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
