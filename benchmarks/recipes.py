@@ -2,7 +2,7 @@
 
     PYTHONPATH=. python benchmarks/recipes.py [--repeats 3]
 
-Each recipe runs in-process through ``callbacks.cli.main`` (imports warm, so the figure is the job, not Python
+Each recipe runs in-process through ``callbacks.runner.cli.main`` (imports warm, so the figure is the job, not Python
 start-up), in a temporary working directory; runs alternate on/off and the median of ``repeats`` is kept.
 Prints one row per recipe: seconds with checks, seconds without, ratio.
 """
@@ -40,7 +40,7 @@ def _variant(path: str, folder: str, checks_on: bool) -> str:
 
 
 def _timed_run(recipe: str) -> float:
-    from callbacks.cli import main
+    from callbacks.runner.cli import main
 
     with tempfile.TemporaryDirectory() as work:
         cwd = os.getcwd()

@@ -1,7 +1,7 @@
-"""``python -m callbacks``: see :mod:`callbacks.cli`."""
+"""``python -m callbacks``: see :mod:`callbacks.runner.cli`."""
 
 import sys
 
-from callbacks.cli import main
+from callbacks.runner.cli import main
 
 sys.exit(main())

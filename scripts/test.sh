@@ -3,12 +3,27 @@
 #  - .venv:          torch 2.13.0 (the CPU wheel on this machine; a plain `torch` pulls several GB of CUDA
 #                    packages) and the package with [dev]: transformers 5, PEFT, Lightning, Triton, pytest...
 #  - .venv-adapters: the `adapters` library pins transformers 4.57.x, so its tests run in a second environment.
+# --fast: the inner loop. Tests marked `slow` (multi-process: torchrun, Lightning DDP, 2+ ranks; subprocesses
+# under Triton's interpreter) are left out (-m "not slow"), and environments that exist are used as they are
+# (no pip step). The adapters-library environment still runs, with the same filter. Other arguments go to the
+# first pytest run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 
+FAST=0
+ARGS=()
+for arg in "$@"; do
+  if [ "$arg" = "--fast" ]; then FAST=1; else ARGS+=("$arg"); fi
+done
+MARKS=()
+if [ "$FAST" = 1 ]; then MARKS=(-m "not slow"); fi
+
 setup_venv() {  # $1 folder, $2... packages after torch
   local venv=$1; shift
+  if [ "$FAST" = 1 ] && [ -x "$venv/bin/python" ]; then
+    return
+  fi
   if [ ! -x "$venv/bin/python" ]; then
     "$PY" -m venv "$venv"
   fi
@@ -18,10 +33,10 @@ setup_venv() {  # $1 folder, $2... packages after torch
 }
 
 setup_venv .venv -e '.[dev]'
-.venv/bin/python -m pytest -q -p no:cacheprovider "$@"
+.venv/bin/python -m pytest -q -p no:cacheprovider "${MARKS[@]}" "${ARGS[@]}"
 
 if [ -f tests/test_adapters_lib.py ] || ls tests/*_adapters_lib.py >/dev/null 2>&1; then
   setup_venv .venv-adapters transformers==4.57.6 adapters==1.3.0 peft==0.21.2 safetensors accelerate \
     pydantic PyYAML xxhash pytest
-  PYTHONPATH="$PWD" .venv-adapters/bin/python -m pytest -q -p no:cacheprovider tests/*adapters_lib.py
+  PYTHONPATH="$PWD" .venv-adapters/bin/python -m pytest -q -p no:cacheprovider "${MARKS[@]}" tests/*adapters_lib.py
 fi

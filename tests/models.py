@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from callbacks import gallery
+from callbacks.runner import gallery
 
 VOCAB = 64
 

@@ -7,7 +7,7 @@ import textwrap
 
 import pytest
 
-from callbacks.cli import main
+from callbacks.runner.cli import main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -18,6 +18,7 @@ def run_cli(*args, cwd):
                           text=True, timeout=300)
 
 
+@pytest.mark.slow  # a fresh interpreter imports torch and transformers
 def test_quickstart_recipe_runs_clean(tmp_path):
     result = run_cli("run", os.path.join(ROOT, "recipes", "quickstart.yaml"), cwd=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr

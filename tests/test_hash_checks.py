@@ -274,7 +274,7 @@ def test_ledger_diff_bad_input_and_cli(tmp_path):
 
 def test_cli_diff_exit_codes(tmp_path, capsys):
     """``python -m callbacks diff A B`` (the CLI's main, in process): 0 identical, 1 diverged, 2 bad input."""
-    from callbacks.cli import main
+    from callbacks.runner.cli import main
 
     a, b, c = tmp_path / "a.jsonl", tmp_path / "b.jsonl", tmp_path / "c.jsonl"
     ledger_run(a)
@@ -351,7 +351,7 @@ integrity:
 def test_recipe_runs_give_identical_ledgers_and_a_changed_learning_rate_diverges(tmp_path, capsys):
     """``python -m callbacks run`` twice on one seeded recipe: identical ledgers (diff exit 0); the same recipe
     with another learning rate first differs in the parameters after step 1 (diff exit 1)."""
-    from callbacks.cli import main
+    from callbacks.runner.cli import main
 
     ledgers = []
     for name, lr in (("a", "1.0e-3"), ("b", "1.0e-3"), ("c", "2.0e-3")):
@@ -369,6 +369,7 @@ def test_recipe_runs_give_identical_ledgers_and_a_changed_learning_rate_diverges
     assert "first at step 1, trainable parameters (after the optimizer step)" in out
 
 
+@pytest.mark.slow  # the fused kernel under the interpreter, in a subprocess
 def test_fused_backend_under_the_interpreter_writes_the_same_ledger(tmp_path):
     """``backend: triton`` (the fused kernel, under Triton's CPU interpreter in a subprocess) gives a ledger
     identical to the torch reference's and the same GRAD_NONFINITE, counted by the fused pass."""

@@ -292,6 +292,7 @@ def interpreted():
     return json.loads(line[len("RESULT"):])
 
 
+@pytest.mark.slow  # the interpreter subprocess (the module fixture)
 def test_kernel_equals_reference_bit_for_bit_under_the_interpreter(interpreted):
     cases = interpreted["cases"]
     assert len(cases) > 30
@@ -303,6 +304,7 @@ def test_kernel_equals_reference_bit_for_bit_under_the_interpreter(interpreted):
     assert cases["f32:-0.0"]["kernel"][2] == 0
 
 
+@pytest.mark.slow
 def test_kernel_layout_cache_under_the_interpreter(interpreted):
     cache = interpreted["cache"]
     assert cache["builds_same_layout"] == 1
@@ -337,6 +339,7 @@ print("RESULT" + json.dumps({"bf16_v4": "ld.global.v4" in bf16, "every_width": "
 """
 
 
+@pytest.mark.slow
 def test_kernel_compiles_for_sm90_without_a_gpu():
     """The interpreter does not type-check like the compiler: compile every width for H100 (no GPU needed)."""
     pytest.importorskip("triton")

@@ -14,8 +14,8 @@ import sys
 
 import pytest
 
-from callbacks.cli import main
 from callbacks.findings import Finding
+from callbacks.runner.cli import main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPES = os.path.join(ROOT, "recipes")
@@ -122,6 +122,7 @@ def check_recipe(name: str, tmp_path, monkeypatch, capsys) -> None:
         assert f'<td class="code">{code}</td>' in page and f"<th>{event}@{step}</th>" in page
 
 
-@pytest.mark.parametrize("name", sorted(set(EXPECTED) - ADAPTERS_LIB))
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in MULTI_PROCESS else n
+                                  for n in sorted(set(EXPECTED) - ADAPTERS_LIB)])
 def test_recipe_runs_with_expected_findings(name, tmp_path, monkeypatch, capsys):
     check_recipe(name, tmp_path, monkeypatch, capsys)

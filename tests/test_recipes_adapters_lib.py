@@ -15,7 +15,7 @@ def test_adapters_library_recipe_runs_with_expected_findings(name, tmp_path, mon
 def test_mam_adapter_without_the_legacy_init_is_clean(tmp_path, monkeypatch, capsys):
     from test_recipes_cli import _drop_faults, _twin, findings_of
 
-    from callbacks.cli import main
+    from callbacks.runner.cli import main
 
     monkeypatch.chdir(tmp_path)
     path = _twin(tmp_path, "mam_adapter_ln_before.yaml", _drop_faults)

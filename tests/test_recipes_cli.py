@@ -16,11 +16,11 @@ import pytest
 import torch
 import yaml
 
-from callbacks.cli import main
 from callbacks.findings import Finding
-from callbacks.gallery import Fault
 from callbacks.report import Report
 from callbacks.report_html import render_html, timeline_columns
+from callbacks.runner.cli import main
+from callbacks.runner.gallery import Fault
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPES = os.path.join(ROOT, "recipes")
@@ -80,25 +80,26 @@ def test_schema_covers_every_key_of_every_recipe(tmp_path, capsys):
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        ("model: {factory: callbacks.gallery:nothing_here}\n", "model.factory: module"),
-        ("model: {factory: callbacks.gallery}\n", "expected 'package.module:name'"),
-        ("model: {factory: callbacks.gallery:lingua_lm, args: {dim: wide}}\n", "model.args.dim"),
-        ("model: {factory: callbacks.gallery:lingua_lm, args: {width: 3}}\n", "model.args"),
-        ("model: {factory: callbacks.gallery:lingua_lm, config: GPT2Config}\n", "exactly one of"),
-        ("model: {factory: callbacks.gallery:lingua_lm, freeze: [nothing.*]}\n", "model.freeze"),
-        ("model: {factory: callbacks.gallery:lingua_lm}\nfaults: [{fault: callbacks.gallery:lingua_lm}]\n",
+        ("model: {factory: callbacks.runner.gallery:nothing_here}\n", "model.factory: module"),
+        ("model: {factory: callbacks.runner.gallery}\n", "expected 'package.module:name'"),
+        ("model: {factory: callbacks.runner.gallery:lingua_lm, args: {dim: wide}}\n", "model.args.dim"),
+        ("model: {factory: callbacks.runner.gallery:lingua_lm, args: {width: 3}}\n", "model.args"),
+        ("model: {factory: callbacks.runner.gallery:lingua_lm, config: GPT2Config}\n", "exactly one of"),
+        ("model: {factory: callbacks.runner.gallery:lingua_lm, freeze: [nothing.*]}\n", "model.freeze"),
+        ("model: {factory: callbacks.runner.gallery:lingua_lm}\n"
+         "faults: [{fault: callbacks.runner.gallery:lingua_lm}]\n",
          "faults.0.fault"),
-        ("model: {factory: callbacks.gallery:lingua_lm}\n"
-         "faults: [{fault: callbacks.gallery:RankGradientNoise, args: {rank: -1}}]\n", "faults.0.args.rank"),
-        ("model: {factory: callbacks.gallery:lingua_lm}\n"
-         "faults: [{fault: callbacks.gallery:ReinitAfterWrap, args: {strength: 2}}]\n",
+        ("model: {factory: callbacks.runner.gallery:lingua_lm}\n"
+         "faults: [{fault: callbacks.runner.gallery:RankGradientNoise, args: {rank: -1}}]\n", "faults.0.args.rank"),
+        ("model: {factory: callbacks.runner.gallery:lingua_lm}\n"
+         "faults: [{fault: callbacks.runner.gallery:ReinitAfterWrap, args: {strength: 2}}]\n",
          "faults.0.args.strength: unknown key 'strength'"),
-        ("model: {factory: callbacks.gallery:lingua_lm}\ntrainer: {type: accelerate, args: {max_stepz: 3}}\n",
+        ("model: {factory: callbacks.runner.gallery:lingua_lm}\ntrainer: {type: accelerate, args: {max_stepz: 3}}\n",
          "trainer.args.max_stepz"),
-        ("model: {factory: callbacks.gallery:lingua_lm}\ntrainer: {type: lightning, args: {logger: paper}}\n",
+        ("model: {factory: callbacks.runner.gallery:lingua_lm}\ntrainer: {type: lightning, args: {logger: paper}}\n",
          "trainer.args.logger"),
-        ("model: {factory: callbacks.gallery:lingua_lm}\ntrainer: {type: deepspeed}\n", "trainer.type"),
-        ("model: {factory: callbacks.gallery:lingua_lm}\ntrainer: {processes: 0}\n", "trainer.processes"),
+        ("model: {factory: callbacks.runner.gallery:lingua_lm}\ntrainer: {type: deepspeed}\n", "trainer.type"),
+        ("model: {factory: callbacks.runner.gallery:lingua_lm}\ntrainer: {processes: 0}\n", "trainer.processes"),
     ],
 )
 def test_bad_recipe_exits_2_naming_file_and_key(tmp_path, monkeypatch, capsys, text, message):
@@ -272,6 +273,7 @@ def test_hf_reporters_get_finding_counts_in_logs(tmp_path, monkeypatch, capsys):
     assert len(printed) == 2 and all("'integrity/TIE_BROKEN': '1'" in line for line in printed), printed
 
 
+@pytest.mark.slow  # torchrun, 2 ranks
 def test_replicas_without_rank_local_noise_agree(tmp_path):
     path = _twin(tmp_path, "replicas_diverge.yaml", lambda d: d.pop("faults"))
     env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
@@ -357,7 +359,7 @@ def test_fault_hooks_run_at_the_same_moments_under_every_trainer(tmp_path, monke
                           "accumulate_grad_batches": 2},
             "accelerate": {"max_steps": 2, "batch_size": 4, "gradient_accumulation_steps": 2}}[trainer]
     path = write(tmp_path, f"""
-        model: {{factory: callbacks.gallery:lingua_lm, args: {{n_layers: 1, tie: false}}}}
+        model: {{factory: callbacks.runner.gallery:lingua_lm, args: {{n_layers: 1, tie: false}}}}
         data: {{source: corpus, seq_len: 16, rows: 32}}
         trainer: {{type: {trainer}, output_dir: out/faults, args: {json.dumps(args)}}}
         faults: [{{fault: "test_recipes_cli:RecordingFault"}}]
@@ -384,7 +386,7 @@ def test_schema_descriptions_are_plain_text(capsys):
     schema = json.loads(out)
     assert schema["title"] == "integrity-callbacks recipe"
     assert "``" not in out and not any(role in out for role in (":class:", ":meth:", ":func:", ":mod:"))
-    assert "callbacks.gallery.Fault subclass" in out  # a role's target kept, its markup gone
+    assert "callbacks.runner.gallery.Fault subclass" in out  # a role's target kept, its markup gone
 
 
 # -- a terminal that says it once ----------------------------------------------------------------------------------

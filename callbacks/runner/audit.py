@@ -26,6 +26,7 @@ from callbacks.monitor import Monitor
 from callbacks.primitives.checkpoints import CheckpointReadError, list_checkpoint, read_bounded
 from callbacks.recipe import IntegrityConfig
 
+#: file names the audit reads in a checkpoint folder: PEFT adapter config, model config, HF trainer state
 ADAPTER_CONFIG = "adapter_config.json"
 MODEL_CONFIG = "config.json"
 TRAINER_STATE = "trainer_state.json"
@@ -91,7 +92,7 @@ def _model_from_folder(folder: str) -> torch.nn.Module:
 
 def build_audit_model(folder: str, recipe: str | None) -> tuple[torch.nn.Module, IntegrityConfig | None]:
     """The model the checkpoint belongs to, built from its configs (weights are not loaded)."""
-    from callbacks.job import _set_trainable, build_model, load_job
+    from callbacks.runner.job import build_model, load_job, set_trainable
 
     job, integrity = load_job(recipe) if recipe else (None, None)
     adapter_config = os.path.join(folder, ADAPTER_CONFIG)
@@ -103,7 +104,7 @@ def build_audit_model(folder: str, recipe: str | None) -> tuple[torch.nn.Module,
         else:
             raise RecipeError(folder, "", f"holds neither {MODEL_CONFIG} nor {ADAPTER_CONFIG}; pass --recipe")
         if job is not None:
-            _set_trainable(model, job.model.freeze, False, recipe, "model.freeze")
+            set_trainable(model, job.model.freeze, False, recipe, "model.freeze")
         return model, integrity
     from peft import PeftConfig, get_peft_model
 
@@ -131,7 +132,7 @@ def build_audit_model(folder: str, recipe: str | None) -> tuple[torch.nn.Module,
         raise RecipeError(adapter_config, "", f"PEFT cannot build the adapter this config describes "
                                               f"({type(err).__name__}: {str(err)[:300]})") from None
     if job is not None and job.adapter is not None:
-        _set_trainable(model, job.adapter.unfreeze, True, recipe, "adapter.unfreeze")
+        set_trainable(model, job.adapter.unfreeze, True, recipe, "adapter.unfreeze")
     return model, integrity
 
 

@@ -1,10 +1,11 @@
-"""Parts the gallery recipes (``recipes/failures/``) refer to by import path: hand-written models and faults.
+"""The models and faults the gallery recipes (``recipes/failures/``) name by import path.
 
-A recipe names a model factory as ``model.factory: callbacks.gallery:lingua_lm`` (its ``model.args`` are
-validated against the function's signature) and faults as ``faults: [{fault: callbacks.gallery:ReinitAfterWrap}]``
-(each fault's ``args`` are validated by its pydantic ``Config``). Each fault reproduces what real user code did
-in a reported failure; the job runner calls a fault's hooks from every trainer (HF, Lightning, accelerate),
-before the integrity checks run at the same moment, so a check sees the fault's effect at that event.
+A recipe names a model factory as ``model.factory: callbacks.runner.gallery:lingua_lm`` (its ``model.args``
+are validated against the function's signature) and faults as
+``faults: [{fault: callbacks.runner.gallery:ReinitAfterWrap}]`` (each fault's ``args`` are validated by its
+pydantic ``Config``). Each fault reproduces what real user code did in a reported failure; the job runner calls
+a fault's hooks from every trainer (HF, Lightning, accelerate), before the integrity checks run at the same
+moment, so a check sees the fault's effect at that event.
 
 Nothing here checks anything: these are the failures, not the detectors.
 """

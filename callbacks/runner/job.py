@@ -7,7 +7,7 @@ Recipe (top level; the ``integrity:`` section is read by :mod:`callbacks.recipe`
     adapter: {config: LoraConfig, args: {r: 4, target_modules: [c_attn]}}      # optional, PEFT
     data:    {source: corpus, seq_len: 32}          # corpus (shipped) | synthetic | file (path:)
     trainer: {type: hf, output_dir: out/quickstart, args: {max_steps: 6, save_steps: 3}}
-    faults:  [{fault: callbacks.gallery:ReinitAfterWrap}]                      # optional, the gallery's
+    faults:  [{fault: callbacks.runner.gallery:ReinitAfterWrap}]                      # optional, the gallery's
     integrity: {...}
 
 Nothing is downloaded: models are built from config classes, a ``module:function`` factory or a local folder;
@@ -23,25 +23,30 @@ import inspect
 import os
 import re
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from callbacks.errors import IntegrityError, RecipeError
+from callbacks.findings import Finding
+from callbacks.monitor import Monitor
 from callbacks.recipe import SECTION, IntegrityConfig, describe_validation_error, parse_integrity_section, read_yaml
+from callbacks.runner.gallery import Fault
 
 #: the corpus shipped with the package (a few KB of English text)
-CORPUS_PATH = os.path.join(os.path.dirname(__file__), "data", "corpus.txt")
+CORPUS_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "corpus.txt")
 #: byte-level tokenisation: one token per byte
 BYTE_VOCAB = 256
 
+#: ``model.task`` -> the transformers auto class that builds a model for it
 TASKS: dict[str, str] = {
     "causal_lm": "AutoModelForCausalLM",
     "masked_lm": "AutoModelForMaskedLM",
     "sequence_classification": "AutoModelForSequenceClassification",
     "image_classification": "AutoModelForImageClassification",
 }
+#: the values ``model.task`` allows
 Task = Literal["causal_lm", "masked_lm", "sequence_classification", "image_classification"]
 
 
@@ -76,7 +81,7 @@ class ModelSpec(_Strict):
     config: str | None = Field(None, description="transformers config class, e.g. GPT2Config")
     path: str | None = Field(None, description="local folder with config.json (and weights)")
     factory: str | None = Field(None, description="'module:function' returning an nn.Module, e.g. "
-                                                  "callbacks.gallery:lingua_lm")
+                                                  "callbacks.runner.gallery:lingua_lm")
     args: dict[str, Any] = Field(default_factory=dict, description="arguments of the config class or factory")
     task: Task = "causal_lm"
     freeze: list[str] = Field(default_factory=list, description="parameter name patterns to freeze")
@@ -160,19 +165,17 @@ class AccelerateArgs(_Strict):
 
 
 class FaultSpec(_Strict):
-    """One entry of ``faults:``: a :class:`callbacks.gallery.Fault` subclass by import path, and its ``args``."""
+    """One entry of ``faults:``: a :class:`callbacks.runner.gallery.Fault` subclass by import path, and its ``args``."""
 
-    fault: str = Field(description="'module:Class', e.g. callbacks.gallery:ReinitAfterWrap")
+    fault: str = Field(description="'module:Class', e.g. callbacks.runner.gallery:ReinitAfterWrap")
     args: dict[str, Any] = Field(default_factory=dict)
 
     @field_validator("fault")
     @classmethod
     def _is_fault(cls, value: str) -> str:
-        from callbacks.gallery import Fault
-
         obj = resolve_import_path(value)
         if not (isinstance(obj, type) and issubclass(obj, Fault)):
-            raise ValueError(f"{value!r} is not a callbacks.gallery.Fault subclass")
+            raise ValueError(f"{value!r} is not a callbacks.runner.gallery.Fault subclass")
         return value
 
     def validate_args(self, source: str, key: str) -> None:
@@ -270,7 +273,7 @@ def build_model(spec: ModelSpec, source: str) -> torch.nn.Module:
             model = auto.from_pretrained(spec.path, local_files_only=True)
         else:
             model = _model_from_config(spec, auto, source)
-    _set_trainable(model, spec.freeze, False, source, "model.freeze")
+    set_trainable(model, spec.freeze, False, source, "model.freeze")
     return model
 
 
@@ -305,7 +308,7 @@ def _call_factory(spec: ModelSpec, source: str) -> torch.nn.Module:
     return model
 
 
-def _set_trainable(model: torch.nn.Module, patterns: Sequence[str], trainable: bool, source: str, key: str) -> None:
+def set_trainable(model: torch.nn.Module, patterns: Sequence[str], trainable: bool, source: str, key: str) -> None:
     """``requires_grad`` for every parameter whose user name matches one of ``patterns``; unmatched is an error."""
     from callbacks.primitives.naming import user_name
 
@@ -324,7 +327,7 @@ def apply_adapter(model: torch.nn.Module, spec: AdapterSpec | None, source: str)
         return model
     if spec.library == "adapters":
         wrapped = _apply_adapters_library(model, spec, source)
-        _set_trainable(wrapped, spec.unfreeze, True, source, "adapter.unfreeze")
+        set_trainable(wrapped, spec.unfreeze, True, source, "adapter.unfreeze")
         return wrapped
     import peft
 
@@ -336,7 +339,7 @@ def apply_adapter(model: torch.nn.Module, spec: AdapterSpec | None, source: str)
         wrapped = peft.get_peft_model(model, config_cls(**spec.args))
     except (TypeError, ValueError) as err:
         raise RecipeError(source, "adapter.args", f"{spec.config} rejected these arguments: {err}") from None
-    _set_trainable(wrapped, spec.unfreeze, True, source, "adapter.unfreeze")
+    set_trainable(wrapped, spec.unfreeze, True, source, "adapter.unfreeze")
     return wrapped
 
 
@@ -452,7 +455,44 @@ def _loss(outputs: Any) -> torch.Tensor:
 
 
 # -- running ----------------------------------------------------------------------------------------------------
-def run_job(path: str) -> tuple[int, Any]:
+class FaultInjectingMonitor(Monitor):
+    """A :class:`Monitor` that runs the recipe's faults at each ``step`` event, just before the checks look.
+
+    Every trainer integration (HF, Lightning, the accelerate loop) already turns its own hooks into the
+    ``before_optimizer`` and ``after_optimizer`` step events, on real optimizer steps only: the faults act at
+    those events, with the event's model and step, so fault injection is written once for all trainers.
+    """
+
+    def __init__(self, faults: Sequence[Fault], **kwargs: Any):
+        super().__init__(**kwargs)
+        self.faults = list(faults)
+
+    def dispatch(self, event: str, model: Any, **context: Any) -> list[Finding]:
+        """Run the faults' step hook for this phase (``step`` events), then the checks."""
+        if event == "step":
+            for fault in self.faults:
+                if context.get("phase") == "before_optimizer":
+                    fault.before_optimizer_step(model, context["step"])
+                elif context.get("phase") == "after_optimizer":
+                    fault.after_optimizer_step(model, context["step"])
+        return super().dispatch(event, model, **context)
+
+
+class Trained(NamedTuple):
+    """What a trainer's run hands back: the trained model (unwrapped) and the global step it ended at."""
+
+    model: torch.nn.Module
+    step: int
+
+
+class JobResult(NamedTuple):
+    """The outcome of :func:`run_job`: the exit code (0 clean, 1 error findings) and the job's monitor."""
+
+    exit_code: int
+    monitor: Monitor
+
+
+def run_job(path: str) -> JobResult:
     """Run the recipe's job with the checks. Returns (exit code, monitor): 0 clean, 1 error findings."""
     job, integrity = load_job(path)
     torch.manual_seed(job.seed)
@@ -462,16 +502,16 @@ def run_job(path: str) -> tuple[int, Any]:
     for fault in faults:
         fault.setup(model, job.trainer.output_dir)
     dataset = build_dataset(job, model, path)
+    monitor = FaultInjectingMonitor(faults, config=integrity)
+    monitor.summary_at_end = not merges_after_training(job)  # one table per job
     runner = {"hf": _run_hf, "lightning": _run_lightning, "accelerate": _run_accelerate}[job.trainer.type]
-    holder: dict[str, Any] = {}
     try:
-        trained, step = runner(job, integrity, model, dataset, faults, path, holder)
+        trained = runner(job, monitor, model, dataset, path)
         if merges_after_training(job):
-            _merge_and_save(job, holder["callback"].monitor, trained, step)
+            _merge_and_save(job, monitor, trained.model, trained.step)
     except IntegrityError:
         pass  # the monitor already printed the table and wrote the report
-    monitor = holder["callback"].monitor
-    return (1 if monitor.report.errors else 0), monitor
+    return JobResult(1 if monitor.report.errors else 0, monitor)
 
 
 def merges_after_training(job: JobRecipe) -> bool:
@@ -479,31 +519,14 @@ def merges_after_training(job: JobRecipe) -> bool:
     return job.adapter is not None and bool(job.adapter.merge)
 
 
-def _merge_and_save(job: JobRecipe, monitor: Any, model: torch.nn.Module, step: int) -> None:
+def _merge_and_save(job: JobRecipe, monitor: Monitor, model: torch.nn.Module, step: int) -> None:
     merged = monitor.checked_merge(model, step=step)
     if monitor.rank == 0 and hasattr(merged, "save_pretrained"):
         merged.save_pretrained(os.path.join(job.trainer.output_dir, "merged"))
     monitor.finish()
 
 
-def _hf_fault_callback(faults: Sequence[Any]) -> Any:
-    from transformers import TrainerCallback
-
-    class FaultCallback(TrainerCallback):
-        """Runs the recipe's faults at HF's step hooks (placed before the integrity callback)."""
-
-        def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs: Any):
-            for fault in faults:
-                fault.before_optimizer_step(model, state.global_step + 1)
-
-        def on_optimizer_step(self, args, state, control, model=None, **kwargs: Any):
-            for fault in faults:
-                fault.after_optimizer_step(model, state.global_step + 1)
-
-    return FaultCallback()
-
-
-def _run_hf(job: JobRecipe, integrity: IntegrityConfig, model, dataset, faults, source: str, holder: dict):
+def _run_hf(job: JobRecipe, monitor: Monitor, model, dataset, source: str) -> Trained:
     from transformers import Trainer, TrainingArguments, set_seed
 
     from callbacks.hf import IntegrityCallback
@@ -518,18 +541,15 @@ def _run_hf(job: JobRecipe, integrity: IntegrityConfig, model, dataset, faults, 
         args = TrainingArguments(output_dir=job.trainer.output_dir, **{**defaults, **job.trainer.args})
     except (TypeError, ValueError) as err:
         raise RecipeError(source, "trainer.args", f"TrainingArguments rejected these arguments: {err}") from None
-    holder["callback"] = callback = IntegrityCallback(config=integrity)
-    callback.monitor.summary_at_end = not merges_after_training(job)  # one table per job
     trainer = Trainer(model=model, args=args, train_dataset=dataset)
-    # HF calls callbacks in list order and puts its reporters (TensorBoard, W&B, ...) first; the faults must act
-    # before the checks look, and the checks must add their counts to `logs` before the reporters write them.
-    for position, extra in enumerate([_hf_fault_callback(faults), callback]):
-        trainer.callback_handler.callbacks.insert(position, extra)
+    # HF calls callbacks in list order and puts its reporters (TensorBoard, W&B, ...) first; the checks must add
+    # their counts to `logs` before the reporters write them.
+    trainer.callback_handler.callbacks.insert(0, IntegrityCallback(monitor=monitor))
     trainer.train(resume_from_checkpoint=job.trainer.resume_from)
-    return trainer.model, trainer.state.global_step
+    return Trained(trainer.model, trainer.state.global_step)
 
 
-def _run_lightning(job: JobRecipe, integrity: IntegrityConfig, model, dataset, faults, source: str, holder: dict):
+def _run_lightning(job: JobRecipe, monitor: Monitor, model, dataset, source: str) -> Trained:
     import pytorch_lightning as pl
 
     from callbacks.lightning import IntegrityCallback
@@ -552,40 +572,19 @@ def _run_lightning(job: JobRecipe, integrity: IntegrityConfig, model, dataset, f
         def configure_optimizers(self):
             return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=lr)
 
-    class FaultCallback(pl.Callback):
-        """Runs the recipe's faults at Lightning's step hooks (placed before the integrity callback)."""
-
-        def __init__(self):
-            self.last_step = 0
-
-        def on_fit_start(self, trainer, pl_module) -> None:
-            self.last_step = trainer.global_step
-
-        def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
-            for fault in faults:
-                fault.before_optimizer_step(pl_module, trainer.global_step + 1)
-
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-            if trainer.global_step != self.last_step:  # the optimizer stepped (not an accumulation batch)
-                self.last_step = trainer.global_step
-                for fault in faults:
-                    fault.after_optimizer_step(pl_module, trainer.global_step)
-
     pl.seed_everything(job.seed, verbose=False)
-    holder["callback"] = callback = IntegrityCallback(config=integrity)
-    callback.monitor.summary_at_end = not merges_after_training(job)  # one table per job
     if job.trainer.processes > 1:
         args.setdefault("strategy", "ddp")
         args.setdefault("devices", job.trainer.processes)
     try:
-        trainer = pl.Trainer(default_root_dir=job.trainer.output_dir, callbacks=[FaultCallback(), callback],
+        trainer = pl.Trainer(default_root_dir=job.trainer.output_dir, callbacks=[IntegrityCallback(monitor=monitor)],
                              logger=logger, enable_progress_bar=False, enable_model_summary=False,
                              **{"log_every_n_steps": 1, **args})
     except (TypeError, ValueError) as err:
         raise RecipeError(source, "trainer.args", f"Lightning Trainer rejected these arguments: {err}") from None
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)
     trainer.fit(JobModule(), train_dataloaders=loader, ckpt_path=job.trainer.resume_from)
-    return model, trainer.global_step
+    return Trained(model, trainer.global_step)
 
 
 def _lightning_logger(name: Any, output_dir: str, source: str) -> Any:
@@ -602,8 +601,7 @@ def _lightning_logger(name: Any, output_dir: str, source: str) -> Any:
     return builders[name]()
 
 
-def _run_accelerate(job: JobRecipe, integrity: IntegrityConfig, model, dataset, faults, source: str,
-                    holder: dict):
+def _run_accelerate(job: JobRecipe, monitor: Monitor, model, dataset, source: str) -> Trained:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
@@ -624,8 +622,7 @@ def _run_accelerate(job: JobRecipe, integrity: IntegrityConfig, model, dataset, 
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=opts.learning_rate)
     loader = torch.utils.data.DataLoader(dataset, batch_size=opts.batch_size, shuffle=False)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
-    holder["callback"] = hooks = AcceleratorHooks(accelerator, config=integrity)
-    hooks.monitor.summary_at_end = not merges_after_training(job)  # one table per job
+    hooks = AcceleratorHooks(accelerator, monitor=monitor)
     if job.trainer.resume_from:
         accelerator.load_state(job.trainer.resume_from)
         # this runner names its save_state folders checkpoint-N: the step count goes on from N
@@ -637,16 +634,10 @@ def _run_accelerate(job: JobRecipe, integrity: IntegrityConfig, model, dataset, 
             with accelerator.accumulate(model):
                 loss = _loss(model(**batch))
                 accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    if opts.max_grad_norm:
-                        accelerator.clip_grad_norm_(model.parameters(), opts.max_grad_norm)
-                    for fault in faults:
-                        fault.before_optimizer_step(model, hooks.step + 1)
+                if accelerator.sync_gradients and opts.max_grad_norm:
+                    accelerator.clip_grad_norm_(model.parameters(), opts.max_grad_norm)
                 hooks.before_optimizer_step(model, optimizer, grads_clipped=bool(opts.max_grad_norm))
                 optimizer.step()
-                if accelerator.sync_gradients:
-                    for fault in faults:
-                        fault.after_optimizer_step(model, hooks.step + 1)
                 hooks.after_optimizer_step(model, optimizer)
                 optimizer.zero_grad()
             if accelerator.sync_gradients:
@@ -660,4 +651,4 @@ def _run_accelerate(job: JobRecipe, integrity: IntegrityConfig, model, dataset, 
                 break
     hooks.end(model)
     accelerator.end_training()
-    return accelerator.unwrap_model(model), hooks.step
+    return Trained(accelerator.unwrap_model(model), hooks.step)

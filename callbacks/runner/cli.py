@@ -16,6 +16,7 @@ from collections.abc import Sequence
 
 from callbacks.errors import ConfigError
 
+#: exit codes: clean (or identical ledgers), error findings (or diverged ledgers), bad input
 EXIT_CLEAN, EXIT_FINDINGS, EXIT_BAD_INPUT = 0, 1, 2
 
 #: set in the environment of the processes ``run`` launches, so they do not launch again
@@ -62,7 +63,7 @@ def _launch(recipe: str, processes: int, html: str | None) -> int:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # recipes never download
-    from callbacks.job import load_job, run_job
+    from callbacks.runner.job import load_job, run_job
 
     job, integrity = load_job(args.recipe)
     exit_file = os.environ.get(LAUNCHED_ENV)
@@ -85,7 +86,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 def _cmd_audit(args: argparse.Namespace) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from callbacks.audit import audit_checkpoint
+    from callbacks.runner.audit import audit_checkpoint
 
     monitor = audit_checkpoint(args.checkpoint, recipe=args.recipe, report=args.report)
     html = _html_path(args.report, args.html)
@@ -100,7 +101,7 @@ def _cmd_audit(args: argparse.Namespace) -> int:
 
 
 def _cmd_schema(args: argparse.Namespace) -> int:
-    from callbacks.job import recipe_json_schema
+    from callbacks.runner.job import recipe_json_schema
 
     text = json.dumps(recipe_json_schema(), indent=2)
     if args.output:
@@ -119,6 +120,7 @@ def _cmd_diff(args: argparse.Namespace) -> int:
     return code
 
 
+#: the program name ``--help`` shows
 PROG = "python -m callbacks"
 
 #: what ``--help`` shows after the options: examples and exit codes, plain text for a terminal
