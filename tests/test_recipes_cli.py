@@ -406,3 +406,11 @@ def test_audit_prints_one_table(resumed_run, tmp_path, capsys):
     assert main(["audit", str(resumed_run / "checkpoint-2"), "--report", str(tmp_path / "a.json")]) == 1
     out = capsys.readouterr().out
     assert out.count("integrity report") == 1 and f"integrity: JSON report {tmp_path / 'a.json'}" in out
+
+
+def test_recipes_naming_the_modules_before_they_moved_into_runner_still_resolve():
+    from callbacks.runner import gallery
+    from callbacks.runner.job import resolve_import_path
+
+    assert resolve_import_path("callbacks.gallery:lingua_lm") is gallery.lingua_lm
+    assert resolve_import_path("callbacks.runner.gallery:lingua_lm") is gallery.lingua_lm

@@ -54,11 +54,16 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+#: modules that moved into :mod:`callbacks.runner`: recipes written for the old paths keep working
+MOVED_MODULES = {f"callbacks.{name}": f"callbacks.runner.{name}" for name in ("gallery", "job", "audit", "cli")}
+
+
 def resolve_import_path(path: str) -> Any:
     """The object named ``package.module:attribute``; a ValueError that says what is wrong otherwise."""
     module_name, sep, attribute = path.partition(":")
     if not sep or not module_name or not attribute:
         raise ValueError(f"expected 'package.module:name', got {path!r}")
+    module_name = MOVED_MODULES.get(module_name, module_name)
     try:
         module = importlib.import_module(module_name)
     except ImportError as err:
@@ -628,7 +633,7 @@ def _run_accelerate(job: JobRecipe, monitor: Monitor, model, dataset, source: st
         # this runner names its save_state folders checkpoint-N: the step count goes on from N
         suffix = os.path.basename(os.path.normpath(job.trainer.resume_from)).rpartition("-")[2]
         hooks.step = int(suffix) if suffix.isdigit() else 0
-    hooks.begin(model, resumed_from=job.trainer.resume_from)
+    hooks.begin(model, resumed_from=job.trainer.resume_from, optimizer=optimizer)
     while hooks.step < opts.max_steps:
         for batch in loader:
             with accelerator.accumulate(model):
