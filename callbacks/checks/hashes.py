@@ -35,7 +35,7 @@ import torch
 from pydantic import Field, field_validator
 from torch import nn
 
-from callbacks.checks.base import Check, CheckConfig
+from callbacks.checks.base import Check, CheckConfig, ReportedOnce
 from callbacks.events import EventContext
 from callbacks.facts import UnknownName, closest_names, name_not_found, resolve_name
 from callbacks.findings import Finding
@@ -201,8 +201,8 @@ class HashCheck(Check):
         #: frozen parameter (user name) -> [hash, step at which it was recorded]
         self.frozen_baseline: dict[str, list[Any]] = {}
         self.frozen_verified_step = 0
-        #: code -> names already reported and still failing (reported again only after they recover)
-        self.reported: dict[str, set[str]] = {}
+        #: names reported per code: FROZEN_CHANGED once for the run, the others again only after they recover
+        self.reported = ReportedOnce()
         #: which ranks hold equal copies and the bounded exchange among them; set up at init
         self.comparator = ReplicaComparator(self.config.timeout_s)
         self.ledger: LedgerWriter | None = None
@@ -215,13 +215,6 @@ class HashCheck(Check):
         """Whether gradients/parameters are hashed at ``step`` (someone consumes the hashes and the cadence hits)."""
         consumers = self.comparator.active or self.ledger is not None
         return consumers and step is not None and step % self.config.every_n_steps == 0
-
-    def _new_only(self, code: str, names: Iterable[str]) -> list[str]:
-        """Names not yet reported for ``code``; names that recovered become reportable again."""
-        names = list(names)
-        before = self.reported.get(code, set())
-        self.reported[code] = set(names)
-        return [n for n in names if n not in before]
 
     def _exchange(self, names: Sequence[str], tensors: Sequence[torch.Tensor | None], compute,
                   not_comparable: Iterable[int] = ()) -> tuple[list[int | None] | None, list[Comparison]]:
@@ -272,7 +265,7 @@ class HashCheck(Check):
             for name, by_rank in comparison.mismatches.items():
                 mismatched[name] = by_rank
                 group_of[name] = comparison.ranks
-        new = self._new_only(code, mismatched)
+        new = self.reported.new(code, mismatched)
         if not new:
             return findings
         parts, details = [], {}
@@ -449,7 +442,7 @@ class HashCheck(Check):
                 self.frozen_baseline[n] = [value, (ctx.step or 1) - 1]  # as of after the previous step
 
     def _nonfinite_findings(self, ctx: EventContext, counts: dict[str, int]) -> list[Finding]:
-        new = self._new_only("GRAD_NONFINITE", counts)
+        new = self.reported.new("GRAD_NONFINITE", counts)
         if not new:
             return []
         scaled = loss_scaled(ctx)
@@ -459,9 +452,9 @@ class HashCheck(Check):
         if scaled:
             message += "; a dynamic loss scaler is in use and skips this step (repeated skips mean a real problem)"
         # under a loss scaler an overflow step is skipped by design: a warning, not an error
-        return [Finding.make("GRAD_NONFINITE", event=ctx.event, step=ctx.step, params=new, message=message,
-                             hint=HINT_NONFINITE, severity="warning" if scaled else None, check=self.name,
-                             counts={n: counts[n] for n in new}, grads_clipped=ctx.grads_clipped)]
+        return [self.finding("GRAD_NONFINITE", ctx, params=new, message=message, hint=HINT_NONFINITE,
+                             severity="warning" if scaled else None, counts={n: counts[n] for n in new},
+                             grads_clipped=ctx.grads_clipped)]
 
     def _after_optimizer(self, ctx: EventContext) -> list[Finding]:
         findings: list[Finding] = []
@@ -534,9 +527,7 @@ class HashCheck(Check):
                 self.frozen_baseline[name] = [value, now]  # later changes are measured from here
                 changed.append(name)
         self.frozen_verified_step = now
-        reported = self.reported.setdefault("FROZEN_CHANGED", set())
-        new = [n for n in changed if n not in reported]
-        reported.update(new)
+        new = self.reported.first("FROZEN_CHANGED", changed)
         if not new:
             return []
         first = min(since[n] for n in new) + 1
@@ -587,7 +578,7 @@ class HashCheck(Check):
                 diverged.append(key)
                 details[",".join(key)] = {n: {"hash": hex64(merged[n][0]), "shape": list(merged[n][1]),
                                               "dtype": merged[n][2]} for n in present}
-        new = set(self._new_only("TIE_DIVERGED", [",".join(k) for k in diverged]))
+        new = set(self.reported.new("TIE_DIVERGED", [",".join(k) for k in diverged]))
         return found + [self.finding(
             "TIE_DIVERGED", ctx, params=key,
             message=f"tied copies {' and '.join(key)} hold different values (hashes "
@@ -608,11 +599,11 @@ class HashCheck(Check):
         # Python's lose precision on integers beyond 2**53
         return {"frozen_baseline": {n: [hex64(h), s] for n, (h, s) in self.frozen_baseline.items()},
                 "frozen_verified_step": self.frozen_verified_step,
-                "reported": {c: sorted(n) for c, n in self.reported.items()}}
+                "reported": self.reported.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict`."""
         self.frozen_baseline = {n: [None if h is None else int(h, 16), int(s)]
                                 for n, (h, s) in state.get("frozen_baseline", {}).items()}
         self.frozen_verified_step = int(state.get("frozen_verified_step", 0))
-        self.reported = {c: set(n) for c, n in state.get("reported", {}).items()}
+        self.reported.load_state_dict(state.get("reported", {}))
