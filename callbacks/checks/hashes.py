@@ -363,6 +363,7 @@ class HashCheck(Check):
         return out
 
     def on_step(self, ctx: EventContext) -> Iterable[Finding]:
+        """Gradients and newly frozen parameters before the optimizer; parameters and tied copies after it."""
         if ctx.phase == "before_optimizer":
             return self._before_optimizer(ctx)
         return self._after_optimizer(ctx)
@@ -490,6 +491,7 @@ class HashCheck(Check):
         return findings
 
     def on_end(self, ctx: EventContext) -> Iterable[Finding]:
+        """Re-verify the frozen parameters and the tied copies one last time, and close the ledger."""
         findings: list[Finding] = []
         params = named_unique_parameters(ctx.model)
         if self.config.frozen and self.frozen_baseline and (ctx.step or 0) > self.frozen_verified_step:
