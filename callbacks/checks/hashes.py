@@ -1,4 +1,5 @@
-"""Gradient and weight hashes (issue 5): frozen weights, replicas, tied copies, run-to-run divergence.
+"""The hash check: bitwise fingerprints of gradients and parameters prove frozen weights stayed frozen,
+data-parallel replicas agree, tied copies agree, and locate run-to-run divergence.
 
 Codes: ``FROZEN_CHANGED``, ``GRAD_NONFINITE``, ``GRAD_REPLICA_MISMATCH``, ``PARAM_REPLICA_MISMATCH``,
 ``TIE_DIVERGED``; and the hash ledger (``ledger: PATH``) that ``python -m callbacks diff`` compares.
@@ -20,7 +21,9 @@ Gradients are hashed at the ``before_optimizer`` phase, i.e. after DDP's all-red
 hashes its local shards and compares them only with the ranks that hold the same shard: the ranks along the mesh
 dimensions where the tensor is ``Replicate`` (the replicate dimension of HSDP), through one bounded gloo subgroup
 per group built at init. Pure FSDP shards differ by design and are never compared (one ``CHECK_NOT_APPLICABLE``
-info at init says so). FSDP1 flat parameters are not compared.
+info at init says so). FSDP1 flat parameters are not compared. Which ranks are compared and the bounded
+exchange itself belong to :class:`~callbacks.primitives.collectives.ReplicaComparator`; this check decides when
+and what to hash and which findings to make.
 """
 
 from __future__ import annotations
@@ -32,22 +35,13 @@ import torch
 from pydantic import Field, field_validator
 from torch import nn
 
-from callbacks.checks.base import Check, CheckConfig
+from callbacks.checks.base import Check, CheckConfig, ReportedOnce
 from callbacks.events import EventContext
 from callbacks.facts import UnknownName, closest_names, name_not_found, resolve_name
 from callbacks.findings import Finding
 from callbacks.hashing import hash_tensors, hash_with_stats, resolve_backend
 from callbacks.hashing.ledger import LedgerWriter, hex64
-from callbacks.primitives.collectives import (
-    Partition,
-    ReplicaGroup,
-    build_replica_groups,
-    comparison_partition,
-    disagreeing_ranks,
-    distributed_world,
-    layout_key,
-    replica_mismatches,
-)
+from callbacks.primitives.collectives import Comparison, ReplicaComparator, disagreeing_ranks, distributed_world
 from callbacks.primitives.naming import named_parameters_all, unwrap_model, user_name
 
 
@@ -207,74 +201,29 @@ class HashCheck(Check):
         #: frozen parameter (user name) -> [hash, step at which it was recorded]
         self.frozen_baseline: dict[str, list[Any]] = {}
         self.frozen_verified_step = 0
-        #: code -> names already reported and still failing (reported again only after they recover)
-        self.reported: dict[str, set[str]] = {}
-        self.group: ReplicaGroup | None = None
-        self.replicas_note: str | None = None
-        self.rank, self.world_size = 0, 1
+        #: names reported per code: FROZEN_CHANGED once for the run, the others again only after they recover
+        self.reported = ReportedOnce()
+        #: which ranks hold equal copies and the bounded exchange among them; set up at init
+        self.comparator = ReplicaComparator(self.config.timeout_s)
         self.ledger: LedgerWriter | None = None
         self.resumed = False
-        #: whether parameters are sharded (DTensor local shards are hashed, compared within replicate groups)
-        self.sharded = False
-        #: partition of ranks -> this rank's bounded group in it (DDP: one group of all ranks; HSDP: the ranks
-        #: along the replicate dimension); partitions where this rank holds its copy alone are absent
-        self.routes: dict[Partition, ReplicaGroup] = {}
-        #: partitions no longer compared (their ranks hashed different layouts), with why
-        self.route_notes: dict[Partition, str] = {}
-        #: (id of a device mesh, placements) -> partition: computed once per mesh layout, not per tensor and step
-        #: (plain tensors under key (0, ()): all ranks)
-        self._partition_by_layout: dict[tuple[int, tuple[Any, ...]], Partition] = {}
         #: ids of the frozen parameters seen at the last step (new ones get a baseline)
         self._frozen_seen: set[int] = set()
 
     # -- helpers ----------------------------------------------------------------------------------------------
-    @property
-    def replicas_active(self) -> bool:
-        """Whether replica hashes are exchanged (distributed, some group of ranks holding equal copies, no group
-        broken: after a failed exchange this rank stops exchanging altogether, so its peers' waits end too)."""
-        return (self.replicas_note is None and bool(self.routes)
-                and all(g.broken is None for g in self.routes.values())
-                and any(p not in self.route_notes for p in self.routes))
-
-    def _partition(self, tensor: Any) -> Partition:
-        """The groups of ranks that must hold equal copies of ``tensor`` (see ``comparison_partition``).
-
-        Looked up per tensor at every exchange (not cached by name), so a model sharded after init is not compared
-        as if its shards were replicas: a partition without a group built at init is simply not compared.
-        """
-        mesh = getattr(tensor, "device_mesh", None)
-        key = (id(mesh), tuple(tensor.placements)) if mesh is not None else (0, ())  # (0, ()): a plain tensor
-        partition = self._partition_by_layout.get(key)
-        if partition is None:
-            partition = self._partition_by_layout[key] = comparison_partition(tensor, self.world_size)
-        return partition
-
-    @property
-    def group_usable(self) -> bool:
-        """Whether the bounded gloo group can be used (tied copies on other ranks are gathered through it)."""
-        return self.group is not None and self.group.broken is None
-
     def _hash_due(self, step: int | None) -> bool:
         """Whether gradients/parameters are hashed at ``step`` (someone consumes the hashes and the cadence hits)."""
-        consumers = self.replicas_active or self.ledger is not None
+        consumers = self.comparator.active or self.ledger is not None
         return consumers and step is not None and step % self.config.every_n_steps == 0
 
-    def _new_only(self, code: str, names: Iterable[str]) -> list[str]:
-        """Names not yet reported for ``code``; names that recovered become reportable again."""
-        names = list(names)
-        before = self.reported.get(code, set())
-        self.reported[code] = set(names)
-        return [n for n in names if n not in before]
-
     def _exchange(self, names: Sequence[str], tensors: Sequence[torch.Tensor | None], compute,
-                  not_comparable: Iterable[int] = ()):
-        """Hash locally with ``compute`` and, when replicas are active, all-gather the hashes within each group of
-        ranks that hold equal copies (one exchange per partition, in one order on every rank).
+                  not_comparable: Iterable[int] = ()) -> tuple[list[int | None] | None, list[Comparison]]:
+        """Hash locally with ``compute`` and, when replicas are compared, compare the hashes within each group of
+        ranks that hold equal copies of ``tensors`` (see :meth:`ReplicaComparator.compare`).
 
-        Returns (local hashes or None if hashing failed, [(partition, group, names, exchange)]). A local failure
-        still takes part in the exchanges (so no rank waits for it) and is re-raised afterwards.
-        ``not_comparable`` indices (unreduced partial gradients) are sent as 0 on every rank: they keep the layout
-        and never mismatch.
+        Returns (local hashes, comparisons). A local failure still takes part in the exchanges (so no rank waits
+        for it) and is re-raised afterwards. ``not_comparable`` indices (unreduced partial gradients) never
+        mismatch.
         """
         error: BaseException | None = None
         hashes: list[int | None] | None = None
@@ -282,55 +231,41 @@ class HashCheck(Check):
             hashes = compute()
         except Exception as err:  # re-raised below, after the collectives every rank expects
             error = err
-        exchanges = []
-        if self.replicas_active:
-            skip = set(not_comparable)
-            by_partition: dict[Partition, list[int]] = {}
-            for i, tensor in enumerate(tensors):
-                by_partition.setdefault(self._partition(tensor), []).append(i)
-            for partition in sorted(self.routes):  # every rank of a group walks the partitions in this order
-                if partition in self.route_notes:
-                    continue
-                group = self.routes[partition]
-                indices = by_partition.get(partition, [])
-                part_names = [names[i] for i in indices]
-                key = layout_key(part_names, [tuple(local_tensor(tensors[i]).shape) if tensors[i] is not None
-                                              else () for i in indices])
-                payload = ([0 if i in skip or hashes[i] is None else hashes[i] for i in indices]
-                           if hashes is not None else [])
-                exchanges.append((partition, group, part_names,
-                                  group.all_gather_hashes(payload, key, ok=error is None)))
+        comparisons: list[Comparison] = []
+        if self.comparator.active:
+            comparisons = self.comparator.compare(
+                names, hashes, [tuple(local_tensor(t).shape) if t is not None else () for t in tensors],
+                [self.comparator.partition(t) for t in tensors], skip=not_comparable)
         if error is not None:
             raise error
-        return hashes, exchanges
+        return hashes, comparisons
 
-    def _replica_findings(self, code: str, ctx: EventContext, exchanges, what: str) -> list[Finding]:
+    def _replica_findings(self, code: str, ctx: EventContext, comparisons: Sequence[Comparison],
+                          what: str) -> list[Finding]:
+        """``code`` (GRAD_/PARAM_REPLICA_MISMATCH) for tensors whose hashes differ within a group of ranks, and
+        CHECK_NOT_APPLICABLE for a group whose ranks turned out not to be replicas (compared no more)."""
         findings: list[Finding] = []
         mismatched: dict[str, dict[int, int]] = {}
         group_of: dict[str, list[int]] = {}
-        for partition, group, names, exchange in exchanges:
-            if exchange.status == "failed":
+        for comparison in comparisons:
+            if comparison.status == "failed":
                 continue  # the failing rank reports CHECK_FAILED itself
-            if exchange.status == "layout":
-                # every rank of the group saw the same headers, so all of them stop exchanging at the same point
-                self.route_notes[partition] = (f"not compared: ranks {group.ranks} hold different parameter layouts "
-                                               f"(counts {exchange.counts})")
-                if all(p in self.route_notes for p in self.routes):
-                    self.replicas_note = self.route_notes[partition]
+            if comparison.status == "layout":
+                counts = comparison.exchange.counts
                 findings.append(self.finding(
                     "CHECK_NOT_APPLICABLE", ctx, params=(),
-                    message=f"ranks {group.ranks} hold different {what} layouts (tensor counts per rank: "
-                            f"{exchange.counts}), so they are not data-parallel replicas; replica comparison among "
+                    message=f"ranks {comparison.ranks} hold different {what} layouts (tensor counts per rank: "
+                            f"{counts}), so they are not data-parallel replicas; replica comparison among "
                             "them is off from here",
                     hint="for pipeline stages or other model-parallel layouts set hashes.replicas: false (and declare "
                          "copies of a tie kept on different stages in hashes.tied_copies); under plain DDP every "
                          "rank must build the same model",
-                    counts=exchange.counts, ranks=group.ranks))
+                    counts=counts, ranks=comparison.ranks))
                 continue
-            for name, by_rank in replica_mismatches(names, exchange.by_rank, group.ranks).items():
+            for name, by_rank in comparison.mismatches.items():
                 mismatched[name] = by_rank
-                group_of[name] = group.ranks
-        new = self._new_only(code, mismatched)
+                group_of[name] = comparison.ranks
+        new = self.reported.new(code, mismatched)
         if not new:
             return findings
         parts, details = [], {}
@@ -344,7 +279,7 @@ class HashCheck(Check):
                 parts.append(f"{name} (ranks {[ranks[i] for i in differing]} differ from the others)")
             details[name] = {str(r): hex64(v) for r, v in by_rank.items()}
         shown = "; ".join(parts[:6]) + (f"; +{len(parts) - 6} more" if len(parts) > 6 else "")
-        if self.sharded:
+        if self.comparator.sharded:
             groups = sorted({tuple(group_of[n]) for n in new})
             where = (f"between ranks that hold the same shard or copy (replicate group{'s' if len(groups) > 1 else ''} "
                      f"{', '.join(str(list(g)) for g in groups)})")
@@ -360,34 +295,27 @@ class HashCheck(Check):
 
     # -- events -----------------------------------------------------------------------------------------------
     def on_load(self, ctx: EventContext) -> Iterable[Finding]:
-        self.resumed = True  # the ledger of a resumed run is appended to
+        """Remember the run was resumed: its ledger is appended to."""
+        self.resumed = True
         return ()
 
     def on_init(self, ctx: EventContext) -> Iterable[Finding]:
+        """Set up the replica comparison, baseline the frozen parameters, compare the initial parameters across
+        replicas and the tied copies, and open the ledger."""
         params = named_unique_parameters(ctx.model)
-        self.rank, self.world_size = distributed_world()
         findings: list[Finding] = []
-        self.sharded = self.world_size > 1 and is_sharded(ctx.model, params)
-        if self.world_size > 1 and self.group is None:
-            if not self.config.replicas:
-                self.replicas_note = "not compared (replicas: false)"
-            elif self.sharded and not any(is_dtensor(p) for _, p in params):
-                self.replicas_note = ("parameters are sharded as FSDP1 flat parameters: not compared (use FSDP2 "
-                                      "fully_shard, whose DTensor shards are compared within replicate groups)")
-            if self.replicas_note is None or self.config.tied_copies:
-                self.group = ReplicaGroup(self.config.timeout_s)  # a collective: every rank decides alike
-            if self.replicas_note is None:
-                findings += self._build_routes(ctx, params)
+        if not self.comparator.connected:  # once: creating its groups is a collective every rank runs here
+            findings += self._set_up_replicas(ctx, params)
         if self.config.ledger and self.ledger is None:
-            self.ledger = LedgerWriter(self.config.ledger, rank=self.rank, append=self.resumed)
+            self.ledger = LedgerWriter(self.config.ledger, rank=self.comparator.rank, append=self.resumed)
         names = [n for n, _ in params]
         tensors = [p for _, p in params]
-        need_all = self.replicas_active or self.ledger is not None
+        need_all = self.comparator.active or self.ledger is not None
         frozen_idx = [i for i, (_, p) in enumerate(params) if not p.requires_grad] if self.config.frozen else []
         to_hash = list(range(len(params))) if need_all else frozen_idx
-        hashes, exchanges = self._exchange(
+        hashes, comparisons = self._exchange(
             names, tensors, lambda: self._hash_indices(tensors, to_hash, len(params)))
-        findings += self._replica_findings("PARAM_REPLICA_MISMATCH", ctx, exchanges, "initial parameter")
+        findings += self._replica_findings("PARAM_REPLICA_MISMATCH", ctx, comparisons, "initial parameter")
         if self.ledger is not None:
             self.ledger.write(ctx.step or 0, "param", names, hashes)
         if self.config.frozen:
@@ -395,25 +323,36 @@ class HashCheck(Check):
         findings += self._tied_copies(ctx, params, validate=True)
         return findings
 
-    def _build_routes(self, ctx: EventContext, params: Sequence[tuple[str, nn.Parameter]]) -> list[Finding]:
-        """Create the bounded groups of ranks whose copies must agree (collective; every rank at init).
+    def _set_up_replicas(self, ctx: EventContext, params: Sequence[tuple[str, nn.Parameter]]) -> list[Finding]:
+        """A comparator for this model and configuration; under torch.distributed it creates its bounded groups
+        (a collective: every rank decides alike, from the configuration and the model's layout, at init).
 
-        Partitions come from every rank (gathered: a mesh may not span every rank), so every rank creates the
-        same subgroups in the same order. With none to compare (pure FSDP), one info says so.
+        With nothing to compare (pure FSDP), one info says so.
         """
-        local = sorted({self._partition(p) for _, p in params})
-        union = {partition for rank_partitions in self.group.all_gather_object(local) for partition in rank_partitions}
-        self.routes = build_replica_groups(union, self.group, self.config.timeout_s)
-        if self.routes:
+        sharded = distributed_world()[1] > 1 and is_sharded(ctx.model, params)
+        comparator = self.comparator = ReplicaComparator(self.config.timeout_s, sharded=sharded)
+        if not comparator.distributed:
             return []
-        self.replicas_note = ("not compared: parameters are sharded with no replicate dimension (pure FSDP), each "
-                              "rank holds different shards by design")
+        if not self.config.replicas:
+            comparator.disable("not compared (replicas: false)")
+        elif sharded and not any(is_dtensor(p) for _, p in params):
+            comparator.disable("parameters are sharded as FSDP1 flat parameters: not compared (use FSDP2 "
+                               "fully_shard, whose DTensor shards are compared within replicate groups)")
+        if comparator.note is None or self.config.tied_copies:
+            comparator.connect()  # tied copies on other ranks are gathered through the group of all ranks
+        if comparator.note is not None:
+            return []
+        union = comparator.plan(comparator.partition(p) for _, p in params)
+        if comparator.active:
+            return []
+        comparator.disable("not compared: parameters are sharded with no replicate dimension (pure FSDP), each "
+                           "rank holds different shards by design")
         return [self.finding(
             "CHECK_NOT_APPLICABLE", ctx, params=(),
             message="replica hashes are not compared: every parameter is sharded with no replicate mesh dimension "
                     "(pure FSDP), so no two ranks hold the same shard; shards differ by design",
             hint="nothing to fix; to compare replicas under FSDP2 use HSDP (a 2-D mesh with a replicate dimension)",
-            partitions=[[list(g) for g in p] for p in sorted(union)])]
+            partitions=[[list(g) for g in p] for p in union])]
 
     def _hash_indices(self, tensors: Sequence[torch.Tensor | None], indices: Sequence[int],
                       total: int) -> list[int | None]:
@@ -424,6 +363,7 @@ class HashCheck(Check):
         return out
 
     def on_step(self, ctx: EventContext) -> Iterable[Finding]:
+        """Gradients and newly frozen parameters before the optimizer; parameters and tied copies after it."""
         if ctx.phase == "before_optimizer":
             return self._before_optimizer(ctx)
         return self._after_optimizer(ctx)
@@ -461,15 +401,15 @@ class HashCheck(Check):
 
             # the layout key is built from the parameters: a gradient missing on one rank is a mismatch, not a layout
             partial = [i for i in present if is_partial(grads[i])]
-            hashes, exchanges = self._exchange(names, [p for _, p in params], compute, not_comparable=partial)
-            findings += self._replica_findings("GRAD_REPLICA_MISMATCH", ctx, exchanges, "gradient")
+            hashes, comparisons = self._exchange(names, [p for _, p in params], compute, not_comparable=partial)
+            findings += self._replica_findings("GRAD_REPLICA_MISMATCH", ctx, comparisons, "gradient")
             if self.ledger is not None:
                 self.ledger.write(ctx.step, "grad", names, hashes, clipped=ctx.grads_clipped)
         if self.config.nonfinite:
             if stats_nonfinite is None:
                 with_grad = [p for p in candidates if p.grad is not None]
                 grads = [p.grad for p in with_grad]
-                if self.sharded:
+                if self.comparator.sharded:
                     grads = [local_tensor(g) for g in grads]
                 flagged = nonfinite_counts([g for g in grads if g.device.type != "meta"])
                 stats_nonfinite = {}
@@ -503,7 +443,7 @@ class HashCheck(Check):
                 self.frozen_baseline[n] = [value, (ctx.step or 1) - 1]  # as of after the previous step
 
     def _nonfinite_findings(self, ctx: EventContext, counts: dict[str, int]) -> list[Finding]:
-        new = self._new_only("GRAD_NONFINITE", counts)
+        new = self.reported.new("GRAD_NONFINITE", counts)
         if not new:
             return []
         scaled = loss_scaled(ctx)
@@ -513,9 +453,9 @@ class HashCheck(Check):
         if scaled:
             message += "; a dynamic loss scaler is in use and skips this step (repeated skips mean a real problem)"
         # under a loss scaler an overflow step is skipped by design: a warning, not an error
-        return [Finding.make("GRAD_NONFINITE", event=ctx.event, step=ctx.step, params=new, message=message,
-                             hint=HINT_NONFINITE, severity="warning" if scaled else None, check=self.name,
-                             counts={n: counts[n] for n in new}, grads_clipped=ctx.grads_clipped)]
+        return [self.finding("GRAD_NONFINITE", ctx, params=new, message=message, hint=HINT_NONFINITE,
+                             severity="warning" if scaled else None, counts={n: counts[n] for n in new},
+                             grads_clipped=ctx.grads_clipped)]
 
     def _after_optimizer(self, ctx: EventContext) -> list[Finding]:
         findings: list[Finding] = []
@@ -535,10 +475,10 @@ class HashCheck(Check):
             # every rank decides from the step alone, so all of them exchange the same layout at the same step
             ex_names = [names[i] for i in indices]
             ex_tensors = [tensors[i] for i in indices]
-            hashes, exchanges = self._exchange(
+            hashes, comparisons = self._exchange(
                 ex_names, ex_tensors, lambda: hash_or_none(ex_tensors, self.config.backend))
             by_name = dict(zip(ex_names, hashes, strict=True))
-            findings += self._replica_findings("PARAM_REPLICA_MISMATCH", ctx, exchanges, "parameter")
+            findings += self._replica_findings("PARAM_REPLICA_MISMATCH", ctx, comparisons, "parameter")
             if self.ledger is not None and hash_due:
                 self.ledger.write(step, "param", [names[i] for i in trainable], [by_name[names[i]] for i in trainable])
             if frozen_due:
@@ -551,6 +491,7 @@ class HashCheck(Check):
         return findings
 
     def on_end(self, ctx: EventContext) -> Iterable[Finding]:
+        """Re-verify the frozen parameters and the tied copies one last time, and close the ledger."""
         findings: list[Finding] = []
         params = named_unique_parameters(ctx.model)
         if self.config.frozen and self.frozen_baseline and (ctx.step or 0) > self.frozen_verified_step:
@@ -588,9 +529,7 @@ class HashCheck(Check):
                 self.frozen_baseline[name] = [value, now]  # later changes are measured from here
                 changed.append(name)
         self.frozen_verified_step = now
-        reported = self.reported.setdefault("FROZEN_CHANGED", set())
-        new = [n for n in changed if n not in reported]
-        reported.update(new)
+        new = self.reported.first("FROZEN_CHANGED", changed)
         if not new:
             return []
         first = min(since[n] for n in new) + 1
@@ -618,8 +557,9 @@ class HashCheck(Check):
         values = hash_or_none(list(local.values()), self.config.backend)
         mine = {n: (v, tuple(local[n].shape), str(local[n].dtype)) for n, v in zip(local, values, strict=True)}
         merged: dict[str, tuple[int | None, tuple[int, ...], str]] = {}
-        if self.group_usable:  # copies on other ranks (pipeline stages) join in; the lowest rank's value wins
-            for rank_values in self.group.all_gather_object(mine):
+        gathered = self.comparator.all_gather_object(mine)
+        if gathered is not None:  # copies on other ranks (pipeline stages) join in; the lowest rank's value wins
+            for rank_values in gathered:
                 for n, v in rank_values.items():
                     merged.setdefault(n, v)
         else:
@@ -640,7 +580,7 @@ class HashCheck(Check):
                 diverged.append(key)
                 details[",".join(key)] = {n: {"hash": hex64(merged[n][0]), "shape": list(merged[n][1]),
                                               "dtype": merged[n][2]} for n in present}
-        new = set(self._new_only("TIE_DIVERGED", [",".join(k) for k in diverged]))
+        new = set(self.reported.new("TIE_DIVERGED", [",".join(k) for k in diverged]))
         return found + [self.finding(
             "TIE_DIVERGED", ctx, params=key,
             message=f"tied copies {' and '.join(key)} hold different values (hashes "
@@ -650,29 +590,22 @@ class HashCheck(Check):
 
     # -- report and state -------------------------------------------------------------------------------------
     def report_section(self) -> dict[str, Any] | None:
-        if self.replicas_active and self.sharded:
-            groups = sorted({tuple(g.ranks) for p, g in self.routes.items() if p not in self.route_notes})
-            replicas = f"compared within replicate groups {[list(g) for g in groups]} (local shards)"
-        elif self.replicas_active:
-            replicas = f"compared across {self.world_size} ranks"
-        elif any(g.broken for g in self.routes.values()):
-            broken = next(g for g in self.routes.values() if g.broken)
-            replicas = f"stopped after a failed exchange with ranks {broken.ranks}: {broken.broken}"
-        else:
-            replicas = self.replicas_note or "not compared (single process)"
+        """Frozen parameters tracked, the last step they were verified at, the replica comparison, the ledger."""
         return {"frozen_tracked": len(self.frozen_baseline), "frozen_verified_step": self.frozen_verified_step,
-                "replicas": replicas,
+                "replicas": self.comparator.describe(),
                 "ledger": self.config.ledger}
 
     def state_dict(self) -> dict[str, Any]:
+        """The frozen baselines and what was reported (restored on resume)."""
         # hashes as hex strings: HF writes this state into trainer_state.json, and JSON readers other than
         # Python's lose precision on integers beyond 2**53
         return {"frozen_baseline": {n: [hex64(h), s] for n, (h, s) in self.frozen_baseline.items()},
                 "frozen_verified_step": self.frozen_verified_step,
-                "reported": {c: sorted(n) for c, n in self.reported.items()}}
+                "reported": self.reported.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`."""
         self.frozen_baseline = {n: [None if h is None else int(h, 16), int(s)]
                                 for n, (h, s) in state.get("frozen_baseline", {}).items()}
         self.frozen_verified_step = int(state.get("frozen_verified_step", 0))
-        self.reported = {c: set(n) for c, n in state.get("reported", {}).items()}
+        self.reported.load_state_dict(state.get("reported", {}))

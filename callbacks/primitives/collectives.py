@@ -1,4 +1,9 @@
-"""Bounded exchanges of 64-bit hashes between data-parallel ranks (torch.distributed, any backend).
+"""Comparing 64-bit tensor hashes across the ranks that must hold equal copies (torch.distributed, any backend).
+
+:class:`ReplicaComparator` is the entry point: built once from the process group, the partitions of ranks that
+hold equal copies (derived from a tensor's device mesh, or given by the caller) and a timeout, it all-gathers
+hashes within each group of ranks and says which tensors differ on which ranks. Callers decide what to hash and
+when, and what to make of a mismatch.
 
 Every rank sends 8 bytes per tensor over a dedicated gloo group created with a timeout, so a rank that dies or
 stalls makes the others' exchange fail after ``timeout_s`` instead of hanging training forever. Each exchange is
@@ -221,3 +226,192 @@ def replica_mismatches(names: Sequence[str], by_rank: Sequence[Sequence[int]],
         if len(set(values)) > 1:
             out[name] = dict(zip(ranks, values, strict=True))
     return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Comparison:
+    """One group's verdict in :meth:`ReplicaComparator.compare`: the tensors of one partition, compared among
+    this rank's group in it.
+
+    ``ranks`` are the group's global ranks; ``names`` the partition's tensors in the caller's order;
+    ``exchange`` what the all-gather returned; ``mismatches`` name -> {global rank: hash} for the tensors whose
+    hashes differ (empty unless ``status`` is ``ok``).
+    """
+
+    partition: Partition
+    ranks: list[int]
+    names: list[str]
+    exchange: Exchange
+    mismatches: dict[str, dict[int, int]]
+
+    @property
+    def status(self) -> str:
+        """``ok``; ``failed`` (some rank could not hash: it reports that itself); ``layout`` (the ranks hashed
+        different layouts, so they are not replicas: this partition is compared no more)."""
+        return self.exchange.status
+
+
+class ReplicaComparator:
+    """Compares hashes of tensors across the ranks that must hold equal copies of them.
+
+    The constructor reads this process's rank and world size and runs no collective. :meth:`plan` is a
+    collective that every rank calls at the same point (the ``init`` event): it creates the bounded gloo group of
+    all ranks and one subgroup per group of ranks holding equal copies. :meth:`connect` alone creates only the
+    group of all ranks (for :meth:`all_gather_object`). Then :meth:`compare` exchanges hashes within each group,
+    partition after partition in one order on every rank, and returns which tensors differ.
+
+    A tensor's partition comes from :meth:`partition` (DDP replicas, FSDP2/HSDP DTensors, from the device mesh
+    and placements) or from the caller, whose ranks may be partitioned otherwise (ZeRO's partitions of a flat
+    buffer). After an exchange fails (a timeout, a peer gone) its group is broken and this rank compares
+    nothing more (:attr:`active` is False), so its peers' bounded waits end too instead of repeating.
+    """
+
+    def __init__(self, timeout_s: float = 60.0, *, sharded: bool = False):
+        self.rank, self.world_size = distributed_world()
+        #: bound on every exchange, in seconds
+        self.timeout_s = float(timeout_s)
+        #: whether the tensors compared are local shards (DTensors) rather than whole replicas (for messages)
+        self.sharded = sharded
+        #: the bounded group of all ranks; None in one process and until :meth:`connect`
+        self.world: ReplicaGroup | None = None
+        #: partition -> this rank's bounded group in it; partitions where this rank holds its copy alone are absent
+        self.routes: dict[Partition, ReplicaGroup] = {}
+        #: partitions compared no more (their ranks hashed different layouts), with why
+        self.route_notes: dict[Partition, str] = {}
+        #: why nothing is compared, or None
+        self.note: str | None = None
+        #: (id of a device mesh, placements) -> partition: computed once per mesh layout, not per tensor and call
+        self._partition_by_layout: dict[tuple[int, tuple[Any, ...]], Partition] = {}
+
+    @property
+    def distributed(self) -> bool:
+        """Whether there are other ranks to compare with (torch.distributed with world size > 1)."""
+        return self.world_size > 1
+
+    @property
+    def connected(self) -> bool:
+        """Whether the bounded group of all ranks exists (:meth:`connect` or :meth:`plan` ran)."""
+        return self.world is not None
+
+    @property
+    def active(self) -> bool:
+        """Whether :meth:`compare` exchanges anything: some group of ranks holds equal copies, none of them is
+        marked off, and no group is broken (after a failed exchange this rank stops exchanging altogether)."""
+        return (self.note is None and bool(self.routes)
+                and all(g.broken is None for g in self.routes.values())
+                and any(p not in self.route_notes for p in self.routes))
+
+    @property
+    def broken(self) -> ReplicaGroup | None:
+        """The first group whose exchange failed (nothing is compared since), or None."""
+        return next((g for g in self.routes.values() if g.broken), None)
+
+    @property
+    def groups(self) -> list[list[int]]:
+        """The groups of ranks (global ranks) this rank compares with, sorted."""
+        return [list(g) for g in sorted({tuple(g.ranks) for p, g in self.routes.items() if p not in self.route_notes})]
+
+    def disable(self, why: str) -> None:
+        """Compare nothing from here; ``why`` is what :meth:`describe` says."""
+        self.note = why
+
+    def connect(self) -> None:
+        """Create the bounded group of all ranks, once; nothing in one process. A collective: every rank calls
+        it at the same point."""
+        if self.world is None and self.distributed:
+            self.world = ReplicaGroup(self.timeout_s)
+
+    def plan(self, partitions: Iterable[Partition]) -> list[Partition]:
+        """Create the bounded groups of ranks whose copies must agree, from the ``partitions`` of the tensors this
+        rank will compare and those of every other rank (gathered: a mesh may not span every rank), so that every
+        rank creates the same subgroups in the same order. A collective: every rank calls it at the same point.
+
+        Returns the union of every rank's partitions, sorted (empty in one process). When no two ranks hold the
+        same copy of anything, nothing is compared and :attr:`note` says so.
+        """
+        if not self.distributed:
+            return []
+        self.connect()
+        local = sorted(set(partitions))
+        union = {partition for rank_partitions in self.world.all_gather_object(local) for partition in rank_partitions}
+        self.routes = build_replica_groups(union, self.world, self.timeout_s)
+        if not self.routes and self.note is None:
+            self.note = "not compared: no two ranks hold the same copy of any tensor"
+        return sorted(union)
+
+    def partition(self, tensor: Any) -> Partition:
+        """The groups of ranks that must hold equal copies of ``tensor`` (see :func:`comparison_partition`).
+
+        Meant to be looked up per tensor at every comparison (not cached by name), so a model sharded after
+        :meth:`plan` is not compared as if its shards were replicas: a partition without a planned group is simply
+        not compared.
+        """
+        mesh = getattr(tensor, "device_mesh", None)
+        key = (id(mesh), tuple(tensor.placements)) if mesh is not None else (0, ())  # (0, ()): a plain tensor
+        partition = self._partition_by_layout.get(key)
+        if partition is None:
+            partition = self._partition_by_layout[key] = comparison_partition(tensor, self.world_size)
+        return partition
+
+    def compare(self, names: Sequence[str], hashes: Sequence[int | None] | None, shapes: Sequence[Sequence[int]],
+                partitions: Sequence[Partition] | None = None, skip: Iterable[int] = ()) -> list[Comparison]:
+        """All-gather ``hashes`` within each group of ranks holding equal copies; one :class:`Comparison` per
+        partition compared, in one order on every rank ([] when not :attr:`active`).
+
+        Tensor ``i`` is ``names[i]`` with hash ``hashes[i]``, local shape ``shapes[i]`` (names and shapes make
+        the layout key every rank of a group must agree on) and partition ``partitions[i]`` (None: every tensor
+        is a replica on every rank). A missing hash (None) and the indices in ``skip`` (tensors never comparable,
+        such as unreduced partial sums) are sent as 0 by every rank: they keep the layout and never mismatch.
+        ``hashes=None`` says this rank could not hash: it must still call this, so that no rank waits for it.
+
+        Every rank must call this at the same point whenever :attr:`active`. Raises
+        :class:`ReplicaExchangeError` when an exchange fails; nothing is compared after that.
+        """
+        if not self.active:
+            return []
+        skip = set(skip)
+        everyone = world_partition(self.world_size)
+        by_partition: dict[Partition, list[int]] = {}
+        for i in range(len(names)):
+            by_partition.setdefault(partitions[i] if partitions is not None else everyone, []).append(i)
+        out: list[Comparison] = []
+        for partition in sorted(self.routes):  # every rank of a group walks the partitions in this order
+            if partition in self.route_notes:
+                continue
+            group = self.routes[partition]
+            indices = by_partition.get(partition, [])
+            part_names = [names[i] for i in indices]
+            key = layout_key(part_names, [shapes[i] for i in indices])
+            payload = ([0 if i in skip or hashes[i] is None else hashes[i] for i in indices]
+                       if hashes is not None else [])
+            exchange = group.all_gather_hashes(payload, key, ok=hashes is not None)
+            mismatches = (replica_mismatches(part_names, exchange.by_rank, group.ranks)
+                          if exchange.status == "ok" else {})
+            out.append(Comparison(partition, list(group.ranks), part_names, exchange, mismatches))
+        for comparison in out:
+            if comparison.status == "layout":
+                # every rank of the group saw the same headers, so all of them stop exchanging at the same point
+                self.route_notes[comparison.partition] = (
+                    f"not compared: ranks {comparison.ranks} hold different parameter layouts "
+                    f"(counts {comparison.exchange.counts})")
+                if all(p in self.route_notes for p in self.routes):
+                    self.note = self.route_notes[comparison.partition]
+        return out
+
+    def all_gather_object(self, obj: Any) -> list[Any] | None:
+        """Every rank's small picklable ``obj`` through the bounded group of all ranks, or None where that group
+        is missing (one process, not connected) or broken. A collective over every rank."""
+        if self.world is None or self.world.broken is not None:
+            return None
+        return self.world.all_gather_object(obj)
+
+    def describe(self) -> str:
+        """One line for a report: what is compared, or why nothing is."""
+        if self.active and self.sharded:
+            return f"compared within replicate groups {self.groups} (local shards)"
+        if self.active:
+            return f"compared across {self.world_size} ranks"
+        broken = self.broken
+        if broken is not None:
+            return f"stopped after a failed exchange with ranks {broken.ranks}: {broken.broken}"
+        return self.note or ("not compared (not set up yet)" if self.distributed else "not compared (single process)")
