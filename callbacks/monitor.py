@@ -19,6 +19,7 @@ from callbacks.errors import ConfigError, IntegrityError
 from callbacks.events import EventContext
 from callbacks.facts import ModelFacts, declared_names, establish_facts, name_not_found
 from callbacks.findings import Finding
+from callbacks.primitives.collectives import distributed_rank
 from callbacks.recipe import IntegrityConfig, load_recipe, parse_integrity_section
 from callbacks.report import Report
 
@@ -26,15 +27,6 @@ logger = logging.getLogger("callbacks")
 
 class IntegrityWarning(UserWarning):
     """Category of the warnings issued under policy ``warn``."""
-
-
-def distributed_rank() -> int:
-    """This process's rank under torch.distributed (or the launcher's RANK), 0 otherwise."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank()
-    return int(os.environ.get("RANK", "0"))
 
 
 def validate_declare_ties(declare_ties: Any) -> list[list[str]]:

@@ -42,7 +42,7 @@ from callbacks.findings import Finding
 from callbacks.hashing import hash_tensors, hash_with_stats, resolve_backend
 from callbacks.hashing.ledger import LedgerWriter, hex64
 from callbacks.primitives.collectives import Comparison, ReplicaComparator, disagreeing_ranks, distributed_world
-from callbacks.primitives.naming import named_parameters_all, unwrap_model, user_name
+from callbacks.primitives.naming import local_tensor, named_parameters_all, unwrap_model, user_name
 
 
 class HashConfig(CheckConfig):
@@ -95,12 +95,6 @@ HINT_PARAM_REPLICA = (
 HINT_TIE_DIVERGED = (
     "the copies of a tie kept in separate storage are no longer synchronised: copy the updated value to the other "
     "copies after every optimizer step (or sum their gradients before it), or tie them by sharing one tensor")
-
-
-def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
-    """The local shard of a DTensor (hashing a DTensor directly could run collectives); other tensors as they are."""
-    to_local = getattr(tensor, "to_local", None)
-    return to_local() if callable(to_local) else tensor
 
 
 def hashable(tensor: torch.Tensor | None) -> bool:

@@ -31,6 +31,7 @@ from callbacks.events import EventContext
 from callbacks.facts import DeclaredNames
 from callbacks.findings import Finding
 from callbacks.primitives.checkpoints import CheckpointListing, CheckpointReadError, list_checkpoint, read_tensors
+from callbacks.primitives.collectives import distributed_rank
 from callbacks.primitives.naming import find_peft_model, named_parameters_all, storage_key
 from callbacks.primitives.saved_names import (
     MODULES_TO_SAVE,
@@ -265,13 +266,6 @@ def value_mismatches(pairs: Sequence[tuple[str, torch.Tensor, torch.Tensor]]) ->
     return out
 
 
-def _rank() -> int:
-    """This process's torch.distributed rank (0 when not distributed)."""
-    import torch.distributed as dist
-
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else int(os.environ.get("RANK", "0"))
-
-
 # -- matching a checkpoint to the model ----------------------------------------------------------------------
 @dataclasses.dataclass
 class SavedMatch:
@@ -355,7 +349,7 @@ class SavedStateCheck(Check):
 
     # -- logic ------------------------------------------------------------------------------------------------
     def _check_files(self, ctx: EventContext, path: str, framework: str) -> list[Finding]:
-        if not os.path.exists(path) and _rank() != 0:
+        if not os.path.exists(path) and distributed_rank() != 0:
             return []  # HF fires on_save on every rank but only the main process writes (local disks differ)
         listing = list_checkpoint(path)
         if listing.errors:

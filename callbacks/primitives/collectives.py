@@ -60,6 +60,18 @@ class Exchange:
     counts: list[int]
 
 
+def distributed_rank() -> int:
+    """This process's rank: torch.distributed's when initialised, else the launcher's ``RANK`` (torchrun sets it
+    before the process group exists), else 0. The one answer to "which rank am I" in the package."""
+    import os
+
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
+    return int(os.environ.get("RANK", "0"))
+
+
 def distributed_world() -> tuple[int, int]:
     """(rank, world size) under an initialised torch.distributed, (0, 1) otherwise."""
     import torch.distributed as dist

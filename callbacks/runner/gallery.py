@@ -20,6 +20,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
+from callbacks.primitives.collectives import distributed_rank
 from callbacks.primitives.naming import unwrap_model
 
 
@@ -170,9 +171,7 @@ class RankGradientNoise(Fault):
 
     def before_optimizer_step(self, model: nn.Module, step: int) -> None:
         """On ``rank``, add noise to every gradient."""
-        import torch.distributed as dist
-
-        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+        rank = distributed_rank()
         if rank != self.config.rank or step < self.config.from_step:
             return
         gen = torch.Generator().manual_seed(1000 + rank * 7919 + step)
