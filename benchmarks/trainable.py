@@ -8,7 +8,7 @@ hashed again, the trainable set compared). Printed, as CPU and wall time and as 
 * the first step, where every adapter parameter is watched (LoRA A has a zero gradient at step 1 and is watched
   again at step 2);
 * the first steps (``not_updated_after_steps + skipped_steps_tolerated + 1``, 28 at the defaults), where the
-  model's modules are walked for its parameters each step;
+  watched parameters are hashed until they move;
 * the steady state after them: one pass over the ``requires_grad`` flags of the parameters found, the module
   walk every 10th step.
 

@@ -207,6 +207,7 @@ class TrainableCheck(Check):
         self._reference_before: tuple[str, int] | None = None
         #: ``id`` of parameters seen to move or judged (the fast path of :meth:`_snapshot`)
         self._settled: set[int] = set()
+        self._all_settled = False
         #: the model's parameters as the last walk over its modules found them
         self._params: list[nn.Parameter] = []
 
@@ -287,7 +288,9 @@ class TrainableCheck(Check):
         every ``FULL_PASS_EVERY`` steps, at checkpoints and at the end."""
         if ctx.event != "step" or not self._params or ctx.step is None:
             return True
-        return self._window_open(ctx.step) or ctx.step % FULL_PASS_EVERY == 0
+        if self.first_step is not None and ctx.step - self.first_step < self.config.not_updated_after_steps:
+            return True
+        return ctx.step % FULL_PASS_EVERY == 0
 
     def _set_changes(self, ctx: EventContext) -> list[Finding]:
         if self._full_pass_due(ctx):
@@ -296,6 +299,7 @@ class TrainableCheck(Check):
         if flags == self._flags or not self.recorded:
             return []
         self._flags = flags
+        self._all_settled = False
         now = _trainable_by_name(ctx.model)
         froze = [n for n, was in self.recorded.items() if was and now.get(n) is False]
         thawed = [n for n, trains in now.items() if trains and not self.recorded.get(n, False)]
@@ -333,14 +337,15 @@ class TrainableCheck(Check):
         """Hash the watched parameters that hold a non-zero finite gradient, before the optimizer steps."""
         self._before = {}
         optimizers = self._optimizers(ctx)
-        if not optimizers or not self._window_open(ctx.step):
+        if not optimizers or self._all_settled or not self._window_open(ctx.step):
             return
         held = held_parameters(optimizers)
         if held is None:
             return
         if all(id(p) in self._settled or id(p) not in held.learning_rate
                for p in (self._params or ctx.model.parameters()) if p.requires_grad):
-            return  # every parameter the optimizer holds was seen to move (or judged): nothing to hash
+            self._all_settled = True  # every parameter the optimizer holds moved (or was judged): nothing to hash
+            return
         params = _unique_parameters(ctx.model)
         watched = []
         for name, p in params:
