@@ -1,6 +1,6 @@
 """Adapter init audit on real PEFT models built from tiny configs: every failure reproduced, every healthy twin clean.
 
-Drives :class:`callbacks.checks.adapters.AdapterInitCheck` through ``Monitor.dispatch`` (policy ``log``).
+Drives :class:`callbacks.checks.adapter_init.AdapterInitCheck` through ``Monitor.dispatch`` (policy ``log``).
 """
 
 from __future__ import annotations
@@ -140,7 +140,7 @@ def test_broken_twin_of_each_method_is_wrong(name):
 
 def test_lora_contracts_are_read_from_config():
     """The expected spread of A follows init_lora_weights: kaiming (True) vs 1/r (gaussian)."""
-    from callbacks.checks.adapters import init_contract
+    from callbacks.checks.adapter_init import init_contract
 
     unit = discover_adapters(gemma_lora())[0]
     rule = next(r for r in init_contract(unit).rules if r.role == "lora_A")
@@ -431,7 +431,7 @@ def test_layer_idle_at_the_first_step_only_is_not_unused():
 def test_layer_drop_lengthens_the_unused_horizon():
     from transformers import M2M100Config, M2M100ForConditionalGeneration
 
-    from callbacks.checks.adapters import steps_past_layer_drop
+    from callbacks.checks.adapter_init import steps_past_layer_drop
 
     config = M2M100Config(vocab_size=64, d_model=16, encoder_layers=2, decoder_layers=2, encoder_attention_heads=2,
                           decoder_attention_heads=2, encoder_ffn_dim=16, decoder_ffn_dim=16,

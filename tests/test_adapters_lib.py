@@ -88,7 +88,7 @@ def test_gate_reinitialised_is_wrong():
 
 
 def test_bottleneck_contract_is_read_from_config():
-    from callbacks.checks.adapters import init_contract
+    from callbacks.checks.adapter_init import init_contract
 
     (unit, *_) = discover_adapters(bottleneck(ln_before=True))
     contract = init_contract(unit)

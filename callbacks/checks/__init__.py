@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from callbacks.checks.adapters import AdapterInitCheck
+from callbacks.checks.adapter_init import AdapterInitCheck
 from callbacks.checks.base import Check, CheckConfig
 from callbacks.checks.hashes import HashCheck
 from callbacks.checks.merge import MergeCheck
