@@ -23,6 +23,9 @@ Files are hostile until proven otherwise (the ``MAX_*`` constants below are the 
 files are opened (never a FIFO, device or socket), every file a folder names resolves inside that folder (links
 and index shard names included), headers, pickles and indexes are read up to a size bound, nesting and entry
 counts are bounded, and torch zips must be stored uncompressed as torch writes them (no zip bomb inflates).
+
+Why one file of about 800 lines: every reader shares those bounds, the one error type and the one rule for which
+files a folder may name; kept together, no reader can skip them.
 """
 
 from __future__ import annotations
