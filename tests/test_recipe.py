@@ -62,6 +62,10 @@ def test_enabled_false_turns_a_check_off(tmp_path):
         ("integrity: {checks: {ties: {declare: [[a.weight]]}}}", "integrity.checks.ties.declare", "two different"),
         ("integrity: [1, 2]", "integrity", "expected a mapping"),
         ("integrity: {checks: {ties: 3}}", "integrity.checks.ties", "mapping"),
+        ("integrity: {checks: {trainable: {not_updated_after_steps: 0}}}",
+         "integrity.checks.trainable.not_updated_after_steps", "greater than"),
+        ("integrity: {checks: {trainable: {expect_change: [a]}}}", "integrity.checks.trainable.expect_change",
+         "allowed keys: enabled, expect_changes, ignore, not_updated_after_steps, skipped_steps_tolerated"),
     ],
 )
 def test_bad_recipe_names_file_key_and_what_is_allowed(tmp_path, text, key, allowed):
