@@ -150,8 +150,7 @@ def _optimizers(trainer) -> tuple[Any, ...]:
 
 
 def _first_optimizer(trainer) -> Any:
-    optimizers = getattr(trainer, "optimizers", None) or []
-    return optimizers[0] if optimizers else None
+    return next(iter(_optimizers(trainer)), None)
 
 
 _CLASSES: dict[str, type] = {}

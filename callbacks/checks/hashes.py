@@ -43,6 +43,7 @@ from callbacks.hashing import hash_tensors, hash_with_stats, resolve_backend
 from callbacks.hashing.ledger import LedgerWriter, hex64
 from callbacks.primitives.collectives import Comparison, ReplicaComparator, disagreeing_ranks, distributed_world
 from callbacks.primitives.naming import local_tensor, named_parameters_all, unwrap_model, user_name
+from callbacks.primitives.optimizers import held_parameters
 
 
 class HashConfig(CheckConfig):
@@ -160,18 +161,10 @@ def nonfinite_counts(grads: Sequence[torch.Tensor]) -> dict[int, int]:
 
 
 def optimizer_parameters(optimizer: Any) -> list[torch.Tensor] | None:
-    """The parameters an optimizer updates (its param groups), or None when there is no optimizer to read.
-
-    Reading the param groups is much cheaper than walking the module tree every step, and they are exactly the
-    tensors whose gradients the step consumes and the tensors the step can move.
-    """
-    groups = getattr(optimizer, "param_groups", None)
-    if not groups:
-        return None
-    try:
-        return [p for group in groups for p in group["params"]]
-    except (TypeError, KeyError):
-        return None
+    """The parameters an optimizer updates (:func:`~callbacks.primitives.optimizers.held_parameters`), or None
+    when there is no optimizer to read."""
+    held = held_parameters([optimizer]) if optimizer is not None else None
+    return held.params if held is not None and held.params else None
 
 
 def loss_scaled(ctx: EventContext) -> bool:

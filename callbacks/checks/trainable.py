@@ -23,7 +23,6 @@ is below their dtype's resolution (a tiny learning rate on bf16 weights) are not
 
 from __future__ import annotations
 
-import dataclasses
 import fnmatch
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -37,6 +36,7 @@ from callbacks.events import EventContext
 from callbacks.findings import Finding
 from callbacks.hashing import hash_tensors
 from callbacks.primitives.naming import local_tensor, named_parameters_all
+from callbacks.primitives.optimizers import held_parameters
 
 
 class TrainableConfig(CheckConfig):
@@ -56,70 +56,6 @@ class TrainableConfig(CheckConfig):
     skipped_steps_tolerated: int = Field(24, ge=0, le=100_000)
     expect_changes: list[str] = Field(default_factory=list)
     ignore: list[str] = Field(default_factory=list)
-
-
-@dataclasses.dataclass
-class HeldParameters:
-    """The parameters the optimizers hold: their group's ``learning_rate`` by ``id``, and for Adam-like groups
-    (``betas``) the group's ``eps`` (an update is about ``lr * g / (|g| + eps)``, so tiny gradients barely move)."""
-
-    learning_rate: dict[int, float | None]
-    adam_eps: dict[int, float]
-
-
-def _inner_optimizers(optimizer: Any) -> Iterable[Any]:
-    """``optimizer`` and the optimizers it wraps (accelerate's ``.optimizer``, Lightning's ``._optimizer``)."""
-    seen: set[int] = set()
-    while optimizer is not None and id(optimizer) not in seen:
-        seen.add(id(optimizer))
-        yield optimizer
-        optimizer = getattr(optimizer, "optimizer", None) or getattr(optimizer, "_optimizer", None)
-
-
-def _group_learning_rate(group: Any) -> float | None:
-    """A parameter group's current learning rate; None when it has none (Adafactor's relative step)."""
-    lr = group.get("lr") if isinstance(group, dict) else None
-    if isinstance(lr, torch.Tensor):
-        return float(lr.item())
-    return float(lr) if isinstance(lr, (int, float)) else None
-
-
-def held_parameters(optimizers: Sequence[Any]) -> HeldParameters | None:
-    """What the optimizers hold, read from their parameter groups; ``None`` when none has readable groups.
-
-    DeepSpeed's ZeRO optimizers keep the model's parameters in ``bit16_groups`` / ``fp16_groups`` (their
-    ``param_groups`` hold flat fp32 partitions): those lists are read instead.
-    """
-    learning_rate: dict[int, float | None] = {}
-    adam_eps: dict[int, float] = {}
-    readable = False
-    for outer in optimizers:
-        for optimizer in _inner_optimizers(outer):
-            deepspeed_groups = getattr(optimizer, "bit16_groups", None) or getattr(optimizer, "fp16_groups", None)
-            groups = getattr(optimizer, "param_groups", None)
-            if isinstance(deepspeed_groups, list) and deepspeed_groups:
-                readable = True
-                lrs = [_group_learning_rate(g) for g in groups] if isinstance(groups, list) else []
-                for index, group in enumerate(deepspeed_groups):
-                    lr = lrs[index] if index < len(lrs) else None
-                    for p in group if isinstance(group, list) else ():
-                        learning_rate.setdefault(id(p), lr)
-                break
-            if not isinstance(groups, list) or not groups:
-                continue
-            try:
-                for group in groups:
-                    lr = _group_learning_rate(group)
-                    eps = group.get("eps", 1e-8) if "betas" in group else None
-                    for p in group["params"]:
-                        learning_rate.setdefault(id(p), lr)
-                        if isinstance(eps, (int, float)):
-                            adam_eps.setdefault(id(p), float(eps))
-            except (TypeError, KeyError, AttributeError, ValueError):
-                continue
-            readable = True
-            break
-    return HeldParameters(learning_rate, adam_eps) if readable else None
 
 
 def _unique_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
@@ -484,4 +420,4 @@ class TrainableCheck(Check):
         self.reference = state.get("reference")
 
 
-__all__ = ["TrainableCheck", "TrainableConfig", "held_parameters"]
+__all__ = ["TrainableCheck", "TrainableConfig"]
