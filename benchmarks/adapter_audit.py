@@ -47,16 +47,22 @@ class Clock:
         self.wall, self.cpu = time.perf_counter() - self.wall, time.process_time() - self.cpu
 
 
-def main() -> None:
-    """Measure and print the ratios."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def model_arguments(description: str) -> argparse.ArgumentParser:
+    """The options of the benchmark model and batch (shared by the benchmarks that use :func:`build`)."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--layers", type=int, default=100)
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=256)
-    parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (1: the CI machine's 2 cores are shared; more threads oversubscribe)")
+    return parser
+
+
+def main() -> None:
+    """Measure and print the ratios."""
+    parser = model_arguments(__doc__.split("\n")[0])
+    parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 

@@ -17,7 +17,6 @@ hashed again, the trainable set compared). Printed, as CPU and wall time and as 
 
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import sys
@@ -25,18 +24,13 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from adapter_audit import Clock, build  # noqa: E402
+from adapter_audit import Clock, build, model_arguments  # noqa: E402
 
 
 def main() -> None:
     """Measure and print the per-step cost."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--layers", type=int, default=100)
-    parser.add_argument("--hidden", type=int, default=256)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--seq", type=int, default=256)
+    parser = model_arguments(__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=34)
-    parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
