@@ -87,6 +87,13 @@ class EventContext:
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
     facts: Any = None
 
+    @property
+    def all_optimizers(self) -> tuple[Any, ...]:
+        """Every optimizer the trainer exposes: ``optimizers``, else ``(optimizer,)``, else none."""
+        if self.optimizers:
+            return tuple(self.optimizers)
+        return (self.optimizer,) if self.optimizer is not None else ()
+
     def __post_init__(self) -> None:
         if self.event not in EVENTS:
             raise ValueError(f"unknown event {self.event!r}; events are {EVENTS}")

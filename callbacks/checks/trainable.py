@@ -176,14 +176,9 @@ class TrainableCheck(Check):
         return self._set_changes(ctx) if isinstance(ctx.model, nn.Module) else []
 
     # -- optimizer coverage -----------------------------------------------------------------------------------
-    def _optimizers(self, ctx: EventContext) -> list[Any]:
-        if ctx.optimizers:
-            return list(ctx.optimizers)
-        return [ctx.optimizer] if ctx.optimizer is not None else []
-
     def _coverage(self, ctx: EventContext, only: set[str] | None) -> list[Finding]:
         """TRAINABLE_NOT_OPTIMIZED for trainable parameters (of ``only``, when given) no optimizer holds."""
-        optimizers = self._optimizers(ctx)
+        optimizers = ctx.all_optimizers
         if not optimizers:
             return []
         if only is None:
@@ -272,7 +267,7 @@ class TrainableCheck(Check):
     def _snapshot(self, ctx: EventContext) -> None:
         """Hash the watched parameters that hold a non-zero finite gradient, before the optimizer steps."""
         self._before = {}
-        optimizers = self._optimizers(ctx)
+        optimizers = ctx.all_optimizers
         if not optimizers or self._all_settled or not self._window_open(ctx.step):
             return
         held = held_parameters(optimizers)
