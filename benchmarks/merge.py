@@ -3,11 +3,11 @@
 Each repeat builds two identical LoRA models (not timed) and times ``merge_and_unload()`` on one and
 ``Monitor.checked_merge()`` on the other, alternating which goes first so drift hits both alike. Prints the
 median times, their ratio, and parts of the check timed separately on a third model, with the garbage
-collector paused as the check pauses it: a pass of the spec hash over every parameter, a snapshot pass with the
-change digest (XXH3 over the bytes on CPU; the tensors' walk, storage identities and tie map included), and one
-probe forward (the check's one-sequence batch). The check itself makes two snapshot passes (before and after
-the merge) and two probe forwards; on the torch backend its snapshots use the digest for every tensor, on the
-fused Triton backend (CUDA) the spec hash in one launch. Only ratios from one run are meant to be compared.
+collector paused as the check pauses it: a pass of the spec hash over every parameter (for comparison), a
+snapshot pass with the batched change digest (XXH3 over the bytes on CPU, the fused kernel's one launch on CUDA;
+the tensors' walk, storage identities and tie map included), and one probe forward (the check's one-sequence
+batch). The check itself makes two snapshot passes (before and after the merge) and two probe forwards. Only
+ratios from one run are meant to be compared.
 
     python benchmarks/merge.py [--layers 100] [--hidden 64,256,1024] [--rank 8] [--repeats 3] [--device cpu]
                                [--threads 1]
@@ -31,9 +31,10 @@ from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from callbacks import Monitor  # noqa: E402
-from callbacks.checks.merge import gc_paused, snapshot_parameters  # noqa: E402
-from callbacks.hashing import resolve_backend  # noqa: E402
+from callbacks.hashing import hash_tensors, resolve_backend  # noqa: E402
+from callbacks.merging import gc_paused  # noqa: E402
 from callbacks.primitives.probe import build_probe_batch, run_probe  # noqa: E402
+from callbacks.primitives.snapshots import snapshot_parameters  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -77,8 +78,8 @@ def measure(layers: int, hidden: int, rank: int, repeats: int, device: str) -> d
         # garbage collector paused as the check pauses it (a full collection would land in any of them)
         c = build(layers, hidden, rank, device)
         with gc_paused():
-            hashing.append(timed(lambda m=c: snapshot_parameters(m), device))
-            digesting.append(timed(lambda m=c: snapshot_parameters(m, spec=()), device))
+            hashing.append(timed(lambda m=c: hash_tensors([p.detach() for p in m.parameters()]), device))
+            digesting.append(timed(lambda m=c: snapshot_parameters(m), device))
             batch = build_probe_batch(c, batch_size=1)
             probing.append(timed(lambda m=c, x=batch: run_probe(m, x), device))
         del a, b, c

@@ -58,7 +58,7 @@ class EventContext:
             ``None``: the check builds one from the model's config.
         grad_scaler: ``step``: the dynamic loss scaler in use (AMP), when the loop has one.
         merge_method: ``merge``: the merge method that ran (``merge_and_unload``, ``unmerge_adapter``, ...).
-        merge: ``merge``: the :class:`~callbacks.merging.MergeObservation` (what the model held before and
+        merge: ``merge``: the :class:`~callbacks.checks.merge.MergeObservation` (what the model held before and
             after); ``None`` when the merge ran unobserved.
         merge_error: ``merge``: why observing the merge failed (the merge itself ran); the merge check turns
             it into CHECK_FAILED.

@@ -229,7 +229,7 @@ class Monitor:
         :meth:`close` removes it.
         """
         if self._merge_watch is None:
-            from callbacks.checks.merge import install_merge_watch
+            from callbacks.merging import install_merge_watch
 
             self._merge_watch = install_merge_watch(self, model, step=lambda: self._last_step)
 
@@ -244,8 +244,8 @@ class Monitor:
         ``adapters`` library's ``merge_adapter``/``reset_adapter``) and run the merge checks; returns the merged
         model. Findings are attributed to ``step=`` if given, else to the last step this monitor saw (a merge
         after training reports ``merge@<last step>``, the convention of every other event). See
-        :func:`callbacks.checks.merge.checked_merge`."""
-        from callbacks.checks.merge import checked_merge
+        :func:`callbacks.merging.checked_merge`."""
+        from callbacks.merging import checked_merge
 
         kwargs.setdefault("step", lambda: self._last_step)
         return checked_merge(self, model, method, **kwargs)

@@ -15,7 +15,7 @@ from torch import nn
 from untouched import assert_unchanged, snapshot
 
 from callbacks import ConfigError, IntegrityError, Monitor
-from callbacks.checks.merge import checked_merge, install_merge_watch
+from callbacks.merging import checked_merge, install_merge_watch
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
 
@@ -491,7 +491,7 @@ def test_explicit_probe_inputs_are_used():
 
 
 def test_a_failing_observation_never_stops_the_users_merge(monkeypatch):
-    import callbacks.checks.merge as merge_module
+    import callbacks.merging as merge_module
 
     def broken(*args, **kwargs):
         raise RuntimeError("hash backend unavailable")

@@ -10,7 +10,7 @@ from adapters import LoRAConfig, SeqBnConfig  # noqa: E402
 from transformers import BertConfig, BertForMaskedLM  # noqa: E402
 
 from callbacks import Monitor  # noqa: E402
-from callbacks.checks.merge import install_merge_watch  # noqa: E402
+from callbacks.merging import install_merge_watch  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
 

@@ -12,12 +12,15 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from callbacks import Monitor  # noqa: E402
-from callbacks.checks import merge as merge_module  # noqa: E402
-from callbacks.checks.merge import gc_paused, snapshot_parameters  # noqa: E402
+from callbacks import (
+    Monitor,  # noqa: E402
+    )
 from callbacks.hashing import digest as digest_module  # noqa: E402
 from callbacks.hashing import reference  # noqa: E402
-from callbacks.hashing.digest import change_digest, host_digest, keyed_digest  # noqa: E402
+from callbacks.hashing.digest import change_digest, change_digests, device_digests, host_digest, keyed_digest  # noqa: E402
+from callbacks.merging import gc_paused  # noqa: E402
+from callbacks.primitives import snapshots  # noqa: E402
+from callbacks.primitives.snapshots import ParamSnapshot, nonfinite_counts, snapshot_parameters  # noqa: E402
 
 #: both digests: XXH3 over the bytes (CPU tensors) and the keyed torch digest (tensors on other devices)
 DIGESTS = pytest.mark.parametrize("digest_fn", [host_digest, keyed_digest], ids=["host", "keyed"])
@@ -96,25 +99,31 @@ def tiny_lora_llama():
                                                                    init_lora_weights=False))
 
 
-def test_snapshot_digests_only_what_the_merge_may_not_write(monkeypatch):
+def test_batched_change_digests_are_the_per_tensor_digests_by_device(monkeypatch):
+    """CPU: the host digest of each tensor; accelerators without the fused kernel: the keyed digest from
+    KEYED_MIN_BYTES up and the batched spec hash below it, in the order given."""
+    tensors = mixed_tensors()
+    assert change_digests(tensors) == [host_digest(t) for t in tensors]
+    assert change_digests([torch.empty(3, device="meta")] + tensors[:1]) == [-1, host_digest(tensors[0])]
+    monkeypatch.setattr(digest_module, "KEYED_MIN_BYTES", 1000)
+    expected = [keyed_digest(t) if t.numel() * t.element_size() >= 1000 else reference.hash_tensor(t) for t in tensors]
+    assert {len(set(expected[:3])), expected[0] == keyed_digest(tensors[0])} == {3, True}
+    assert device_digests(tensors) == expected
+
+
+def test_snapshot_digests_every_storage_once_and_sees_a_single_change():
     model = tiny_lora_llama()
-    targets = {"model.layers.0.self_attn.q_proj.weight", "model.layers.1.self_attn.v_proj.weight"}
-    monkeypatch.setattr(merge_module, "HOST_DIGEST_MIN_BYTES", 64)  # tensors under 64 bytes keep the spec hash
-    before = snapshot_parameters(model, spec=targets)
-    full = snapshot_parameters(model)
-    assert not before.digested & targets and "model.norm.weight" in before.digested
-    assert "model.norm.weight" in before.digested and before.hashes["model.norm.weight"] != full.hashes[
-        "model.norm.weight"]  # measured with the digest
-    assert all(before.hashes[n] == full.hashes[n] for n in targets)  # targets keep the spec hash
-    again = snapshot_parameters(model, digest=before.digested)
-    assert again.digested == before.digested and again.hashes == before.hashes
+    first = snapshot_parameters(model)
+    assert first.hashes == snapshot_parameters(model).hashes
+    norm = model.base_model.model.model.norm.weight
+    with torch.no_grad():
+        norm.view(-1)[3] += 1.0
+    second = snapshot_parameters(model)
+    assert [n for n in first.hashes if first.hashes[n] != second.hashes[n]] == ["model.norm.weight"]
 
 
-@pytest.mark.parametrize("digest_min_bytes", [0, 1 << 18])
-def test_merge_code_writing_an_unrelated_weight_is_caught(monkeypatch, digest_min_bytes):
-    """A merge that writes a weight no merged layer owns (no tie, no shared buffer): MERGE_SIDE_EFFECT, whether
-    that weight is measured with the digest (0) or the spec hash (every tensor under 256 KiB)."""
-    monkeypatch.setattr(merge_module, "HOST_DIGEST_MIN_BYTES", digest_min_bytes)
+def test_merge_code_writing_an_unrelated_weight_is_caught():
+    """A merge that writes a weight no merged layer owns (no tie, no shared buffer): MERGE_SIDE_EFFECT."""
     model = tiny_lora_llama()
     layer = model.base_model.model.model.layers[0].self_attn.q_proj
     norm = model.base_model.model.model.norm.weight
@@ -134,13 +143,12 @@ def test_merge_code_writing_an_unrelated_weight_is_caught(monkeypatch, digest_mi
 
 
 @pytest.mark.parametrize("tie", [True, False])
-def test_tied_head_merge_is_found_when_every_tensor_is_digested(monkeypatch, tie):
-    """merge_and_unload on the torch backend measures targets with the digest too: with every tensor over the
-    digest threshold, the Gemma2 tied lm_head merge still gives its three findings and the untied twin none."""
+def test_tied_head_merge_is_found_when_every_tensor_is_digested(tie):
+    """Every tensor, the targets included, is measured with the change digest: the Gemma2 tied lm_head merge
+    still gives its three findings and the untied twin none."""
     from models import tiny_gemma2
     from peft import LoraConfig, get_peft_model
 
-    monkeypatch.setattr(merge_module, "HOST_DIGEST_MIN_BYTES", 0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = get_peft_model(tiny_gemma2(tie=tie), LoraConfig(r=4, target_modules=["lm_head"],
@@ -158,28 +166,15 @@ def test_tied_head_merge_is_found_when_every_tensor_is_digested(monkeypatch, tie
     assert found["TIE_BROKEN"].details["merged"] == ["lm_head.weight"]
 
 
-def test_merge_and_unload_digests_its_targets_on_the_torch_backend(monkeypatch):
-    """The speed-up is in place: every tensor of the CPU model, the targets included, is measured with the digest."""
+@pytest.mark.parametrize("method", ["merge_and_unload", "merge_adapter"])
+def test_every_merge_method_snapshots_with_the_one_digest(monkeypatch, method):
+    """The speed-up is in place for every method: both observations hash with the batched change digest."""
     seen = []
-    snapshot = merge_module.snapshot_parameters
-    monkeypatch.setattr(merge_module, "snapshot_parameters",
-                        lambda *args, **kwargs: seen.append(snapshot(*args, **kwargs)) or seen[-1])
-    Monitor(policy="log").checked_merge(tiny_lora_llama())
-    before, after = seen
-    targets = {"model.layers.0.self_attn.q_proj.weight", "model.layers.1.self_attn.v_proj.weight"}
-    assert targets <= before.digested and after.digested == before.digested
-
-
-def test_merge_and_unload_spec_hashes_everything_where_the_fused_kernel_runs(monkeypatch):
-    """On the fused backend one launch hashes every tensor: no digest (per-tensor torch calls) is used."""
-    monkeypatch.setattr(merge_module, "resolve_backend", lambda backend, tensors: "triton")
-    seen = []
-    snapshot = merge_module.snapshot_parameters
-    monkeypatch.setattr(merge_module, "snapshot_parameters",
-                        lambda *args, **kwargs: seen.append(snapshot(*args, **kwargs)) or seen[-1])
+    batched = digest_module.change_digests
+    monkeypatch.setattr(snapshots, "change_digests", lambda ts, **kw: seen.append(len(ts)) or batched(ts, **kw))
     monitor = Monitor(policy="log")
-    monitor.checked_merge(tiny_lora_llama())
-    assert [s.digested for s in seen] == [frozenset(), frozenset()] and monitor.findings == []
+    monitor.checked_merge(tiny_lora_llama(), method)
+    assert len(seen) == 2 and all(seen) and monitor.findings == []
 
 
 def test_clean_merge_of_the_same_model_has_no_finding():
@@ -205,10 +200,10 @@ def test_gc_pause_restores_the_collector_state():
 def test_nonfinite_scan_counts_exactly_even_when_a_sum_overflows():
     big = torch.full((4,), 60000.0, dtype=torch.float16)  # finite values, the fp16 sum overflows to inf
     nan = torch.tensor([1.0, float("nan"), float("inf"), 2.0])
-    snap = merge_module.ParamSnapshot(hashes={}, storage={}, memory={}, dtypes={}, ties=None,
+    snap = ParamSnapshot(hashes={}, storage={}, memory={}, dtypes={}, ties=None,
                                       tensors={"big": big, "nan": nan, "ok": torch.ones(3),
                                                "ids": torch.arange(3)})
-    assert merge_module._nonfinite(snap, ["big", "nan", "ok", "ids"]) == {"big": 0, "nan": 2, "ok": 0}
+    assert nonfinite_counts(snap, ["big", "nan", "ok", "ids"]) == {"big": 0, "nan": 2, "ok": 0}
 
 
 @DIGESTS

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-import logging
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -39,9 +38,9 @@ from callbacks.findings import Finding
 from callbacks.primitives.adapters import (
     AdapterPart,
     AdapterUnit,
+    adapters_switched,
     base_device,
     discover_adapters,
-    find_adapters_config,
     normalise_custom_roles,
 )
 from callbacks.primitives.naming import buffer_key, unwrap_model
@@ -586,42 +585,9 @@ def probe_inputs(model: nn.Module, given: Mapping[str, Any] | None = None) -> di
         return None
 
 
-class _AdaptersDisabled:
-    """Context that switches off the adapters of ``units`` by their own flags and restores every flag exactly.
-
-    PEFT: ``BaseTunerLayer._disable_adapters`` (not ``enable_adapters(False)``, which also changes
-    ``requires_grad``). ``adapters``: the model config's ``active_setup``.
-    """
-
-    def __init__(self, model: nn.Module, units: Iterable[AdapterUnit]):
-        self.model = model
-        self.layers = list({id(u.module): u.module for u in units if u.library == "peft"}.values())
-        self.adapters_config = find_adapters_config(model) if any(u.library == "adapters" for u in units) else None
-        self.saved: list[tuple[nn.Module, bool]] = []
-        self.saved_setup: Any = None
-        # the library warns "none are activated" on every forward without adapters: expected here, so muted
-        self.library_logger = logging.getLogger("adapters.model_mixin")
-
-    @staticmethod
-    def _mute(record: logging.LogRecord) -> bool:
-        return "none are activated" not in record.getMessage()
-
-    def __enter__(self) -> _AdaptersDisabled:
-        for layer in self.layers:
-            self.saved.append((layer, layer._disable_adapters))
-            layer._disable_adapters = True
-        if self.adapters_config is not None:
-            self.saved_setup = self.adapters_config.active_setup
-            self.adapters_config.active_setup = None
-            self.library_logger.addFilter(self._mute)
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        for layer, flag in self.saved:
-            layer._disable_adapters = flag
-        if self.adapters_config is not None:
-            self.adapters_config.active_setup = self.saved_setup
-            self.library_logger.removeFilter(self._mute)
+def _peft_unit_layers(units: Iterable[AdapterUnit]) -> list[nn.Module]:
+    """The PEFT tuner layers holding ``units`` (each once): the layers the identity probe switches off."""
+    return list({id(u.module): u.module for u in units if u.library == "peft"}.values())
 
 
 def probe_identity(model: nn.Module, units: Sequence[AdapterUnit], batch: Mapping[str, Any]) -> ProbeResult:
@@ -634,7 +600,7 @@ def probe_identity(model: nn.Module, units: Sequence[AdapterUnit], batch: Mappin
     try:
         with preserved_state(model), torch.no_grad():
             adapted = output_tensor(model(**batch))
-            with _AdaptersDisabled(model, units):
+            with adapters_switched(model, None, peft_layers=_peft_unit_layers(units)):
                 base = output_tensor(model(**batch))
     except ProbeUnavailable:
         return ProbeResult(skipped="the model's output has no comparable tensor")

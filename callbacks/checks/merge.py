@@ -1,48 +1,30 @@
-"""Checked merge (issue 6): adapters merged into base weights change exactly what they should, and nothing else.
+"""What a merge may change and how it is judged: ``MERGE_SIDE_EFFECT``, ``MERGE_MISMATCH``, ``UNMERGE_MISMATCH``
+and ``TIE_BROKEN`` at the ``merge`` event.
 
-Neither HF Trainer nor Lightning has a merge event, and merging is where tied weights bite: PEFT LoRA on a tied
-``lm_head`` rewrites ``embed_tokens`` on ``merge_and_unload()`` and only warns. :func:`checked_merge` runs the
-merge the user asked for between two observations of the model:
-
-* before: a hash of every parameter (one per tensor, by storage), the tie map, the merge targets (the base
-  weights of the layers whose adapters are merged) and a probe output with exactly those adapters active;
-* after: the same hashes, tie map and probe on the merged model.
-
-It then dispatches the ``merge`` event with the observation, so every check runs: the tie check reports expected
-ties that broke, and :class:`MergeCheck` turns the observation into findings (``MERGE_SIDE_EFFECT``,
-``MERGE_MISMATCH``, ``UNMERGE_MISMATCH``, ``TIE_BROKEN``) with :func:`evaluate_merge`.
-
-Supported merges: PEFT ``merge_and_unload``, ``merge_adapter`` and ``unmerge_adapter`` (``safe_merge``,
-``adapter_names``, several adapters) and the ``adapters`` library's ``merge_adapter(name)`` / ``reset_adapter()``.
-:func:`install_merge_watch` wraps those methods on a model instance so that a user's own merge is checked.
-
-Read-only apart from the merge itself: hashes and probes read parameters; probes restore RNG state and modes.
+A merge of adapters into base weights may write exactly the base weights of the layers whose adapters it merges
+(its targets), and the merged model must compute what the adapter model computed. :func:`evaluate_merge` judges
+one :class:`MergeObservation` (two snapshots of the model, the targets, probe outputs before and after, made by
+:mod:`callbacks.merging`): parameters changed outside the targets, NaN/Inf written, a probe output that differs
+beyond the dtype's rounding, an unmerge that does not restore the weights recorded at the merge, ties the merge
+broke or bound to a merged weight. Each problem names its :class:`MergeCause`, and the fix comes from
+:data:`HINTS` by cause.
 """
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import dataclasses
-import gc
-import inspect
-import sys
-from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
+import enum
+from collections.abc import Iterable
 from typing import Any, Literal
 
 import torch
 from pydantic import Field
-from torch import nn
 
 from callbacks.checks.base import Check, CheckConfig
-from callbacks.errors import ConfigError, IntegrityError
 from callbacks.events import EventContext
 from callbacks.findings import Finding
-from callbacks.hashing import hash_tensors, resolve_backend
-from callbacks.hashing.digest import change_digest
-from callbacks.primitives.naming import buffer_key, named_parameters_all, storage_key, user_name
-from callbacks.primitives.probe import build_probe_batch, run_probe
-from callbacks.primitives.tiemap import TieMap, build_tie_map
+from callbacks.primitives.adapters import MergeTarget
+from callbacks.primitives.snapshots import ParamSnapshot, WeightSample
 
 # -- configuration ------------------------------------------------------------------------------------------------
 
@@ -64,8 +46,8 @@ class MergeConfig(CheckConfig):
     ``tolerance``: relative tolerance of the probe output comparison (None: per dtype, :data:`OUTPUT_TOLERANCE`);
     ``weight_tolerance``: relative tolerance of unmerged base weights (None: :data:`WEIGHT_TOLERANCE`);
     ``probe``: run the synthetic probe batch; ``watch``: wrap the model's merge methods (see
-    :func:`install_merge_watch`); ``backend``: hash backend; ``unmerge_sample``: elements per base weight kept
-    (strided) to compare after an unmerge.
+    :func:`callbacks.merging.install_merge_watch`); ``backend``: where snapshots may use the fused kernel;
+    ``unmerge_sample``: elements per base weight kept (strided) to compare after an unmerge.
     """
 
     tolerance: float | None = Field(None, ge=0)
@@ -92,106 +74,6 @@ def weight_tolerance(config: MergeConfig, dtype: torch.dtype | None) -> float:
 
 # -- observations -------------------------------------------------------------------------------------------------
 
-@dataclasses.dataclass(frozen=True)
-class ParamSnapshot:
-    """Every parameter of a model at one moment, by user name: its hash and the identity of its memory."""
-
-    hashes: dict[str, int]
-    storage: dict[str, tuple[Any, ...]]
-    memory: dict[str, tuple[Any, ...]]  # naming.buffer_key: views of one buffer share it
-    dtypes: dict[str, torch.dtype]
-    ties: TieMap
-    #: names measured with :func:`change_digest` instead of the spec hash
-    digested: frozenset[str] = frozenset()
-    #: the parameters themselves (for sampling and NaN counts right after the snapshot; not compared)
-    tensors: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict, compare=False, repr=False)
-
-
-#: tensors off the CPU smaller than this (bytes) get the spec hash instead of the torch digest (cheaper for them,
-#: in a batch)
-DIGEST_MIN_BYTES = 1 << 18
-#: the same for CPU tensors, whose XXH3 digest costs a few microseconds even for the smallest (the batched spec
-#: hash about 10)
-HOST_DIGEST_MIN_BYTES = 0
-
-
-def worth_digesting(tensor: torch.Tensor) -> bool:
-    """Whether the change digest costs less than the batched spec hash for ``tensor``."""
-    limit = HOST_DIGEST_MIN_BYTES if tensor.device.type == "cpu" else DIGEST_MIN_BYTES
-    return tensor.numel() * tensor.element_size() >= limit
-
-
-def snapshot_parameters(model: nn.Module, backend: str = "auto", skip: set[int] | None = None, *,
-                        spec: Collection[str] | None = None, digest: Collection[str] | None = None) -> ParamSnapshot:
-    """Hash every parameter of ``model`` once per tensor (tied names share one hash).
-
-    ``skip``: ids of parameters left out (adapter weights that ``merge_and_unload`` removes: nothing after the
-    merge could be compared with them). By default every tensor gets the spec hash (:mod:`callbacks.hashing`).
-    ``spec``: only these names, every name sharing memory with one of them and every tensor for which the digest
-    costs more (:func:`worth_digesting`) get it, the others :func:`change_digest` (a change detector for two
-    snapshots in this process); ``digest``: these names get the digest where it is worth it (pass the
-    ``digested`` names of the snapshot to compare with, so each name is measured alike: a name's size only
-    changes with its shape).
-    """
-    storage: dict[str, tuple[Any, ...]] = {}
-    memory: dict[str, tuple[Any, ...]] = {}
-    dtypes: dict[str, torch.dtype] = {}
-    tensors: dict[str, torch.Tensor] = {}
-    unique: dict[tuple[Any, ...], torch.Tensor] = {}
-    parameters = list(named_parameters_all(model))  # one walk, shared with the tie map
-    for _raw, name, param in parameters:
-        if name in storage or (skip and id(param) in skip):
-            continue
-        tensors[name] = param
-        key = storage_key(param)
-        storage[name] = key
-        dtypes[name] = param.dtype
-        memory[name] = buffer_key(param)
-        unique.setdefault(key, param)
-    if spec is not None:
-        spec_memory = {memory[n] for n in spec if n in memory}
-        digested = frozenset(n for n, m in memory.items() if n not in spec and m not in spec_memory)
-    else:
-        digested = frozenset(n for n in storage if n in digest) if digest is not None else frozenset()
-    # small tensors off the CPU get the spec hash even where the digest would do: batched, it costs less there
-    digested = frozenset(n for n in digested if worth_digesting(tensors[n]))
-    # a storage is hashed once per kind its names need (a tie the merge made may join a digested name to a
-    # hashed one: each keeps the kind it was measured with before)
-    spec_keys = list(dict.fromkeys(k for n, k in storage.items() if n not in digested))
-    spec_keys = [k for k in spec_keys if unique[k].device.type != "meta"]
-    values = hash_tensors([unique[k].detach() for k in spec_keys], backend=backend) if spec_keys else []
-    by_key = dict(zip(spec_keys, values, strict=True))
-    digests = {k: change_digest(unique[k]) for k in dict.fromkeys(storage[n] for n in digested)
-               if unique[k].device.type != "meta"}
-    hashes = {name: (digests if name in digested else by_key).get(key, -1) for name, key in storage.items()}
-    return ParamSnapshot(hashes=hashes, storage=storage, memory=memory, dtypes=dtypes,
-                         ties=build_tie_map(model, parameters), tensors=tensors, digested=digested)
-
-
-@dataclasses.dataclass(frozen=True)
-class MergeTarget:
-    """A layer whose adapters are merged (or unmerged): its user name, the adapters, its base parameters."""
-
-    layer: str
-    adapters: tuple[str, ...]
-    params: tuple[str, ...]
-
-
-@dataclasses.dataclass(frozen=True)
-class WeightSample:
-    """What unmerge must restore of one base weight: its hash and a strided sample of its values."""
-
-    hash: int
-    sample: torch.Tensor
-    dtype: torch.dtype
-
-
-def strided_view(tensor: torch.Tensor, count: int) -> torch.Tensor:
-    """About ``count`` evenly spaced elements of ``tensor``, on its device (a view where the tensor allows)."""
-    flat = tensor.detach().reshape(-1)
-    step = max(1, -(-flat.numel() // count))
-    return flat[::step]
-
 
 @dataclasses.dataclass
 class MergeRecord:
@@ -215,7 +97,7 @@ class MergeRecord:
 
 @dataclasses.dataclass
 class MergeObservation:
-    """Everything :func:`checked_merge` saw around one merge; the input of :func:`evaluate_merge`."""
+    """Everything :mod:`callbacks.merging` saw around one merge; the input of :func:`evaluate_merge`."""
 
     library: str
     method: str
@@ -265,36 +147,88 @@ class MergeProblem:
 
 # -- hints ---------------------------------------------------------------------------------------------------------
 
+class MergeCause(str, enum.Enum):
+    """Why a merge problem was found; a finding's ``details["cause"]`` holds the value, :data:`HINTS` the fix."""
+
+    #: a parameter outside the targets changed through a tie (or a shared buffer) with a target
+    SIDE_EFFECT_TIE = "side_effect_tie"
+    #: a parameter outside the targets changed with no tie or shared buffer: the merge code wrote it
+    SIDE_EFFECT_OTHER = "side_effect_other"
+    #: the probe outputs differ, explained by parameters changed outside the targets
+    SIDE_EFFECT = "side_effect"
+    #: one tensor is the base weight of several merged layers: the delta was added once per layer
+    DOUBLE_MERGE = "double_merge"
+    #: NaN/Inf written into base weights
+    NONFINITE = "nonfinite"
+    #: full-precision weights, a probe difference rounding cannot explain: the merge formula differs from the forward
+    FORMULA = "formula"
+    #: a merge's probe difference beyond the tolerance of a low-precision dtype
+    NUMERIC = "numeric"
+    #: an unmerge's probe difference beyond tolerance (its weights are within theirs)
+    UNMERGE_NUMERIC = "unmerge_numeric"
+    #: the merge raised midway and left some layers merged
+    PARTIAL = "partial"
+    #: nothing the library can merge: no base weight changed
+    NOTHING_MERGED = "nothing_merged"
+    #: unmerge did not bring the recorded base weights back
+    UNMERGE_WEIGHTS = "unmerge_weights"
+    #: the merge replaced one side of a tie
+    TIE_LOST = "tie_lost"
+    #: a tie now binds a merged weight to a weight no merged adapter targets
+    TIE_BINDS = "tie_binds"
+
+    @property
+    def reported(self) -> str:
+        """The value findings carry: an unmerge's numeric probe difference is reported as ``numeric``."""
+        return MergeCause.NUMERIC.value if self is MergeCause.UNMERGE_NUMERIC else self.value
+
+
 UNTIE_HINT = ("untie before adding the adapter so the merge writes its target alone: "
               "`model.lm_head.weight = nn.Parameter(model.lm_head.weight.detach().clone())` and "
               "config.tie_word_embeddings=False; or leave the tied layer out of target_modules. PEFT's "
               "ensure_weight_tying=True adapts both sides with one adapter (check its merge too: peft 0.21.2 adds "
               "the delta twice)")
-HINTS = {
-    "side_effect_tie": UNTIE_HINT,
-    "side_effect_other": ("the merge wrote a weight it does not own: do not use or save this merged model; merge "
-                          "a copy (copy.deepcopy) or reload the base model, and report it to the adapter library"),
-    "double_merge": ("one tensor is the base weight of several merged layers, so its delta was added once per "
-                     "layer: merge one of them only (clone/untie before merging, or drop one layer from "
-                     "target_modules)"),
-    "nonfinite": ("the adapter holds NaN/Inf: merge with safe_merge=True (it refuses to write NaN), and find why "
-                  "the adapter diverged (GRAD_NONFINITE / ADAPTER_INIT_WRONG findings, lower the learning rate)"),
-    "formula": ("the merged weights do not compute what the adapter computed, far beyond rounding for this dtype: "
-                "the library's merge formula differs from its forward for this adapter type; keep the adapter "
-                "unmerged for inference and report it to the adapter library"),
-    "numeric": ("the merged weights lose precision: merge on float32 weights (model.float() before merging, cast "
-                "afterwards), or raise checks.merge.tolerance if this difference is acceptable for the dtype"),
-    "partial": ("the merge raised midway and left some layers merged: reload the base model, fix the error "
-                "(safe_merge reports NaN adapters layer by layer) and merge again"),
-    "nothing_merged": ("the adapter has no layer the library can merge into weights (the adapters library merges "
-                       "only LoRA/(IA)^3; bottleneck and prefix adapters are not linear): keep the adapter active "
-                       "at inference, or train a LoRA when a merged model is needed"),
-    "unmerge_weights": ("unmerge subtracted a different delta than merge added: do not train or edit adapter or "
-                        "base weights while merged (unmerge first), merge in float32, or reload the base weights"),
-    "tie_lost": ("the merge replaced one side of a tie: re-tie afterwards (model.tie_weights(), or assign the shared "
-                 "Parameter again), or if separate weights are intended set config.tie_word_embeddings=False"),
-    "tie_binds": UNTIE_HINT,
+UNMERGE_HINT = ("unmerge subtracted a different delta than merge added: do not train or edit adapter or base weights "
+                "while merged (unmerge first), merge in float32, or reload the base weights")
+#: the fix for each cause
+HINTS: dict[MergeCause, str] = {
+    MergeCause.SIDE_EFFECT_TIE: UNTIE_HINT,
+    MergeCause.SIDE_EFFECT_OTHER: (
+        "the merge wrote a weight it does not own: do not use or save this merged model; merge a copy "
+        "(copy.deepcopy) or reload the base model, and report it to the adapter library"),
+    MergeCause.SIDE_EFFECT: UNTIE_HINT,
+    MergeCause.DOUBLE_MERGE: (
+        "one tensor is the base weight of several merged layers, so its delta was added once per layer: merge one "
+        "of them only (clone/untie before merging, or drop one layer from target_modules)"),
+    MergeCause.NONFINITE: (
+        "the adapter holds NaN/Inf: merge with safe_merge=True (it refuses to write NaN), and find why the adapter "
+        "diverged (GRAD_NONFINITE / ADAPTER_INIT_WRONG findings, lower the learning rate)"),
+    MergeCause.FORMULA: (
+        "the merged weights do not compute what the adapter computed, far beyond rounding for this dtype: the "
+        "library's merge formula differs from its forward for this adapter type; keep the adapter unmerged for "
+        "inference and report it to the adapter library"),
+    MergeCause.NUMERIC: (
+        "the merged weights lose precision: merge on float32 weights (model.float() before merging, cast "
+        "afterwards), or raise checks.merge.tolerance if this difference is acceptable for the dtype"),
+    MergeCause.UNMERGE_NUMERIC: UNMERGE_HINT,
+    MergeCause.PARTIAL: (
+        "the merge raised midway and left some layers merged: reload the base model, fix the error (safe_merge "
+        "reports NaN adapters layer by layer) and merge again"),
+    MergeCause.NOTHING_MERGED: (
+        "the adapter has no layer the library can merge into weights (the adapters library merges only "
+        "LoRA/(IA)^3; bottleneck and prefix adapters are not linear): keep the adapter active at inference, or "
+        "train a LoRA when a merged model is needed"),
+    MergeCause.UNMERGE_WEIGHTS: UNMERGE_HINT,
+    MergeCause.TIE_LOST: (
+        "the merge replaced one side of a tie: re-tie afterwards (model.tie_weights(), or assign the shared "
+        "Parameter again), or if separate weights are intended set config.tie_word_embeddings=False"),
+    MergeCause.TIE_BINDS: UNTIE_HINT,
 }
+
+
+def merge_problem(code: str, params: Iterable[str], message: str, cause: MergeCause, **details: Any) -> MergeProblem:
+    """A :class:`MergeProblem` whose fix and ``details["cause"]`` follow from ``cause``."""
+    return MergeProblem(code, tuple(params), message, HINTS[cause], {"cause": cause.reported, **details})
 
 
 # -- evaluation ---------------------------------------------------------------------------------------------------
@@ -362,20 +296,19 @@ def _tie_problems(obs: MergeObservation, changed: set[str]) -> list[MergeProblem
         if not obs.after.ties.shares(present):
             if tuple(sorted(present)) in obs.ties_covered or group.names in obs.ties_covered:
                 continue  # the tie check reports this expected tie itself
-            out.append(MergeProblem(
-                "TIE_BROKEN", tuple(present),
+            out.append(merge_problem(
+                "TIE_BROKEN", present,
                 f"{_fmt(present)} shared one tensor before {obs.method}() and are separate tensors after it",
-                HINTS["tie_lost"], {"cause": "tie_lost", "method": obs.method}))
+                MergeCause.TIE_LOST, method=obs.method))
             continue
         merged = [n for n in present if n in targets and n in changed]
         unmerged = [n for n in present if n not in targets]
         if merged and unmerged and obs.kind == "merge":  # an unmerge moves both back: judged by its weights
-            out.append(MergeProblem(
-                "TIE_BROKEN", tuple(present),
+            out.append(merge_problem(
+                "TIE_BROKEN", present,
                 f"the tie of {_fmt(present)} now binds the merged weight {_fmt(merged)} to {_fmt(unmerged)}, which "
                 f"no merged adapter targets: {obs.method}() gave both the adapter's delta",
-                HINTS["tie_binds"], {"cause": "tie_binds", "merged": merged, "unmerged": unmerged,
-                                     "method": obs.method}))
+                MergeCause.TIE_BINDS, merged=merged, unmerged=unmerged, method=obs.method))
     return out
 
 
@@ -402,29 +335,29 @@ def evaluate_merge(obs: MergeObservation, config: MergeConfig, record: MergeReco
             continue  # back to its value before the merge (the merge's side effect was reported then)
         via, path = side_effect_path(obs, name)
         side_effects.append(name)
-        problems.append(MergeProblem(
+        problems.append(merge_problem(
             "MERGE_SIDE_EFFECT", (name,),
             f"{obs.method}() changed {name}, which is outside the base weights of the {verb}d adapters' target "
             f"layers; it changed through: {path}",
-            HINTS["side_effect_tie" if via else "side_effect_other"],
-            {"via": via, "path": path, "method": obs.method, "adapters": list(obs.adapters)}))
+            MergeCause.SIDE_EFFECT_TIE if via else MergeCause.SIDE_EFFECT_OTHER,
+            via=via, path=path, method=obs.method, adapters=list(obs.adapters)))
 
     nonfinite = sorted(n for n, count in obs.nonfinite_after.items() if count)
     if nonfinite:
-        problems.append(MergeProblem(
-            "MERGE_MISMATCH" if obs.kind == "merge" else "UNMERGE_MISMATCH", tuple(nonfinite),
+        problems.append(merge_problem(
+            "MERGE_MISMATCH" if obs.kind == "merge" else "UNMERGE_MISMATCH", nonfinite,
             f"{obs.method}() wrote NaN/Inf into {_fmt(nonfinite)} "
             f"({sum(obs.nonfinite_after[n] for n in nonfinite)} elements)",
-            HINTS["nonfinite"], {"cause": "nonfinite", "counts": {n: obs.nonfinite_after[n] for n in nonfinite}}))
+            MergeCause.NONFINITE, counts={n: obs.nonfinite_after[n] for n in nonfinite}))
 
     if obs.error is not None:
         changed_targets = [n for n in changed if n in targets]
         if changed_targets:
-            problems.append(MergeProblem(
-                "MERGE_MISMATCH", tuple(changed_targets),
+            problems.append(merge_problem(
+                "MERGE_MISMATCH", changed_targets,
                 f"{obs.method}() raised {type(obs.error).__name__} ({obs.error}) after changing "
                 f"{len(changed_targets)} base weights: the model is partially {verb}d",
-                HINTS["partial"], {"cause": "partial", "error": repr(obs.error), "changed": changed_targets}))
+                MergeCause.PARTIAL, error=repr(obs.error), changed=changed_targets))
         problems.extend(_tie_problems(obs, changed_set))
         return problems
 
@@ -443,7 +376,7 @@ def evaluate_merge(obs: MergeObservation, config: MergeConfig, record: MergeReco
         tol = output_tolerance(config, dtype)
         nonfinite_out = diff["nonfinite_other"] > 0 or diff["nonfinite_reference"] > 0
         weight_problem = next((i for i, p in enumerate(problems) if p.details.get("cause") in
-                               ("nonfinite", "unmerge_weights")), None)
+                               (MergeCause.NONFINITE.value, MergeCause.UNMERGE_WEIGHTS.value)), None)
         if weight_problem is not None:  # the weights at fault are reported: add what the probe saw to that
             problem = problems[weight_problem]
             problems[weight_problem] = dataclasses.replace(problem, details={**problem.details, "probe": diff})
@@ -466,27 +399,27 @@ def _probe_problem(obs: MergeObservation, diff: dict[str, Any], tol: float, dtyp
                 else f"max relative difference {diff['relative']:.3g} > tolerance {tol:.3g} ({dtype})")
     message = f"{what} give different outputs on the probe batch after {obs.method}(): {measured}"
     doubles = double_merged(obs)
+    params: tuple[str, ...]
     if side_effects:
-        params, cause, hint = tuple(side_effects), "side_effect", HINTS["side_effect_tie"]
+        params, cause = tuple(side_effects), MergeCause.SIDE_EFFECT
         message += f"; caused by the change of {_fmt(side_effects)} (see MERGE_SIDE_EFFECT)"
     elif doubles and obs.kind == "merge":
-        params, cause, hint = tuple(n for g in doubles for n in g), "double_merge", HINTS["double_merge"]
+        params, cause = tuple(n for g in doubles for n in g), MergeCause.DOUBLE_MERGE
         message += (f"; {' / '.join(_fmt(g) for g in doubles)} is one tensor and the base weight of several merged "
                     f"layers, so the delta was added once per layer")
     elif not obs.targets and obs.kind == "merge":
-        params, cause, hint = (), "nothing_merged", HINTS["nothing_merged"]
+        params, cause = (), MergeCause.NOTHING_MERGED
         message += f"; no base weight changed: {obs.method}() merged nothing of adapter {_fmt(obs.adapters)}"
     else:
         params = tuple(n for n in changed if n in obs.target_params)
         if obs.kind == "unmerge":
-            cause, hint = "numeric", HINTS["unmerge_weights"]
+            cause = MergeCause.UNMERGE_NUMERIC
         elif dtype in (torch.float32, torch.float64) and diff["relative"] > OUTPUT_TOLERANCE[dtype]:
-            cause, hint = "formula", HINTS["formula"]  # full precision: rounding cannot explain it
+            cause = MergeCause.FORMULA  # full precision: rounding cannot explain it
         else:
-            cause, hint = "numeric", HINTS["numeric"]
-    details["cause"] = cause
+            cause = MergeCause.NUMERIC
     code = "MERGE_MISMATCH" if obs.kind == "merge" else "UNMERGE_MISMATCH"
-    return MergeProblem(code, params, message, hint, details)
+    return merge_problem(code, params, message, cause, **details)
 
 
 def restore_error(obs: MergeObservation, config: MergeConfig, record: MergeRecord, name: str) -> float | None:
@@ -535,12 +468,11 @@ def _unmerge_weight_problems(obs: MergeObservation, config: MergeConfig, record:
         return []
     worst = max(wrong.values())
     tol = weight_tolerance(config, dtype)
-    return [MergeProblem(
-        "UNMERGE_MISMATCH", tuple(wrong),
+    return [merge_problem(
+        "UNMERGE_MISMATCH", wrong,
         f"{obs.method}() did not restore the base weights {_fmt(wrong)}: max difference {worst:.3g} (relative to "
         f"the weights' magnitude) from their values before the merge (tolerance {tol:.3g}, {dtype})",
-        HINTS["unmerge_weights"], {"cause": "unmerge_weights", "relative": wrong, "tolerance": tol,
-                                   "not_recorded": unrecorded, "method": obs.method})]
+        MergeCause.UNMERGE_WEIGHTS, relative=wrong, tolerance=tol, not_recorded=unrecorded, method=obs.method)]
 
 
 # -- the check -----------------------------------------------------------------------------------------------------
@@ -548,9 +480,10 @@ def _unmerge_weight_problems(obs: MergeObservation, config: MergeConfig, record:
 class MergeCheck(Check):
     """MERGE_SIDE_EFFECT, MERGE_MISMATCH, UNMERGE_MISMATCH and TIE_BROKEN at ``merge`` events.
 
-    The event's ``extra["merge"]`` holds the :class:`MergeObservation` made by :func:`checked_merge`; a merge
-    event without one (dispatched by hand) has nothing to judge. Keeps the base weights of merged (not
-    unloaded) adapters until they are unmerged.
+    The event's ``merge`` holds the :class:`MergeObservation` made by :mod:`callbacks.merging`; a merge event
+    without one (dispatched by hand) has nothing to judge, and one with ``merge_error`` (observing failed, the
+    merge itself ran) is a ``CHECK_FAILED``. Keeps the base weights of merged (not unloaded) adapters until they
+    are unmerged.
     """
 
     name = "merge"
@@ -563,9 +496,9 @@ class MergeCheck(Check):
         self.merges: list[dict[str, Any]] = []
 
     def on_merge(self, ctx: EventContext) -> Iterable[Finding]:
-        if ctx.extra.get("merge_check_error"):  # the engine turns this into CHECK_FAILED; the merge itself ran
-            raise RuntimeError(f"{ctx.extra['merge_check_error']} (the {ctx.extra.get('merge_method')} ran unchecked)")
-        obs = ctx.extra.get("merge")
+        if ctx.merge_error:  # the engine turns this into CHECK_FAILED; the merge itself ran
+            raise RuntimeError(f"{ctx.merge_error} (the {ctx.merge_method} ran unchecked)")
+        obs = ctx.merge
         if not isinstance(obs, MergeObservation):
             return ()
         problems = evaluate_merge(obs, self.config, self.record)
@@ -589,498 +522,8 @@ class MergeCheck(Check):
         self.merges = [dict(m) for m in state.get("merges", [])]
 
 
-# -- libraries ----------------------------------------------------------------------------------------------------
-
-#: merge methods per library, and whether each merges or unmerges
-MERGE_METHODS: dict[str, dict[str, str]] = {
-    "peft": {"merge_and_unload": "merge", "merge_adapter": "merge", "unmerge_adapter": "unmerge"},
-    "adapters": {"merge_adapter": "merge", "reset_adapter": "unmerge"},
-}
-
-
-def detect_library(model: Any) -> str | None:
-    """``peft`` for a PeftModel or PEFT tuner model, ``adapters`` for an ``adapters``-library model, else None."""
-    peft = sys.modules.get("peft")
-    if peft is not None:
-        from peft.tuners.tuners_utils import BaseTuner
-
-        if isinstance(model, (peft.PeftModel, BaseTuner)):
-            return "peft"
-    if hasattr(model, "adapters_config") and callable(getattr(type(model), "merge_adapter", None)):
-        return "adapters"
-    return None
-
-
-def _peft_layers(model: nn.Module, named_modules: Iterable[tuple[str, nn.Module]] | None = None
-                 ) -> Iterator[tuple[str, Any]]:
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    for raw, module in model.named_modules() if named_modules is None else named_modules:
-        if isinstance(module, BaseTunerLayer):
-            yield raw, module
-
-
-def _peft_layer_adapters(layer: Any) -> set[str]:
-    names: set[str] = set()
-    for attr in getattr(layer, "adapter_layer_names", ()):
-        container = getattr(layer, attr, None)
-        if hasattr(container, "keys"):
-            names |= set(container.keys())
-    return names
-
-
-def _base_params(raw: str, layer: nn.Module, attr: str | None) -> tuple[str, ...]:
-    """User names of the parameters of ``layer``'s base (``attr``: PEFT's ``base_layer``; None: the layer)."""
-    path, base = raw, layer
-    while attr is not None and isinstance(getattr(base, attr, None), nn.Module):
-        path, base = f"{path}.{attr}", getattr(base, attr)
-    params = base.named_parameters(recurse=attr is not None)
-    return tuple(sorted({user_name(f"{path}.{pname}".lstrip(".")) for pname, _ in params}))
-
-
-def unloaded_parameters(library: str, model: nn.Module, layers: Sequence[tuple[str, Any]] | None = None) -> set[int]:
-    """ids of the adapter weights an unload removes (every tuner-layer parameter that is not a base weight).
-
-    ``layers``: the model's PEFT tuner layers when already listed (``(name, layer)`` pairs).
-    """
-    if library != "peft":
-        return set()
-    out: set[int] = set()
-    for _raw, layer in layers if layers is not None else _peft_layers(model):
-        base = {id(p) for p in layer.get_base_layer().parameters()}
-        out |= {id(p) for p in layer.parameters()} - base
-    return out
-
-
-def _as_list(names: Any) -> list[str] | None:
-    if names is None:
-        return None
-    return [names] if isinstance(names, str) else list(names)
-
-
-def discover_targets(library: str, model: nn.Module, kind: str, arguments: Mapping[str, Any],
-                     layers: Sequence[tuple[str, Any]] | None = None) -> tuple[tuple[str, ...], list[MergeTarget]]:
-    """The adapters a merge call acts on and the layers (with their base parameters) it will write.
-
-    ``layers``: the model's PEFT tuner layers when already listed (``(name, layer)`` pairs).
-    """
-    targets = []
-    if library == "peft":
-        layers = list(_peft_layers(model)) if layers is None else layers
-        if kind == "unmerge":
-            for raw, layer in layers:
-                merged = tuple(getattr(layer, "merged_adapters", ()))
-                if merged:
-                    targets.append(MergeTarget(user_name(raw), merged, _base_params(raw, layer, "base_layer")))
-            adapters = tuple(sorted({a for t in targets for a in t.adapters}))
-            return adapters, targets
-        adapters = _as_list(arguments.get("adapter_names"))
-        if adapters is None:
-            active = getattr(model, "active_adapters", None)
-            adapters = _as_list(active() if callable(active) else active) or []
-        for raw, layer in layers:
-            here = _peft_layer_adapters(layer)
-            merging = tuple(a for a in adapters if a in here and a not in getattr(layer, "merged_adapters", ()))
-            if merging:
-                targets.append(MergeTarget(user_name(raw), merging, _base_params(raw, layer, "base_layer")))
-        return tuple(adapters), targets
-    # the adapters library: LoRA layers hold `loras` and the name of the merged one in `merged`
-    name = arguments.get("name")
-    for raw, module in model.named_modules():
-        loras = getattr(module, "loras", None)
-        if not isinstance(loras, nn.ModuleDict) or not hasattr(module, "merged"):
-            continue
-        if kind == "unmerge" and module.merged:
-            targets.append(MergeTarget(user_name(raw), (module.merged,), _base_params(raw, module, None)))
-        elif kind == "merge" and name in loras and not module.merged:
-            targets.append(MergeTarget(user_name(raw), (name,), _base_params(raw, module, None)))
-    if kind == "unmerge":
-        return tuple(sorted({a for t in targets for a in t.adapters})), targets
-    return ((name,) if name else ()), targets
-
-
-@contextlib.contextmanager
-def probe_adapters(library: str, model: nn.Module, adapters: Sequence[str] | None) -> Iterator[None]:
-    """Activate exactly ``adapters`` for a probe (None: no adapter), without touching ``requires_grad``.
-
-    PEFT's ``set_adapter`` marks the active adapters trainable and the ``adapters`` library's
-    ``set_active_adapters`` unmerges LoRA first, so both are bypassed: the layers' active lists (PEFT) or the
-    active setup (adapters) are set directly and restored afterwards.
-    """
-    saved: list[tuple[Any, str, Any]] = []
-    try:
-        model_active = getattr(model, "active_adapters", None) if library == "peft" else None
-        if isinstance(model_active, (list, tuple, str)) and _as_list(model_active) == _as_list(adapters):
-            pass  # already the active set (PEFT keeps its layers in step with the model's active adapters)
-        elif library == "peft" and adapters is not None:
-            for _raw, layer in _peft_layers(model):
-                if list(layer.active_adapters) != list(adapters):
-                    saved.append((layer, "_active_adapter", layer.__dict__.get("_active_adapter", _MISSING)))
-                    layer._active_adapter = list(adapters)
-        elif library == "adapters" and hasattr(model, "adapters_config"):
-            from adapters.composition import Stack
-
-            config = model.adapters_config
-            saved.append((config, "active_setup", config.active_setup))
-            config.active_setup = Stack(*adapters) if adapters else None
-        yield
-    finally:
-        for owner, attr, value in reversed(saved):
-            if value is _MISSING:
-                delattr(owner, attr)
-            else:
-                setattr(owner, attr, value)
-
-
-_MISSING = object()
-
-
-# -- the checked merge --------------------------------------------------------------------------------------------
-
-#: set while a checked merge runs: watch wrappers reached from inside it call straight through
-_IN_CHECKED_MERGE: contextvars.ContextVar[bool] = contextvars.ContextVar("in_checked_merge", default=False)
-
-
-def original_method(owner: Any, method: str) -> Callable[..., Any]:
-    """``owner.method`` as the class (or ``__getattr__``) provides it, skipping any watch wrapper on the instance."""
-    attr = inspect.getattr_static(type(owner), method, None)
-    if attr is not None:
-        return attr.__get__(owner, type(owner)) if hasattr(attr, "__get__") else attr
-    getattr_hook = getattr(type(owner), "__getattr__", None)
-    if getattr_hook is None:
-        raise AttributeError(f"{type(owner).__name__} has no method {method!r}")
-    return getattr_hook(owner, method)
-
-
-def _bind(call: Callable[..., Any], args: Sequence[Any], kwargs: Mapping[str, Any]) -> dict[str, Any]:
-    try:
-        bound = inspect.signature(call).bind(*args, **kwargs)
-    except (TypeError, ValueError):
-        return dict(kwargs)
-    bound.apply_defaults()
-    out = dict(bound.arguments)
-    for key, value in list(out.items()):  # flatten **kwargs of wrappers that forward them
-        if inspect.signature(call).parameters[key].kind is inspect.Parameter.VAR_KEYWORD:
-            out.pop(key)
-            out.update(value)
-    return out
-
-
-def _resolve_step(step: int | Callable[[], int | None] | None) -> int | None:
-    return step() if callable(step) else step
-
-
-@contextlib.contextmanager
-def gc_paused() -> Iterator[None]:
-    """Python's cyclic garbage collector off for the duration (as it was afterwards).
-
-    An observation allocates thousands of small objects (names, storage keys, the probe's forward), which
-    triggers full collections that walk every object of the process: on a 100-layer model these took as long
-    as the hashing itself. Reference counting still frees everything; cycles wait for the next collection.
-    """
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
-
-
-def checked_merge(monitor: Any, model: Any, method: str | None = None, *,
-                  step: int | Callable[[], int | None] | None = None, probe_inputs: Mapping[str, Any] | None = None,
-                  **merge_kwargs: Any) -> Any:
-    """Merge (or unmerge) ``model``'s adapters and check the merge; returns the merged model.
-
-    Args:
-        monitor: the :class:`~callbacks.monitor.Monitor` whose checks run at the ``merge`` event.
-        model: a PEFT model (``PeftModel`` or tuner model) or an ``adapters``-library model.
-        method: PEFT ``merge_and_unload`` (default), ``merge_adapter`` or ``unmerge_adapter``; ``adapters``
-            ``merge_adapter`` (default) or ``reset_adapter``.
-        step: the optimizer step to attribute findings to (or a callable returning it).
-        probe_inputs: the probe batch (keyword arguments of the forward); built from the config when omitted.
-        merge_kwargs: passed to the merge method (``safe_merge``, ``adapter_names``, ``name``, ...).
-
-    Returns ``merge_and_unload``'s result, and ``model`` itself for the other methods. If the merge raises, the
-    partial merge is checked and the error re-raised.
-    """
-    library = detect_library(model)
-    if library is None:
-        raise ConfigError(f"checked_merge needs a PEFT model or an adapters-library model, got {type(model).__name__}")
-    if method is None:
-        method = "merge_and_unload" if library == "peft" else "merge_adapter"
-    if method not in MERGE_METHODS[library]:
-        raise ConfigError(f"{library} merge method must be one of {sorted(MERGE_METHODS[library])}, got {method!r}")
-    call = original_method(model, method)
-    return run_checked_merge(monitor, model, library, method, call, (), merge_kwargs, step=_resolve_step(step),
-                             probe_inputs=probe_inputs)
-
-
-def run_checked_merge(monitor: Any, model: Any, library: str, method: str, call: Callable[..., Any],
-                      args: Sequence[Any], kwargs: Mapping[str, Any], *, step: int | None = None,
-                      probe_inputs: Mapping[str, Any] | None = None) -> Any:
-    """Observe ``call(*args, **kwargs)`` (the merge method ``method`` of ``model``) and dispatch ``merge``.
-
-    The user's merge always runs: if observing the model fails, the merge runs unchecked and the failure is
-    reported as ``CHECK_FAILED`` (the merge check raises at the event).
-    """
-    kind = MERGE_METHODS[library][method]
-    check = monitor.check("merge")
-    token = _IN_CHECKED_MERGE.set(True)
-    try:
-        if check is None:  # merge check disabled: merge, and let the other checks (ties) see the event
-            result = call(*args, **kwargs)
-            merged = result if isinstance(result, nn.Module) else model
-            monitor.dispatch("merge", model, step=step, extra={"merge_method": method})
-            return merged
-        config: MergeConfig = check.config
-        try:
-            with gc_paused():
-                state = _observe_before(library, model, kind, method, call, args, kwargs, config, probe_inputs)
-        except Exception as err:  # noqa: BLE001 - the user's merge must not fail because the check did
-            result = call(*args, **kwargs)
-            merged = result if isinstance(result, nn.Module) else model
-            monitor.dispatch("merge", model, step=step, extra={
-                "merge_method": method, "merge_check_error": f"observing the model before the merge: "
-                                                             f"{type(err).__name__}: {err}"})
-            return merged
-
-        error: BaseException | None = None
-        result = None
-        try:
-            result = call(*args, **kwargs)
-        except Exception as err:  # noqa: BLE001 - checked below, then re-raised
-            error = err
-        merged = result if isinstance(result, nn.Module) else model
-        extra: dict[str, Any] = {"merge_method": method, "merged_model": merged}
-        try:
-            with gc_paused():
-                extra["merge"] = _observe_after(library, monitor, merged, kind, method, state, error, config)
-        except Exception as err:  # noqa: BLE001 - reported as CHECK_FAILED by the merge check
-            extra["merge_check_error"] = f"observing the model after the merge: {type(err).__name__}: {err}"
-        try:
-            monitor.dispatch("merge", model, step=step, extra=extra)
-        except IntegrityError as integrity:
-            if error is not None:
-                raise integrity from error
-            raise
-        if error is not None:
-            raise error
-        return merged
-    finally:
-        _IN_CHECKED_MERGE.reset(token)
-
-
-def _observe_before(library: str, model: Any, kind: str, method: str, call: Callable[..., Any],
-                    args: Sequence[Any], kwargs: Mapping[str, Any], config: MergeConfig,
-                    probe_inputs: Mapping[str, Any] | None) -> dict[str, Any]:
-    """Targets, hashes, samples and the probe output before the merge."""
-    # one walk of the modules for the targets, the unloaded weights and the probe's mode switch
-    modules = list(model.named_modules())
-    layers = list(_peft_layers(model, modules)) if library == "peft" else None
-    adapters, targets = discover_targets(library, model, kind, _bind(call, args, kwargs), layers)
-    target_names = {p for t in targets for p in t.params}
-    if method == "merge_and_unload":
-        # nothing is kept for a later unmerge: every parameter needs only change detection within this process.
-        # On CPU the XXH3 digest does that at memory speed (the torch reference of the spec hash is ~15x slower);
-        # the fused kernel hashes every tensor in one launch, faster than per-tensor digests.
-        first = next(iter(model.parameters()), None)
-        fused = first is not None and resolve_backend(config.backend, [first]) == "triton"
-        before = snapshot_parameters(model, config.backend, unloaded_parameters(library, model, layers),
-                                     spec=None if fused else ())
-    else:
-        before = snapshot_parameters(model, config.backend)
-    target_memory = {before.memory[n] for n in target_names if n in before.memory}
-    # targets and the names sharing their memory (tied): what an unmerge must bring back
-    sampled = target_names | {n for n, m in before.memory.items() if m in target_memory}
-    state: dict[str, Any] = {
-        "adapters": tuple(adapters), "targets": targets, "before": before, "sampled": sampled, "samples": {},
-        "samples_merged": {}, "batch": None, "probe_before": None, "probe_skipped": None, "batch_key": None}
-    if kind == "merge" and method != "merge_and_unload":
-        state["samples"] = _samples(sampled, before, config.unmerge_sample)
-    elif kind == "unmerge":
-        state["samples_merged"] = _samples(sampled, before, config.unmerge_sample)
-    if not config.probe:
-        state["probe_skipped"] = "probe disabled (checks.merge.probe: false)"
-        return state
-    try:
-        # one sequence of 8 tokens: every merged layer is on its path, and the forward costs half of two sequences
-        batch = dict(probe_inputs) if probe_inputs is not None else build_probe_batch(model, batch_size=1)
-        with probe_adapters(library, model, adapters):
-            state["probe_before"] = run_probe(model, batch, modules=[m for _, m in modules])
-    except Exception as err:  # noqa: BLE001 - no probe input or a forward that fails: judged by hashes alone
-        state["probe_skipped"] = f"no probe: {type(err).__name__}: {err}"
-        return state
-    tensors = [v for _, v in sorted(batch.items()) if isinstance(v, torch.Tensor)]
-    state["batch"], state["batch_key"] = batch, tuple(hash_tensors(tensors, backend=config.backend))
-    return state
-
-
-def _observe_after(library: str, monitor: Any, merged: Any, kind: str, method: str, state: dict[str, Any],
-                   error: BaseException | None, config: MergeConfig) -> MergeObservation:
-    """Hashes, samples and the probe output after the merge, with what was seen before: the observation."""
-    before: ParamSnapshot = state["before"]
-    after = snapshot_parameters(merged, config.backend, digest=before.digested)
-    changed = [n for n, h in before.hashes.items() if after.hashes.get(n, h) != h]
-    samples = state["samples"]
-    if kind == "unmerge":
-        samples = _samples(state["sampled"], after, config.unmerge_sample)
-    probe_after, probe_skipped = None, state["probe_skipped"]
-    if state["batch"] is not None and error is None:
-        # the merged model stands alone: the adapters library keeps the adapter, so it is switched off
-        after_adapters = None if (library == "adapters" and kind == "merge") else state["adapters"]
-        try:
-            with probe_adapters(detect_library(merged) or "none", merged, after_adapters):
-                probe_after = run_probe(merged, state["batch"])
-        except Exception as err:  # noqa: BLE001 - the merged model's forward fails: say so, judge by hashes
-            probe_skipped = f"probe of the merged model failed: {type(err).__name__}: {err}"
-    covered: frozenset[tuple[str, ...]] = frozenset()
-    if monitor.facts is not None:
-        covered = frozenset(t.names for t in monitor.facts.expected_ties)
-    return MergeObservation(
-        library=library, method=method, kind=kind, adapters=state["adapters"], targets=state["targets"],
-        before=before, after=after, probe_before=state["probe_before"], probe_after=probe_after,
-        probe_skipped=probe_skipped, batch_key=state["batch_key"], error=error, samples=samples,
-        samples_merged=state["samples_merged"], nonfinite_after=_nonfinite(after, changed), ties_covered=covered)
-
-
-def _samples(names: set[str], snapshot: ParamSnapshot, count: int) -> dict[str, WeightSample]:
-    """Strided samples of the parameters ``names`` on the host, with their hashes.
-
-    One device-to-host copy per device and dtype: a copy per tensor would synchronise a GPU once per target.
-    """
-    views = {name: strided_view(param, count) for name, param in snapshot.tensors.items()
-             if name in names and param.device.type != "meta"}
-    groups: dict[tuple[torch.device, torch.dtype], list[str]] = {}
-    for name, view in views.items():
-        groups.setdefault((view.device, view.dtype), []).append(name)
-    out: dict[str, WeightSample] = {}
-    for (_device, dtype), group in groups.items():
-        host = torch.cat([views[n] for n in group]).to("cpu", copy=True)
-        for name, sample in zip(group, host.split([views[n].numel() for n in group]), strict=True):
-            out[name] = WeightSample(hash=snapshot.hashes[name], sample=sample, dtype=dtype)
-    return out
-
-
-def _nonfinite(snapshot: ParamSnapshot, names: Iterable[str]) -> dict[str, int]:
-    """NaN/Inf counts of the (changed) parameters ``names`` that are floating point.
-
-    A tensor whose sum is finite holds no NaN/Inf (either would make the sum NaN or infinite), so only tensors
-    with a non-finite sum (NaN/Inf inside, or an overflowing sum) are counted element by element.
-    """
-    floats = {name: param.detach() for name in names
-              if (param := snapshot.tensors.get(name)) is not None and param.is_floating_point()
-              and param.device.type != "meta"}
-    if not floats:
-        return {}
-    # one device-to-host copy per device (not per tensor: each would synchronise a GPU); float32 holds every
-    # finite sum of a half-precision tensor, and a float64 sum beyond its range is just counted element by element
-    by_device: dict[torch.device, list[str]] = {}
-    for name, tensor in floats.items():
-        by_device.setdefault(tensor.device, []).append(name)
-    finite_sum: dict[str, bool] = {}
-    for group in by_device.values():
-        sums = torch.stack([floats[n].sum().to(torch.float32).reshape(()) for n in group]).cpu()
-        finite_sum.update(zip(group, torch.isfinite(sums).tolist(), strict=True))
-    finite = [finite_sum[name] for name in floats]
-    return {name: 0 if ok else int((~torch.isfinite(t)).sum()) for (name, t), ok in zip(floats.items(), finite,
-                                                                                         strict=True)}
-
-
-# -- watching -----------------------------------------------------------------------------------------------------
-
-class MergeMethodWrapper:
-    """Stands in for one merge method on one model instance and checks each call.
-
-    Copies of the model (``copy.deepcopy``, pickling) get a pass-through wrapper bound to the copy, without the
-    monitor: merging a copy is not checked and never touches the original.
-    """
-
-    def __init__(self, monitor: Any, owner: Any, library: str, method: str,
-                 step: int | Callable[[], int | None] | None = None):
-        self.monitor, self.owner, self.library, self.method, self.step = monitor, owner, library, method, step
-        self.__doc__ = getattr(original_method(owner, method), "__doc__", None)
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        call = original_method(self.owner, self.method)
-        if self.monitor is None or _IN_CHECKED_MERGE.get():
-            return call(*args, **kwargs)
-        return run_checked_merge(self.monitor, self.owner, self.library, self.method, call, args, kwargs,
-                                 step=_resolve_step(self.step))
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {"monitor": None, "owner": self.owner, "library": self.library, "method": self.method,
-                "step": None}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
-
-    def __repr__(self) -> str:
-        return f"<checked {type(self.owner).__name__}.{self.method}>"
-
-
-class MergeWatch:
-    """Handle of :func:`install_merge_watch`: :meth:`remove` restores the original methods (idempotent)."""
-
-    def __init__(self) -> None:
-        self.wrapped: list[tuple[Any, str, MergeMethodWrapper]] = []
-
-    @property
-    def active(self) -> bool:
-        """Whether any method is currently wrapped."""
-        return bool(self.wrapped)
-
-    def remove(self) -> None:
-        """Unwrap every method this handle wrapped."""
-        for owner, method, wrapper in self.wrapped:
-            if owner.__dict__.get(method) is wrapper:
-                del owner.__dict__[method]
-        self.wrapped = []
-
-
-def mergeable_models(model: Any) -> list[Any]:
-    """``model`` if it has merge methods, else its outermost submodules that have (a LightningModule's PEFT model)."""
-    if detect_library(model) is not None:
-        return [model]
-    if not isinstance(model, nn.Module):
-        return []
-    found: list[Any] = []
-    skip: list[str] = []
-    for name, module in model.named_modules():
-        if any(name.startswith(prefix) for prefix in skip):
-            continue
-        if module is not model and detect_library(module) is not None:
-            found.append(module)
-            skip.append(f"{name}.")
-    return found
-
-
-def install_merge_watch(monitor: Any, model: Any, *, force: bool = False,
-                        step: int | Callable[[], int | None] | None = None) -> MergeWatch:
-    """Wrap the merge methods of ``model`` (or of its PEFT/adapters submodules) so every call is checked.
-
-    Installs only when ``checks.merge.watch`` is true (or ``force``); always returns a handle whose
-    ``remove()`` is safe to call. ``step``: an int or a callable giving the step to attribute findings to.
-    Integrations call it with the model instance they were given and call ``remove()`` at teardown.
-    """
-    handle = MergeWatch()
-    check = monitor.check("merge")
-    if not force and (check is None or not check.config.watch):
-        return handle
-    for owner in mergeable_models(model):
-        library = detect_library(owner)
-        for method in MERGE_METHODS[library]:
-            if isinstance(owner.__dict__.get(method), MergeMethodWrapper):
-                continue  # already watched (by another callback)
-            wrapper = MergeMethodWrapper(monitor, owner, library, method, step)
-            owner.__dict__[method] = wrapper
-            handle.wrapped.append((owner, method, wrapper))
-    return handle
-
-
 __all__ = [
-    "MERGE_METHODS", "OUTPUT_TOLERANCE", "WEIGHT_TOLERANCE", "MergeCheck", "MergeConfig", "MergeMethodWrapper",
-    "MergeObservation", "MergeProblem", "MergeRecord", "MergeTarget", "MergeWatch", "ParamSnapshot", "WeightSample",
-    "checked_merge", "detect_library", "discover_targets", "evaluate_merge", "install_merge_watch",
-    "mergeable_models", "original_method", "run_checked_merge", "snapshot_parameters",
+    "HINTS", "OUTPUT_TOLERANCE", "WEIGHT_TOLERANCE", "MergeCause", "MergeCheck", "MergeConfig", "MergeObservation",
+    "MergeProblem", "MergeRecord", "evaluate_merge", "merge_problem", "output_difference", "output_tolerance",
+    "weight_tolerance",
 ]

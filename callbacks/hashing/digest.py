@@ -2,7 +2,15 @@
 
 Cheaper than the cross-device hash of :mod:`callbacks.hashing.spec`, and not a specification: use a digest only
 where both measurements are taken by the same process (the merge check's "did anything change"), never for
-ledgers or replicas. :func:`change_digest` picks, by device:
+ledgers or replicas. :func:`change_digests` measures a batch, by device:
+
+- CPU tensors: :func:`host_digest` each;
+- CUDA tensors where the fused Triton kernel runs: the spec hash of the whole group in one launch;
+- other devices: :func:`keyed_digest` for tensors of at least :data:`KEYED_MIN_BYTES`, the batched spec hash for
+  the smaller ones (a few elementwise launches per tensor cost more than one batched pass over many small ones).
+
+A tensor's kind of digest depends only on its device, size and the backend, so two measurements of an unchanged
+tensor agree. :func:`change_digest` measures one tensor, by device:
 
 - CPU tensors: :func:`host_digest`, XXH3-64 (the ``xxhash`` library) over the tensor's bytes, seeded with the
   spec header of its dtype and shape. It runs at memory speed (about 30 GB/s on one core here, against 2 GB/s
@@ -15,15 +23,55 @@ ledgers or replicas. :func:`change_digest` picks, by device:
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 
 import torch
 import xxhash
 
-from callbacks.hashing import hash_tensors
+from callbacks.hashing import hash_tensors, resolve_backend
 from callbacks.hashing.spec import KEY_MULT, finalize, header, to_signed, to_unsigned
 
 #: words per chunk of the keyed digest (the int64 products of a chunk stay in cache)
 DIGEST_CHUNK = 1 << 16
+#: off the CPU and without the fused kernel, tensors smaller than this (bytes) get the batched spec hash
+KEYED_MIN_BYTES = 1 << 18
+
+
+def change_digests(tensors: Sequence[torch.Tensor], backend: str = "auto") -> list[int]:
+    """64-bit bitwise change detectors of ``tensors`` for comparisons within this process (see the module).
+
+    ``backend``: as for :func:`~callbacks.hashing.hash_tensors` (``auto`` uses the fused kernel on CUDA when
+    Triton is there). Meta tensors have no bytes: their digest is -1.
+    """
+    out = [-1] * len(tensors)
+    by_device: dict[torch.device, list[int]] = {}
+    for index, tensor in enumerate(tensors):
+        if tensor.device.type != "meta":
+            by_device.setdefault(tensor.device, []).append(index)
+    for device, indices in by_device.items():
+        group = [tensors[i].detach() for i in indices]
+        if device.type == "cpu":
+            values = [host_digest(t) for t in group]
+        elif resolve_backend(backend, group) == "triton":
+            values = hash_tensors(group, backend="triton")
+        else:
+            values = device_digests(group)
+        for index, value in zip(indices, values, strict=True):
+            out[index] = value
+    return out
+
+
+def device_digests(tensors: Sequence[torch.Tensor]) -> list[int]:
+    """Change digests of tensors on one device, with torch operations only (the path for accelerators without
+    the fused kernel): :func:`keyed_digest` from :data:`KEYED_MIN_BYTES` up, the batched spec hash below."""
+    small = [i for i, t in enumerate(tensors) if t.numel() * t.element_size() < KEYED_MIN_BYTES]
+    values = [0] * len(tensors)
+    if small:
+        for i, value in zip(small, hash_tensors([tensors[i] for i in small], backend="torch"), strict=True):
+            values[i] = value
+    for i in sorted(set(range(len(tensors))) - set(small)):
+        values[i] = keyed_digest(tensors[i])
+    return values
 
 
 def change_digest(tensor: torch.Tensor) -> int:
@@ -83,4 +131,7 @@ def keyed_digest(tensor: torch.Tensor) -> int:
     return finalize(to_unsigned(total), tensor.dtype, tuple(tensor.shape))
 
 
-__all__ = ["DIGEST_CHUNK", "change_digest", "host_digest", "keyed_digest"]
+__all__ = [
+    "DIGEST_CHUNK", "KEYED_MIN_BYTES", "change_digest", "change_digests", "device_digests", "host_digest",
+    "keyed_digest",
+]

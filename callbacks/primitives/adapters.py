@@ -15,10 +15,12 @@ identities only; it never touches values.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import fnmatch
+import logging
 import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -91,11 +93,6 @@ class AdapterUnit:
     def part(self, role: str) -> AdapterPart | None:
         """The part with ``role``, if present."""
         return next((p for p in self.parts if p.role == role), None)
-
-    @property
-    def label(self) -> str:
-        """``adapter 'default' at transformer.h.0.attn.c_attn`` — how findings name the unit."""
-        return f"adapter {self.adapter!r} ({self.library} {self.method}) at {self.layer or '<root>'}"
 
 
 def _is_peft_tuner_layer(module: nn.Module) -> bool:
@@ -375,3 +372,204 @@ def base_device(unit: AdapterUnit) -> torch.device | None:
     if unit.library == "adapters":
         own |= {id(p) for m in unit.base.modules() if _adapters_lib_kind(m) for p in m.parameters()}
     return next((p.device for p in unit.base.parameters() if id(p) not in own), None)
+
+
+# -- merging: which library, which methods, which layers a merge writes --------------------------------------------
+
+#: merge methods per library, and whether each merges or unmerges
+MERGE_METHODS: dict[str, dict[str, str]] = {
+    "peft": {"merge_and_unload": "merge", "merge_adapter": "merge", "unmerge_adapter": "unmerge"},
+    "adapters": {"merge_adapter": "merge", "reset_adapter": "unmerge"},
+}
+
+
+def detect_library(model: Any) -> str | None:
+    """``peft`` for a PeftModel or PEFT tuner model, ``adapters`` for an ``adapters``-library model, else None."""
+    peft = sys.modules.get("peft")
+    if peft is not None:
+        from peft.tuners.tuners_utils import BaseTuner
+
+        if isinstance(model, (peft.PeftModel, BaseTuner)):
+            return "peft"
+    if hasattr(model, "adapters_config") and callable(getattr(type(model), "merge_adapter", None)):
+        return "adapters"
+    return None
+
+
+def mergeable_models(model: Any) -> list[Any]:
+    """``model`` if it has merge methods, else its outermost submodules that have (a LightningModule's PEFT model)."""
+    if detect_library(model) is not None:
+        return [model]
+    if not isinstance(model, nn.Module):
+        return []
+    found: list[Any] = []
+    skip: list[str] = []
+    for name, module in model.named_modules():
+        if any(name.startswith(prefix) for prefix in skip):
+            continue
+        if module is not model and detect_library(module) is not None:
+            found.append(module)
+            skip.append(f"{name}.")
+    return found
+
+
+def peft_tuner_layers(model: nn.Module, named_modules: Iterable[tuple[str, nn.Module]] | None = None
+                      ) -> Iterator[tuple[str, Any]]:
+    """``(raw name, layer)`` of every PEFT tuner layer (``BaseTunerLayer``) of ``model`` (or of ``named_modules``)."""
+    for raw, module in model.named_modules() if named_modules is None else named_modules:
+        if _is_peft_tuner_layer(module):
+            yield raw, module
+
+
+def _peft_layer_adapters(layer: Any) -> set[str]:
+    names: set[str] = set()
+    for attr in getattr(layer, "adapter_layer_names", ()):
+        container = getattr(layer, attr, None)
+        if hasattr(container, "keys"):
+            names |= set(container.keys())
+    return names
+
+
+def _base_params(raw: str, layer: nn.Module, attr: str | None) -> tuple[str, ...]:
+    """User names of the parameters of ``layer``'s base (``attr``: PEFT's ``base_layer``; None: the layer)."""
+    path, base = raw, layer
+    while attr is not None and isinstance(getattr(base, attr, None), nn.Module):
+        path, base = f"{path}.{attr}", getattr(base, attr)
+    params = base.named_parameters(recurse=attr is not None)
+    return tuple(sorted({user_name(f"{path}.{pname}".lstrip(".")) for pname, _ in params}))
+
+
+def unloaded_parameters(library: str, model: nn.Module, layers: Sequence[tuple[str, Any]] | None = None) -> set[int]:
+    """ids of the adapter weights an unload removes (every tuner-layer parameter that is not a base weight).
+
+    ``layers``: the model's PEFT tuner layers when already listed (``(name, layer)`` pairs).
+    """
+    if library != "peft":
+        return set()
+    out: set[int] = set()
+    for _raw, layer in layers if layers is not None else peft_tuner_layers(model):
+        base = {id(p) for p in layer.get_base_layer().parameters()}
+        out |= {id(p) for p in layer.parameters()} - base
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class MergeTarget:
+    """A layer whose adapters are merged (or unmerged): its user name, the adapters, its base parameters."""
+
+    layer: str
+    adapters: tuple[str, ...]
+    params: tuple[str, ...]
+
+
+def _as_list(names: Any) -> list[str] | None:
+    if names is None:
+        return None
+    return [names] if isinstance(names, str) else list(names)
+
+
+def discover_targets(library: str, model: nn.Module, kind: str, arguments: Mapping[str, Any],
+                     layers: Sequence[tuple[str, Any]] | None = None) -> tuple[tuple[str, ...], list[MergeTarget]]:
+    """The adapters a merge call acts on and the layers (with their base parameters) it will write.
+
+    ``kind``: ``merge`` or ``unmerge``; ``arguments``: the call's bound arguments (``adapter_names``, ``name``);
+    ``layers``: the model's PEFT tuner layers when already listed (``(name, layer)`` pairs).
+    """
+    targets = []
+    if library == "peft":
+        layers = list(peft_tuner_layers(model)) if layers is None else layers
+        if kind == "unmerge":
+            for raw, layer in layers:
+                merged = tuple(getattr(layer, "merged_adapters", ()))
+                if merged:
+                    targets.append(MergeTarget(user_name(raw), merged, _base_params(raw, layer, "base_layer")))
+            adapters = tuple(sorted({a for t in targets for a in t.adapters}))
+            return adapters, targets
+        adapters = _as_list(arguments.get("adapter_names"))
+        if adapters is None:
+            active = getattr(model, "active_adapters", None)
+            adapters = _as_list(active() if callable(active) else active) or []
+        for raw, layer in layers:
+            here = _peft_layer_adapters(layer)
+            merging = tuple(a for a in adapters if a in here and a not in getattr(layer, "merged_adapters", ()))
+            if merging:
+                targets.append(MergeTarget(user_name(raw), merging, _base_params(raw, layer, "base_layer")))
+        return tuple(adapters), targets
+    # the adapters library: LoRA layers hold `loras` and the name of the merged one in `merged`
+    name = arguments.get("name")
+    for raw, module in model.named_modules():
+        loras = getattr(module, "loras", None)
+        if not isinstance(loras, nn.ModuleDict) or not hasattr(module, "merged"):
+            continue
+        if kind == "unmerge" and module.merged:
+            targets.append(MergeTarget(user_name(raw), (module.merged,), _base_params(raw, module, None)))
+        elif kind == "merge" and name in loras and not module.merged:
+            targets.append(MergeTarget(user_name(raw), (name,), _base_params(raw, module, None)))
+    if kind == "unmerge":
+        return tuple(sorted({a for t in targets for a in t.adapters})), targets
+    return ((name,) if name else ()), targets
+
+
+# -- switching adapters on and off for a probe ---------------------------------------------------------------------
+
+_MISSING = object()
+
+
+@contextlib.contextmanager
+def adapters_switched(model: nn.Module, active: Sequence[str] | None, *,
+                      peft_layers: Iterable[nn.Module] | None = None) -> Iterator[None]:
+    """Run the model with exactly the adapters ``active`` (``None``: every adapter off), restoring every flag after.
+
+    The libraries' own switches have side effects a check must not have: PEFT's ``set_adapter`` marks the active
+    adapters trainable and ``enable_adapters(False)`` changes ``requires_grad``; the ``adapters`` library's
+    ``set_active_adapters`` unmerges LoRA first. So the flags the forward reads are set directly:
+
+    * PEFT: off sets each tuner layer's ``_disable_adapters``; a named set sets its ``_active_adapter`` list
+      (left alone where the model's active adapters already are that set). ``peft_layers``: the layers to
+      switch (default: every tuner layer of ``model``).
+    * ``adapters``: the model config's ``active_setup`` (a ``Stack`` of ``active``, or ``None`` for off); the
+      library's "none are activated" warning is expected while off, so it is muted for the duration.
+
+    A model of neither library runs as it is.
+    """
+    saved: list[tuple[Any, str, Any]] = []
+    library_logger = logging.getLogger("adapters.model_mixin")
+    muted = False
+    try:
+        library = detect_library(model)
+        layers = None
+        if library == "peft" or peft_layers is not None:
+            layers = list(peft_layers) if peft_layers is not None else [m for _, m in peft_tuner_layers(model)]
+        if layers is not None and active is None:
+            for layer in layers:
+                saved.append((layer, "_disable_adapters", layer.__dict__.get("_disable_adapters", _MISSING)))
+                layer._disable_adapters = True
+        elif layers is not None:
+            model_active = getattr(model, "active_adapters", None)
+            if not (isinstance(model_active, (list, tuple, str)) and _as_list(model_active) == list(active)):
+                for layer in layers:
+                    if list(layer.active_adapters) != list(active):
+                        saved.append((layer, "_active_adapter", layer.__dict__.get("_active_adapter", _MISSING)))
+                        layer._active_adapter = list(active)
+        config = find_adapters_config(model) if library != "peft" else None
+        if config is not None:
+            from adapters.composition import Stack
+
+            saved.append((config, "active_setup", config.active_setup))
+            config.active_setup = Stack(*active) if active else None
+            if not active:
+                library_logger.addFilter(_mute_none_activated)
+                muted = True
+        yield
+    finally:
+        if muted:
+            library_logger.removeFilter(_mute_none_activated)
+        for owner, attr, value in reversed(saved):
+            if value is _MISSING:
+                delattr(owner, attr)
+            else:
+                setattr(owner, attr, value)
+
+
+def _mute_none_activated(record: logging.LogRecord) -> bool:
+    return "none are activated" not in record.getMessage()
