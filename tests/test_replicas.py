@@ -74,6 +74,13 @@ def test_hf_trainer_under_torchrun(tmp_path):
                 for f in load(tmp_path, "tied", rank)["findings"]]
         assert tied == [("CHECK_NOT_APPLICABLE", "init", 0, ()),
                         ("TIE_DIVERGED", "step", 2, ("emb.weight", "head.weight"))]
+        # rank 1 missed step 2's gradient exchange: tags tell the ranks are out of step (no false mismatch)
+        out_of_step = load(tmp_path, "out_of_step", rank)
+        found = [(f["code"], f["event"], f["step"]) for f in out_of_step["findings"]]
+        assert found == [("CHECK_FAILED", "step", 2)], out_of_step["findings"]
+        message = out_of_step["findings"][0]["message"]
+        assert "out of step" in message and "gradients before the optimizer step of step 2" in message
+        assert out_of_step["section"]["replicas"].startswith("stopped: ranks [0, 1] were at different exchanges")
     # bounded wait: rank 1 skipped an exchange; rank 0 gets CHECK_FAILED after timeout_s=3 instead of hanging
     timeout = load(tmp_path, "timeout", 0)
     assert [f["code"] for f in timeout["findings"]] == ["CHECK_FAILED"]

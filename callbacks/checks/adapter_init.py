@@ -41,6 +41,7 @@ from callbacks.primitives.adapters import (
     adapters_switched,
     base_device,
     discover_adapters,
+    find_adapters_config,
     normalise_custom_roles,
 )
 from callbacks.primitives.naming import buffer_key, unwrap_model
@@ -600,7 +601,8 @@ def probe_identity(model: nn.Module, units: Sequence[AdapterUnit], batch: Mappin
     try:
         with preserved_state(model), torch.no_grad():
             adapted = output_tensor(model(**batch))
-            with adapters_switched(model, None, peft_layers=_peft_unit_layers(units)):
+            with adapters_switched(model, None, peft_layers=_peft_unit_layers(units), adapters_config=(
+                    find_adapters_config(model) if any(u.library == "adapters" for u in units) else None)):
                 base = output_tensor(model(**batch))
     except ProbeUnavailable:
         return ProbeResult(skipped="the model's output has no comparable tensor")

@@ -41,7 +41,13 @@ from callbacks.facts import UnknownName, closest_names, name_not_found, resolve_
 from callbacks.findings import Finding
 from callbacks.hashing import hash_tensors, hash_with_stats, resolve_backend
 from callbacks.hashing.ledger import LedgerWriter, hex64
-from callbacks.primitives.collectives import Comparison, ReplicaComparator, disagreeing_ranks, distributed_world
+from callbacks.primitives.collectives import (
+    Comparison,
+    ExchangeTag,
+    ReplicaComparator,
+    disagreeing_ranks,
+    distributed_world,
+)
 from callbacks.primitives.naming import local_tensor, named_parameters_all, unwrap_model, user_name
 from callbacks.primitives.optimizers import held_parameters
 
@@ -204,13 +210,14 @@ class HashCheck(Check):
         return consumers and step is not None and step % self.config.every_n_steps == 0
 
     def _exchange(self, names: Sequence[str], tensors: Sequence[torch.Tensor | None], compute,
-                  not_comparable: Iterable[int] = ()) -> tuple[list[int | None] | None, list[Comparison]]:
+                  not_comparable: Iterable[int] = (), tag: ExchangeTag | None = None
+                  ) -> tuple[list[int | None] | None, list[Comparison]]:
         """Hash locally with ``compute`` and, when replicas are compared, compare the hashes within each group of
         ranks that hold equal copies of ``tensors`` (see :meth:`ReplicaComparator.compare`).
 
         Returns (local hashes, comparisons). A local failure still takes part in the exchanges (so no rank waits
         for it) and is re-raised afterwards. ``not_comparable`` indices (unreduced partial gradients) never
-        mismatch.
+        mismatch. ``tag`` names the exchange (step, what), so ranks out of step are never compared.
         """
         error: BaseException | None = None
         hashes: list[int | None] | None = None
@@ -222,7 +229,7 @@ class HashCheck(Check):
         if self.comparator.active:
             comparisons = self.comparator.compare(
                 names, hashes, [tuple(local_tensor(t).shape) if t is not None else () for t in tensors],
-                [self.comparator.partition(t) for t in tensors], skip=not_comparable)
+                [self.comparator.partition(t) for t in tensors], skip=not_comparable, tag=tag)
         if error is not None:
             raise error
         return hashes, comparisons
@@ -237,6 +244,17 @@ class HashCheck(Check):
         for comparison in comparisons:
             if comparison.status == "failed":
                 continue  # the failing rank reports CHECK_FAILED itself
+            if comparison.status == "sequence":
+                tags = comparison.exchange.tags
+                findings.append(self.finding(
+                    "CHECK_FAILED", ctx, params=(),
+                    message=f"replica exchange out of step: ranks {comparison.ranks} were at different exchanges ("
+                            + ", ".join(f"rank {r}: {t}" for r, t in zip(comparison.ranks, tags, strict=True))
+                            + "), so their hashes were not compared; replica comparison is off from here",
+                    hint="a rank skipped an exchange (its hashes check failed or its hook did not run at this "
+                         "step): look for an earlier CHECK_FAILED on that rank; the training itself is not judged",
+                    ranks=comparison.ranks, tags=[str(t) for t in tags]))
+                continue
             if comparison.status == "layout":
                 counts = comparison.exchange.counts
                 findings.append(self.finding(
@@ -301,7 +319,8 @@ class HashCheck(Check):
         frozen_idx = [i for i, (_, p) in enumerate(params) if not p.requires_grad] if self.config.frozen else []
         to_hash = list(range(len(params))) if need_all else frozen_idx
         hashes, comparisons = self._exchange(
-            names, tensors, lambda: self._hash_indices(tensors, to_hash, len(params)))
+            names, tensors, lambda: self._hash_indices(tensors, to_hash, len(params)),
+            tag=ExchangeTag(ctx.step, f"parameters at {ctx.event}"))
         findings += self._replica_findings("PARAM_REPLICA_MISMATCH", ctx, comparisons, "initial parameter")
         if self.ledger is not None:
             self.ledger.write(ctx.step or 0, "param", names, hashes)
@@ -388,7 +407,8 @@ class HashCheck(Check):
 
             # the layout key is built from the parameters: a gradient missing on one rank is a mismatch, not a layout
             partial = [i for i in present if is_partial(grads[i])]
-            hashes, comparisons = self._exchange(names, [p for _, p in params], compute, not_comparable=partial)
+            hashes, comparisons = self._exchange(names, [p for _, p in params], compute, not_comparable=partial,
+                                                 tag=ExchangeTag(ctx.step, "gradients before the optimizer step"))
             findings += self._replica_findings("GRAD_REPLICA_MISMATCH", ctx, comparisons, "gradient")
             if self.ledger is not None:
                 self.ledger.write(ctx.step, "grad", names, hashes, clipped=ctx.grads_clipped)
@@ -463,7 +483,8 @@ class HashCheck(Check):
             ex_names = [names[i] for i in indices]
             ex_tensors = [tensors[i] for i in indices]
             hashes, comparisons = self._exchange(
-                ex_names, ex_tensors, lambda: hash_or_none(ex_tensors, self.config.backend))
+                ex_names, ex_tensors, lambda: hash_or_none(ex_tensors, self.config.backend),
+                tag=ExchangeTag(step, "parameters after the optimizer step"))
             by_name = dict(zip(ex_names, hashes, strict=True))
             findings += self._replica_findings("PARAM_REPLICA_MISMATCH", ctx, comparisons, "parameter")
             if self.ledger is not None and hash_due:

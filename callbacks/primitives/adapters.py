@@ -517,7 +517,8 @@ _MISSING = object()
 
 @contextlib.contextmanager
 def adapters_switched(model: nn.Module, active: Sequence[str] | None, *,
-                      peft_layers: Iterable[nn.Module] | None = None) -> Iterator[None]:
+                      peft_layers: Iterable[nn.Module] | None = None, adapters_config: Any = _MISSING
+                      ) -> Iterator[None]:
     """Run the model with exactly the adapters ``active`` (``None``: every adapter off), restoring every flag after.
 
     The libraries' own switches have side effects a check must not have: PEFT's ``set_adapter`` marks the active
@@ -525,38 +526,39 @@ def adapters_switched(model: nn.Module, active: Sequence[str] | None, *,
     ``set_active_adapters`` unmerges LoRA first. So the flags the forward reads are set directly:
 
     * PEFT: off sets each tuner layer's ``_disable_adapters``; a named set sets its ``_active_adapter`` list
-      (left alone where the model's active adapters already are that set). ``peft_layers``: the layers to
-      switch (default: every tuner layer of ``model``).
-    * ``adapters``: the model config's ``active_setup`` (a ``Stack`` of ``active``, or ``None`` for off); the
-      library's "none are activated" warning is expected while off, so it is muted for the duration.
+      (nothing to do where the model's active adapters already are that set). ``peft_layers``: the layers to
+      switch (default: every tuner layer of a PEFT ``model``).
+    * ``adapters``: the config's ``active_setup`` (a ``Stack`` of ``active``, or ``None`` for off); the library's
+      "none are activated" warning is expected while off, so it is muted for the duration. ``adapters_config``:
+      the ``ModelAdaptersConfig`` to switch (default: that of an ``adapters``-library ``model``; ``None``: none).
 
-    A model of neither library runs as it is.
+    A model of neither library, given neither, runs as it is.
     """
     saved: list[tuple[Any, str, Any]] = []
     library_logger = logging.getLogger("adapters.model_mixin")
     muted = False
     try:
         library = detect_library(model)
-        layers = None
-        if library == "peft" or peft_layers is not None:
-            layers = list(peft_layers) if peft_layers is not None else [m for _, m in peft_tuner_layers(model)]
-        if layers is not None and active is None:
-            for layer in layers:
+        layers: list[nn.Module] = list(peft_layers) if peft_layers is not None else []
+        if peft_layers is None and library == "peft":
+            model_active = getattr(model, "active_adapters", None)
+            already = (active is not None and isinstance(model_active, (list, tuple, str))
+                       and _as_list(model_active) == list(active))
+            layers = [] if already else [m for _, m in peft_tuner_layers(model)]
+        for layer in layers:
+            if active is None:
                 saved.append((layer, "_disable_adapters", layer.__dict__.get("_disable_adapters", _MISSING)))
                 layer._disable_adapters = True
-        elif layers is not None:
-            model_active = getattr(model, "active_adapters", None)
-            if not (isinstance(model_active, (list, tuple, str)) and _as_list(model_active) == list(active)):
-                for layer in layers:
-                    if list(layer.active_adapters) != list(active):
-                        saved.append((layer, "_active_adapter", layer.__dict__.get("_active_adapter", _MISSING)))
-                        layer._active_adapter = list(active)
-        config = find_adapters_config(model) if library != "peft" else None
-        if config is not None:
+            elif list(layer.active_adapters) != list(active):
+                saved.append((layer, "_active_adapter", layer.__dict__.get("_active_adapter", _MISSING)))
+                layer._active_adapter = list(active)
+        if adapters_config is _MISSING:
+            adapters_config = model.adapters_config if library == "adapters" else None
+        if adapters_config is not None:
             from adapters.composition import Stack
 
-            saved.append((config, "active_setup", config.active_setup))
-            config.active_setup = Stack(*active) if active else None
+            saved.append((adapters_config, "active_setup", adapters_config.active_setup))
+            adapters_config.active_setup = Stack(*active) if active else None
             if not active:
                 library_logger.addFilter(_mute_none_activated)
                 muted = True

@@ -51,13 +51,44 @@ class Exchange:
     """What an all-gather of hashes returned.
 
     ``status`` is ``ok`` (``by_rank[r]`` holds rank r's hashes), ``failed`` (``failed_ranks`` could not hash
-    locally) or ``layout`` (ranks hashed different tensor layouts; ``counts`` gives each rank's tensor count).
+    locally), ``layout`` (ranks hashed different tensor layouts; ``counts`` gives each rank's tensor count) or
+    ``sequence`` (the ranks were at different exchanges: ``tags`` gives each rank's :class:`ExchangeTag`).
     """
 
     status: str
     by_rank: list[list[int]]
     failed_ranks: list[int]
     counts: list[int]
+    tags: list[ExchangeTag] = dataclasses.field(default_factory=list)
+
+
+#: digest of an exchange kind -> the kind, for every kind this process has sent (to name a peer's tag)
+_TAG_KINDS: dict[int, str] = {}
+
+
+@dataclasses.dataclass(frozen=True)
+class ExchangeTag:
+    """Which exchange this is: the step and what is exchanged (``grad``, ``param``...). Every rank of a group
+    sends its tag with its hashes; ranks whose tags differ are out of step, and their hashes are never compared
+    (a rank that skipped one exchange would otherwise pair one step's gradients with the next step's)."""
+
+    step: int | None = None
+    what: str = ""
+
+    def codes(self) -> tuple[int, int]:
+        """The tag as two int64 header words (the step, -1 for none; a stable digest of ``what``)."""
+        digest = hashlib.blake2b(self.what.encode(), digest_size=8).digest()
+        code = to_signed(int.from_bytes(digest, "little"))
+        _TAG_KINDS.setdefault(code, self.what)
+        return (-1 if self.step is None else int(self.step)), code
+
+    @staticmethod
+    def from_codes(step: int, code: int) -> ExchangeTag:
+        """A peer's tag from its header words; its kind is named where this process has sent that kind too."""
+        return ExchangeTag(None if step == -1 else step, _TAG_KINDS.get(code, "another exchange"))
+
+    def __str__(self) -> str:
+        return f"{self.what or 'exchange'} of step {self.step}"
 
 
 def distributed_rank() -> int:
@@ -153,13 +184,21 @@ class ReplicaGroup:
                 f"crashed or skipped the exchange): {err}") from err
         return out
 
-    def all_gather_hashes(self, hashes: Sequence[int], key: int, ok: bool = True) -> Exchange:
-        """Every rank's hashes for one layout; ``ok=False`` says this rank could not hash (it still takes part)."""
+    def all_gather_hashes(self, hashes: Sequence[int], key: int, ok: bool = True,
+                          tag: ExchangeTag | None = None) -> Exchange:
+        """Every rank's hashes for one layout; ``ok=False`` says this rank could not hash (it still takes part).
+
+        ``tag``: which exchange this is; when the ranks' tags differ nothing is compared (status ``sequence``).
+        """
         self._guard()
-        header = torch.tensor([int(ok), len(hashes) if ok else -1, to_signed(key)], dtype=torch.int64)
+        tag = tag or ExchangeTag()
+        header = torch.tensor([int(ok), len(hashes) if ok else -1, to_signed(key), *tag.codes()], dtype=torch.int64)
         headers = [h.tolist() for h in self._all_gather(header)]
         failed = [r for r, h in enumerate(headers) if not h[0]]
         counts = [h[1] for h in headers]
+        if len({tuple(h[3:]) for h in headers}) > 1:
+            tags = [ExchangeTag.from_codes(h[3], h[4]) for h in headers]
+            return Exchange("sequence", [], failed, counts, tags)
         if failed:
             return Exchange("failed", [], failed, counts)
         if len({(h[1], h[2]) for h in headers}) > 1:
@@ -259,7 +298,8 @@ class Comparison:
     @property
     def status(self) -> str:
         """``ok``; ``failed`` (some rank could not hash: it reports that itself); ``layout`` (the ranks hashed
-        different layouts, so they are not replicas: this partition is compared no more)."""
+        different layouts, so they are not replicas: this partition is compared no more); ``sequence`` (the ranks
+        were at different exchanges: nothing is compared from here)."""
         return self.exchange.status
 
 
@@ -366,7 +406,8 @@ class ReplicaComparator:
         return partition
 
     def compare(self, names: Sequence[str], hashes: Sequence[int | None] | None, shapes: Sequence[Sequence[int]],
-                partitions: Sequence[Partition] | None = None, skip: Iterable[int] = ()) -> list[Comparison]:
+                partitions: Sequence[Partition] | None = None, skip: Iterable[int] = (),
+                tag: ExchangeTag | None = None) -> list[Comparison]:
         """All-gather ``hashes`` within each group of ranks holding equal copies; one :class:`Comparison` per
         partition compared, in one order on every rank ([] when not :attr:`active`).
 
@@ -375,6 +416,8 @@ class ReplicaComparator:
         is a replica on every rank). A missing hash (None) and the indices in ``skip`` (tensors never comparable,
         such as unreduced partial sums) are sent as 0 by every rank: they keep the layout and never mismatch.
         ``hashes=None`` says this rank could not hash: it must still call this, so that no rank waits for it.
+        ``tag`` says which exchange this is (step, what): a group whose ranks send different tags is out of step
+        (a rank skipped an exchange); its comparison has status ``sequence`` and this rank compares nothing more.
 
         Every rank must call this at the same point whenever :attr:`active`. Raises
         :class:`ReplicaExchangeError` when an exchange fails; nothing is compared after that.
@@ -396,11 +439,17 @@ class ReplicaComparator:
             key = layout_key(part_names, [shapes[i] for i in indices])
             payload = ([0 if i in skip or hashes[i] is None else hashes[i] for i in indices]
                        if hashes is not None else [])
-            exchange = group.all_gather_hashes(payload, key, ok=hashes is not None)
+            exchange = group.all_gather_hashes(payload, key, ok=hashes is not None, tag=tag)
             mismatches = (replica_mismatches(part_names, exchange.by_rank, group.ranks)
                           if exchange.status == "ok" else {})
             out.append(Comparison(partition, list(group.ranks), part_names, exchange, mismatches))
         for comparison in out:
+            if comparison.status == "sequence":
+                # every rank of the group saw the same tags: all of them stop here, and no later exchange can pair
+                # one step's hashes with another's
+                self.note = (f"stopped: ranks {comparison.ranks} were at different exchanges ("
+                             + ", ".join(f"rank {r}: {t}" for r, t in zip(comparison.ranks, comparison.exchange.tags,
+                                                                            strict=True)) + ")")
             if comparison.status == "layout":
                 # every rank of the group saw the same headers, so all of them stop exchanging at the same point
                 self.route_notes[comparison.partition] = (

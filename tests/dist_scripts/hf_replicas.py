@@ -5,7 +5,8 @@ Runs, in one launch, three short Trainer jobs with the IntegrityCallback (policy
 ``healthy``; ``grad`` (rank 1 adds 1e-3 to one gradient after the all-reduce, before the optimizer step 2);
 ``param`` (rank 1 adds 1e-3 to one parameter after optimizer step 2). Then ``timeout``: rank 1 skips one
 exchange of a plain Monitor and rank 0 must get CHECK_FAILED within the bounded wait instead of hanging;
-before it, ``tied``: a tie kept by copying across two ranks (pipeline-like), diverged on rank 1 at step 2.
+before it, ``tied``: a tie kept by copying across two ranks (pipeline-like), diverged on rank 1 at step 2, and
+``out_of_step``: rank 1 misses one exchange of a plain Monitor (tagged exchanges: CHECK_FAILED, no mismatch).
 Each rank writes ``OUT_DIR/<job>.rank<r>.json`` with its findings.
 """
 
@@ -85,6 +86,26 @@ def run_timeout():
     dump("timeout", mon.findings, waited_s=time.monotonic() - start)
 
 
+def run_out_of_step():
+    """Rank 1 misses the gradient exchange of step 2 (as if its hashes check failed before exchanging): rank 0's
+    step-2 gradients meet rank 1's step-2 parameters, the same layout. Tagged exchanges make that CHECK_FAILED on
+    both ranks and stop the comparison, never a GRAD_REPLICA_MISMATCH."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 4)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    mon = Monitor(policy="log", checks={"hashes": {"timeout_s": 30}})
+    mon.dispatch("init", model, step=0)
+    for step in (1, 2, 3):
+        optimizer.zero_grad()
+        model(torch.ones(1, 4)).sum().backward()
+        if not (step == 2 and dist.get_rank() == 1):
+            mon.dispatch("step", model, step=step, phase="before_optimizer", optimizer=optimizer)
+        optimizer.step()
+        mon.dispatch("step", model, step=step, phase="after_optimizer", optimizer=optimizer)
+    mon.dispatch("end", model, step=3)
+    dump("out_of_step", mon.findings, section=mon.report.sections.get("hashes"))
+
+
 def run_tied():
     """Pipeline-like: rank 0 holds the embedding, rank 1 the head, a tie kept by copying across ranks. Rank 1
     updates its copy at step 2 without syncing it back: TIE_DIVERGED on every rank. The ranks hold different
@@ -112,5 +133,6 @@ def run_tied():
 for job in ("healthy", "grad", "param"):
     run_trainer(job)
 run_tied()
+run_out_of_step()
 run_timeout()
 dist.barrier()
