@@ -95,7 +95,6 @@ class Monitor:
         self.summary_at_end = True
         self._last_step: int | None = None
         self._merge_watch: Any = None
-        self.rank = distributed_rank()
         #: what the engine established about the model at its first event (see :mod:`callbacks.facts`)
         self.facts: ModelFacts | None = None
         self._restored_ties: list[Any] = []
@@ -106,6 +105,12 @@ class Monitor:
         return cls(config=load_recipe(path), **kwargs)
 
     # -- properties -------------------------------------------------------------------------------------------
+    @property
+    def rank(self) -> int:
+        """This process's rank, resolved each time it is needed: Lightning's launcher starts rank 1 by re-running
+        the script (the callback is built before the process group exists, without ``RANK``)."""
+        return distributed_rank()
+
     @property
     def policy(self) -> str:
         """``raise``, ``warn`` or ``log``."""

@@ -27,9 +27,9 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def launch(args: list[str], out_dir, timeout: int = 120) -> None:
+def launch(args: list[str], out_dir, timeout: int = 120) -> str:
     """Run a launcher in its own session; on timeout kill the whole group (workers included), never leave
-    orphaned ranks behind."""
+    orphaned ranks behind. Returns what every rank printed (stdout)."""
     env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
            "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
@@ -43,6 +43,7 @@ def launch(args: list[str], out_dir, timeout: int = 120) -> None:
         stdout, stderr = proc.communicate()
         pytest.fail(f"launch timed out after {timeout}s:\n{stdout[-2000:]}\n{stderr[-4000:]}")
     assert proc.returncode == 0, stdout[-3000:] + stderr[-6000:]
+    return stdout
 
 
 def load(out_dir, job: str, rank: int) -> dict:
@@ -91,7 +92,10 @@ def test_hf_trainer_under_torchrun(tmp_path):
 def test_lightning_ddp_strategy(tmp_path):
     """Lightning re-runs the script for rank 1 itself (``strategy="ddp"``, 2 CPU devices); hashes are taken in
     on_before_optimizer_step (after DDP's all-reduce, before clipping) and after the optimizer stepped."""
-    launch([os.path.join(HERE, "dist_scripts", "lightning_replicas.py")], tmp_path)
+    stdout = launch([os.path.join(HERE, "dist_scripts", "lightning_replicas.py")], tmp_path)
+    # rank 1 is started by Lightning without RANK, after its callback was built: the rank is resolved when the
+    # job runs, so only rank 0 prints the report table, once per job (healthy, grad, param)
+    assert stdout.count("integrity report") == 3, stdout[-3000:]
     target = "model.layers.1.1.weight"
     for rank in (0, 1):
         healthy = load(tmp_path, "healthy", rank)
