@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 from models import TokenDataset, tiny_bert_mlm
+from packaging.version import Version
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
 
@@ -196,6 +197,11 @@ def test_a_declared_tie_with_a_typo_is_name_not_found_and_the_config_tie_is_stil
 
 # -- 7. a second adapter named like a module -------------------------------------------------------------------
 
+#: PEFT before 0.22 filtered saved keys by adapter name as a substring: a second adapter named "mlp" dropped the
+#: first adapter's keys under ".mlp." (fixed in 0.22.0)
+PEFT_DROPS_KEYS_OF_AN_ADAPTER_NAMED_LIKE_A_MODULE = Version(peft.__version__) < Version("0.22.0")
+
+
 @pytest.mark.parametrize("second", ["second", "mlp"])
 def test_a_second_adapter_named_like_a_module_loses_keys_and_the_fix_says_rename(tmp_path, second):
     from models import tiny_gpt2
@@ -204,8 +210,8 @@ def test_a_second_adapter_named_like_a_module_loses_keys_and_the_fix_says_rename
     model.add_adapter(second, peft.LoraConfig(r=2, target_modules=["c_attn"]))
     model.set_adapter("default")
     callback = train(model, tmp_path, steps=2)
-    if second == "second":
-        assert alarms(callback) == []
+    if second == "second" or not PEFT_DROPS_KEYS_OF_AN_ADAPTER_NAMED_LIKE_A_MODULE:
+        assert alarms(callback) == []  # PEFT >= 0.22 saves them: the healthy twin
         return
     unsaved = [f for f in callback.findings if f.code == "UNSAVED_TRAINABLE"]
     assert {f.event for f in unsaved} == {"init", "checkpoint"}
