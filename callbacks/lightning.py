@@ -1,8 +1,8 @@
 """Lightning integration: a ``Callback`` whose hooks become events, nothing more.
 
-Works with ``pytorch_lightning`` and, where installed, ``lightning.pytorch``: the class is built for each
-framework that is importable (``IntegrityCallback`` is the ``pytorch_lightning`` one when both are there;
-``callbacks.lightning.lightning_pytorch_callback()`` gives the other).
+Works with ``pytorch_lightning`` and ``lightning.pytorch``, whichever are installed: ``IntegrityCallback`` is a
+``Callback`` of every installed package at once, so one class path
+(``class_path: callbacks.lightning.IntegrityCallback``) serves both packages' ``LightningCLI`` and trainers.
 
 ================================  =====================================================================
 hook                              event
@@ -35,11 +35,11 @@ from callbacks.integration import MonitorOwner
 from callbacks.metrics import finding_metrics
 
 
-def _make_callback_class(base: type, finetuning: type | None) -> type:
-    """The integrity callback class for one Lightning package's ``Callback`` base (``finetuning``: that
-    package's ``BaseFinetuning``, whose callbacks change the trainable set on purpose)."""
+def _make_callback_class(bases: tuple[type, ...], finetuning: tuple[type, ...]) -> type:
+    """The integrity callback class over the installed Lightning packages' ``Callback`` classes (``finetuning``:
+    their ``BaseFinetuning`` classes, whose callbacks change the trainable set on purpose)."""
 
-    class IntegrityCallback(MonitorOwner, base):
+    class IntegrityCallback(MonitorOwner, *bases):
         """Runs the integrity checks inside a Lightning ``Trainer``: ``Trainer(callbacks=[IntegrityCallback()])``.
 
         Arguments are :class:`~callbacks.integration.MonitorOwner`'s (``policy``, ``declare_ties``,
@@ -48,7 +48,8 @@ def _make_callback_class(base: type, finetuning: type | None) -> type:
 
         def __init__(self, **kwargs: Any):
             MonitorOwner.__init__(self, **kwargs)
-            base.__init__(self)
+            for base in bases:
+                base.__init__(self)
             self._last_stepped = None
             self._saved: _SavedCheckpoint | None = None
 
@@ -68,7 +69,7 @@ def _make_callback_class(base: type, finetuning: type | None) -> type:
             self._look_again(pl_module)
             self._last_stepped = trainer.global_step
             schedule = next((type(c).__name__ for c in trainer.callbacks
-                             if finetuning is not None and isinstance(c, finetuning)), None)
+                             if finetuning and isinstance(c, finetuning)), None)
             self.monitor.dispatch("init", pl_module, step=trainer.global_step,
                                   optimizer=_first_optimizer(trainer), optimizers=_optimizers(trainer),
                                   trainable_schedule=schedule, trainer="lightning")
@@ -153,24 +154,27 @@ def _first_optimizer(trainer) -> Any:
     return next(iter(_optimizers(trainer)), None)
 
 
-_CLASSES: dict[str, type] = {}
+_BASES: list[type] = []
+_FINETUNING: list[type] = []
 for _package in ("pytorch_lightning", "lightning.pytorch"):
     try:
-        _module = importlib.import_module(_package)
-        _CLASSES[_package] = _make_callback_class(
-            _module.Callback, getattr(importlib.import_module(f"{_package}.callbacks"), "BaseFinetuning", None))
+        _BASES.append(importlib.import_module(_package).Callback)
     except ImportError:
         continue
+    _finetuning = getattr(importlib.import_module(f"{_package}.callbacks"), "BaseFinetuning", None)
+    if _finetuning is not None:
+        _FINETUNING.append(_finetuning)
 
-if not _CLASSES:
+if not _BASES:
     raise ImportError("callbacks.lightning needs pytorch-lightning (pip install 'integrity-callbacks[lightning]')")
 
-#: the integrity callback for ``pytorch_lightning`` (or ``lightning.pytorch`` when only that is installed)
-IntegrityCallback = next(iter(_CLASSES.values()))
+#: the integrity callback: a ``Callback`` of ``pytorch_lightning`` and of ``lightning.pytorch``, as installed
+IntegrityCallback = _make_callback_class(tuple(_BASES), tuple(_FINETUNING))
 
 
 def lightning_pytorch_callback() -> type:
-    """The integrity callback class for ``lightning.pytorch`` trainers (raises ImportError if not installed)."""
-    if "lightning.pytorch" not in _CLASSES:
-        raise ImportError("lightning.pytorch is not installed; use callbacks.lightning.IntegrityCallback")
-    return _CLASSES["lightning.pytorch"]
+    """The integrity callback class for ``lightning.pytorch`` trainers: :data:`IntegrityCallback` itself (kept for
+    code that asked for it by this name; raises ImportError if ``lightning`` is not installed)."""
+    import lightning.pytorch  # noqa: F401 - the ImportError when it is not installed
+
+    return IntegrityCallback
