@@ -80,3 +80,14 @@ def test_oversized_file_is_refused(tmp_path):
 def test_healthy_recipe_with_aliases_loads(tmp_path):
     path = _write(tmp_path, "base: &p warn\nintegrity:\n  policy: *p\n")
     assert load_recipe(path).policy == "warn"
+
+
+@pytest.mark.parametrize("text", [BOMB, "model: {a: 1, a: 2}\n", "integrity: &a {checks: *a}\n"])
+def test_cli_run_exits_2_naming_the_file(tmp_path, capsys, text):
+    from callbacks.runner.cli import main
+
+    path = _write(tmp_path, text)
+    start = time.monotonic()
+    assert main(["run", str(path)]) == 2
+    assert time.monotonic() - start < 10
+    assert str(path) in capsys.readouterr().err
