@@ -7,6 +7,8 @@ Every problem with a recipe (missing file, malformed YAML, unknown key, wrong ty
 from __future__ import annotations
 
 import os
+import reprlib
+import stat
 from collections.abc import Mapping
 from typing import Any, Literal
 
@@ -62,7 +64,7 @@ def describe_validation_error(model: type[BaseModel], err: ValidationError, pref
     elif first["type"] in ("model_type", "dict_type") :
         problem = f"expected a mapping, got {type(first.get('input')).__name__}"
     else:
-        problem = f"{first['msg']} (got {first.get('input')!r})"
+        problem = f"{first['msg']} (got {_short_repr(first.get('input'))})"
     count = len(err.errors())
     if count > 1:
         problem += f" (and {count - 1} more problem(s))"
@@ -82,18 +84,117 @@ def parse_integrity_section(data: Any, *, source: str = "<arguments>", prefix: s
         raise RecipeError(source, key, problem) from None
 
 
-def read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Read a recipe file as a mapping; a missing file or malformed YAML is a :class:`RecipeError`."""
-    path = os.fspath(path)
+#: bounds on a recipe file, so that hostile input (alias bombs, deep nesting, huge files) fails fast
+MAX_RECIPE_BYTES = 1 << 20
+MAX_NODES = 100_000
+MAX_DEPTH = 100
+
+_REPR = reprlib.Repr()
+_REPR.maxstring = 80
+_REPR.maxother = 80
+_REPR.maxlevel = 3
+
+
+def _short_repr(value: Any) -> str:
+    """A repr bounded in size whatever the input (an alias bomb's full repr is gigabytes)."""
+    return _REPR.repr(value)
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """SafeLoader that rejects duplicate keys and bounds node count (aliases expanded) and depth before constructing."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:  # type: ignore[override]
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            try:
+                duplicate = key in seen
+            except TypeError:
+                continue
+            if duplicate:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {_short_repr(key)}", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _check_bounds(root: yaml.Node) -> None:
+    """Count nodes with aliases expanded (memoised per node) and the nesting depth; raise past the bounds."""
+    sizes: dict[int, int] = {}
+    stack: list[tuple[yaml.Node, int, bool]] = [(root, 1, False)]
+    active: set[int] = set()
+    while stack:
+        node, depth, done = stack.pop()
+        if depth > MAX_DEPTH:
+            raise RecipeError("", "", f"nesting deeper than {MAX_DEPTH} levels")
+        children: list[yaml.Node] = []
+        if isinstance(node, yaml.SequenceNode):
+            children = list(node.value)
+        elif isinstance(node, yaml.MappingNode):
+            children = [n for pair in node.value for n in pair]
+        if done:
+            active.discard(id(node))
+            sizes[id(node)] = 1 + sum(sizes[id(c)] for c in children)
+            if sizes[id(node)] > MAX_NODES:
+                raise RecipeError("", "", f"more than {MAX_NODES} nodes once aliases are expanded (alias bomb?)")
+            continue
+        if id(node) in sizes:
+            continue
+        if id(node) in active:
+            raise RecipeError("", "", "recursive alias (a node contains itself)")
+        active.add(id(node))
+        stack.append((node, depth, True))
+        for child in children:
+            if id(child) in active:
+                raise RecipeError("", "", "recursive alias (a node contains itself)")
+            if id(child) not in sizes:
+                stack.append((child, depth + 1, False))
+
+
+def _read_text(path: str) -> str:
+    """Read at most :data:`MAX_RECIPE_BYTES` from a regular file (a FIFO, device or symlink loop is refused)."""
     try:
-        with open(path, encoding="utf-8") as fh:
-            data = yaml.safe_load(fh)
+        info = os.stat(path)
     except FileNotFoundError:
         raise RecipeError(path, "", "file not found") from None
-    except IsADirectoryError:
-        raise RecipeError(path, "", "is a directory, expected a YAML file") from None
+    except OSError as err:
+        raise RecipeError(path, "", f"cannot read: {err.strerror or err}") from None
+    if stat.S_ISDIR(info.st_mode):
+        raise RecipeError(path, "", "is a directory, expected a YAML file")
+    if not stat.S_ISREG(info.st_mode):
+        raise RecipeError(path, "", "not a regular file (a FIFO, socket or device), expected a YAML file")
+    try:
+        with open(path, "rb") as fh:
+            raw = fh.read(MAX_RECIPE_BYTES + 1)
+    except OSError as err:
+        raise RecipeError(path, "", f"cannot read: {err.strerror or err}") from None
+    if len(raw) > MAX_RECIPE_BYTES:
+        raise RecipeError(path, "", f"larger than {MAX_RECIPE_BYTES} bytes")
+    try:
+        return raw.decode("utf-8")
     except UnicodeDecodeError as err:
         raise RecipeError(path, "", f"not UTF-8 text ({err.reason})") from None
+
+
+def read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read a recipe file as a mapping; any unreadable, oversized, hostile or malformed file is a RecipeError."""
+    path = os.fspath(path)
+    text = _read_text(path)
+    try:
+        loader = _BoundedLoader(text)
+        try:
+            root = loader.get_single_node()
+            if root is not None:
+                try:
+                    _check_bounds(root)
+                except RecipeError as err:
+                    raise RecipeError(path, "", err.problem) from None
+            data = loader.construct_document(root) if root is not None else None
+        finally:
+            loader.dispose()
+    except RecursionError:
+        raise RecipeError(path, "", f"nesting deeper than {MAX_DEPTH} levels") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

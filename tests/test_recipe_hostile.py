@@ -1,0 +1,93 @@
+"""Hostile recipe files: each is a clear RecipeError (exit 2 from the CLI) in bounded time, never a hang."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+
+from callbacks.errors import RecipeError
+from callbacks.recipe import load_recipe, read_yaml
+
+BOMB = "a: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
+    f"{chr(98 + i)}: &{chr(98 + i)} [*{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, "
+    f"*{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}]\n"
+    for i in range(9)
+) + "integrity: {policy: *j}\n"
+
+
+def _write(tmp_path, text: str):
+    path = tmp_path / "recipe.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_alias_bomb_is_refused_fast(tmp_path):
+    path = _write(tmp_path, BOMB)
+    start = time.monotonic()
+    with pytest.raises(RecipeError) as info:
+        load_recipe(path)
+    assert time.monotonic() - start < 10
+    assert str(path) in str(info.value) and "alias" in info.value.problem
+
+
+def test_deep_nesting_is_refused(tmp_path):
+    path = _write(tmp_path, "integrity: " + "[" * 5000 + "]" * 5000 + "\n")
+    with pytest.raises(RecipeError) as info:
+        read_yaml(path)
+    assert "nesting" in info.value.problem
+
+
+def test_duplicate_key_is_refused(tmp_path):
+    path = _write(tmp_path, "integrity:\n  policy: warn\n  policy: raise\n")
+    with pytest.raises(RecipeError) as info:
+        read_yaml(path)
+    assert "duplicate key 'policy'" in info.value.problem and "line 3" in info.value.problem
+
+
+def test_recursive_alias_is_refused(tmp_path):
+    path = _write(tmp_path, "integrity: &a {checks: *a}\n")
+    with pytest.raises(RecipeError) as info:
+        read_yaml(path)
+    assert "recursive alias" in info.value.problem
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
+def test_fifo_is_refused_without_blocking(tmp_path):
+    path = tmp_path / "recipe.yaml"
+    os.mkfifo(path)
+    with pytest.raises(RecipeError) as info:
+        read_yaml(path)
+    assert "not a regular file" in info.value.problem
+
+
+def test_symlink_loop_is_refused(tmp_path):
+    path = tmp_path / "recipe.yaml"
+    os.symlink(path, path)
+    with pytest.raises(RecipeError) as info:
+        read_yaml(path)
+    assert str(path) in str(info.value)
+
+
+def test_oversized_file_is_refused(tmp_path):
+    path = _write(tmp_path, "# " + "x" * (2 << 20) + "\n")
+    with pytest.raises(RecipeError) as info:
+        read_yaml(path)
+    assert "larger than" in info.value.problem
+
+
+def test_healthy_recipe_with_aliases_loads(tmp_path):
+    path = _write(tmp_path, "base: &p warn\nintegrity:\n  policy: *p\n")
+    assert load_recipe(path).policy == "warn"
+
+
+@pytest.mark.parametrize("text", [BOMB, "model: {a: 1, a: 2}\n", "integrity: &a {checks: *a}\n"])
+def test_cli_run_exits_2_naming_the_file(tmp_path, capsys, text):
+    from callbacks.runner.cli import main
+
+    path = _write(tmp_path, text)
+    start = time.monotonic()
+    assert main(["run", str(path)]) == 2
+    assert time.monotonic() - start < 10
+    assert str(path) in capsys.readouterr().err
