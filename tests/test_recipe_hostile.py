@@ -91,3 +91,51 @@ def test_cli_run_exits_2_naming_the_file(tmp_path, capsys, text):
     assert main(["run", str(path)]) == 2
     assert time.monotonic() - start < 10
     assert str(path) in capsys.readouterr().err
+
+
+QUICKSTART = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "recipes", "quickstart.yaml")
+
+
+def _quickstart_with(tmp_path, **changes):
+    import yaml
+
+    with open(QUICKSTART) as fh:
+        recipe = yaml.safe_load(fh)
+    for dotted, value in changes.items():
+        node = recipe
+        *parents, leaf = dotted.split("__")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    recipe.setdefault("trainer", {})["output_dir"] = recipe.get("trainer", {}).get("output_dir") or "out"
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+@pytest.mark.parametrize(("changes", "key"), [
+    ({"seed": -1}, "seed"),
+    ({"seed": 2**97}, "seed"),
+    ({"data__rows": 10**11}, "data.rows"),
+    ({"trainer__resume_from": "no/such/checkpoint-3"}, "trainer.resume_from"),
+])
+def test_cli_run_exits_2_on_out_of_bounds_values(tmp_path, capsys, changes, key):
+    from callbacks.runner.cli import main
+
+    path = _quickstart_with(tmp_path, **changes)
+    start = time.monotonic()
+    assert main(["run", str(path)]) == 2
+    assert time.monotonic() - start < 10
+    err = capsys.readouterr().err
+    assert str(path) in err and key in err, err
+
+
+def test_cli_run_exits_2_when_the_output_folder_cannot_be_written(tmp_path, capsys):
+    from callbacks.runner.cli import main
+
+    blocker = tmp_path / "file"
+    blocker.write_text("a file where the output folder's parent should be")
+    path = _quickstart_with(tmp_path, trainer__output_dir=str(blocker / "out"))
+    assert main(["run", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert str(path) in err and "trainer.output_dir" in err, err

@@ -123,6 +123,10 @@ class AdapterSpec(_Strict):
     merge: bool = False
 
 
+#: most rows a recipe's data may ask for (the runner builds them in memory)
+MAX_ROWS = 1_000_000
+
+
 class DataSpec(_Strict):
     """``data:``: the shipped corpus, synthetic tokens, or a local text file, cut into rows of ``seq_len``.
 
@@ -132,7 +136,7 @@ class DataSpec(_Strict):
     source: Literal["corpus", "synthetic", "file"] = "corpus"
     path: str | None = None
     seq_len: int = Field(32, ge=2)
-    rows: int | None = Field(None, ge=1)
+    rows: int | None = Field(None, ge=1, le=MAX_ROWS)
 
     @model_validator(mode="after")
     def _path_for_file(self) -> DataSpec:
@@ -155,6 +159,14 @@ class TrainerSpec(_Strict):
     processes: int = Field(1, ge=1, le=8)
     resume_from: str | None = None
     args: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("resume_from")
+    @classmethod
+    def _resume_from_exists(cls, value: str | None) -> str | None:
+        if value is not None and not os.path.exists(value):
+            raise ValueError(f"no checkpoint at {value!r} (relative paths are read from the working directory, "
+                             f"{os.getcwd()})")
+        return value
 
 
 class AccelerateArgs(_Strict):
@@ -201,7 +213,7 @@ class FaultSpec(_Strict):
 class JobRecipe(_Strict):
     """A whole recipe: the job and its ``integrity:`` section."""
 
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=2**32 - 1, description="seeds random, numpy and torch (numpy takes 32 bits)")
     model: ModelSpec
     adapter: AdapterSpec | None = None
     data: DataSpec = Field(default_factory=DataSpec)
@@ -503,7 +515,13 @@ def run_job(path: str) -> JobResult:
     torch.manual_seed(job.seed)
     model = apply_adapter(build_model(job.model, path), job.adapter, path)
     faults = [spec.build() for spec in job.faults]
-    os.makedirs(job.trainer.output_dir, exist_ok=True)
+    try:
+        os.makedirs(job.trainer.output_dir, exist_ok=True)
+        if not os.access(job.trainer.output_dir, os.W_OK | os.X_OK):
+            raise PermissionError("not writable")
+    except OSError as err:
+        raise RecipeError(path, "trainer.output_dir",
+                          f"cannot write the output folder {job.trainer.output_dir!r}: {err}") from None
     for fault in faults:
         fault.setup(model, job.trainer.output_dir)
     dataset = build_dataset(job, model, path)
