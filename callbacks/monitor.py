@@ -6,6 +6,7 @@ hooks; custom loops call it directly.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -45,6 +46,44 @@ def validate_declare_ties(declare_ties: Any) -> list[list[str]]:
             raise ConfigError(f"declare_ties: each group needs two or more different names (str), got {group!r}")
         groups.append(names)
     return groups
+
+
+def describe_error(err: BaseException) -> str:
+    """``Type: message`` of an exception, even one whose ``__str__`` raises."""
+    try:
+        return f"{type(err).__name__}: {err}"
+    except Exception:  # noqa: BLE001 - a custom exception may break its own message
+        return f"{type(err).__name__} (its message could not be rendered)"
+
+
+def check_failed(check: Check, event: str, step: int | None, what: str, hint: str) -> Finding:
+    """The ``CHECK_FAILED`` finding for ``check`` at ``event``: ``what`` it did (``raised ...``), with the traceback."""
+    return Finding.make("CHECK_FAILED", event=event, step=step, check=check.name,
+                        message=f"check {check.name or type(check).__name__!r} {what}", hint=hint,
+                        traceback=traceback.format_exc(limit=5))
+
+
+def _plain(value: Any) -> Any:
+    """A JSON stand-in for a detail value JSON cannot hold (a tensor, an object): a short description."""
+    shape = getattr(value, "shape", None)
+    if shape is not None:
+        return f"<{type(value).__name__} shape {list(shape)}>"
+    text = repr(value)
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+def accepted_finding(found: Any) -> Finding:
+    """``found`` if it is a :class:`Finding` whose details JSON can hold; details it cannot hold are replaced by
+    short descriptions (trainers save findings as JSON); anything else raises ``TypeError``."""
+    if not isinstance(found, Finding):
+        raise TypeError(f"returned {type(found).__name__} where a Finding was expected (build one with "
+                        "self.finding(code, ctx, ...))")
+    try:
+        json.dumps(found.details)
+    except (TypeError, ValueError):
+        safe = json.loads(json.dumps(found.details, default=_plain))
+        found = Finding(**{**{f: getattr(found, f) for f in found.__dataclass_fields__}, "details": safe})
+    return found
 
 
 class Monitor:
@@ -126,7 +165,10 @@ class Monitor:
         """A :class:`Report` of all findings so far and the checks' report sections."""
         sections = {}
         for check in self.checks:
-            section = check.report_section()
+            try:
+                section = check.report_section()
+            except Exception as err:  # noqa: BLE001 - one broken section must not lose the report
+                section = {"check_failed": f"report_section() raised {describe_error(err)}"}
             if section is not None:
                 sections[check.name or type(check).__name__] = section
         return Report(findings=self.findings, sections=sections)
@@ -152,14 +194,12 @@ class Monitor:
             self._watch_merges(model)
         for check in self.checks:
             try:
-                new.extend(check.run(ctx))
+                new.extend(accepted_finding(f) for f in check.run(ctx))
             except Exception as err:  # noqa: BLE001 - a broken check must never kill training
-                new.append(Finding.make(
-                    "CHECK_FAILED", event=event, step=ctx.step, check=check.name,
-                    message=f"check {check.name or type(check).__name__!r} raised {type(err).__name__}: {err}",
-                    hint="training goes on without this check at this event; if the message names a "
-                         "configuration problem fix it, otherwise report it with the traceback in details",
-                    traceback=traceback.format_exc(limit=5)))
+                new.append(check_failed(check, event, ctx.step, f"raised {describe_error(err)}",
+                                        "training goes on without this check at this event; if the message names "
+                                        "a configuration problem fix it, otherwise report it with the traceback in "
+                                        "details"))
         self._findings.extend(new)
         self._apply_policy(new)
         if event == "end":
@@ -221,9 +261,13 @@ class Monitor:
         if self.rank != 0 or not self.config.report:
             return None
         path = os.path.abspath(self.config.report)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path, "w", encoding="utf-8") as fh:
-            fh.write(self.report.to_json())
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path, "w", encoding="utf-8") as fh:
+                fh.write(self.report.to_json())
+        except OSError as err:  # the findings still stand (and a raise still raises): say where it failed
+            logger.error("integrity: could not write the JSON report %s: %s", path, describe_error(err))
+            return None
         return path
 
     # -- merge ------------------------------------------------------------------------------------------------
@@ -258,14 +302,38 @@ class Monitor:
     # -- state ------------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """Picklable state: findings so far and each check's state (saved with trainer checkpoints)."""
-        state = {"findings": [f.to_dict() for f in self._findings],
-                 "checks": {c.name: c.state_dict() for c in self.checks if c.name}}
+        checks: dict[str, Any] = {}
+        for check in self.checks:
+            if not check.name:
+                continue
+            try:
+                checks[check.name] = check.state_dict()
+            except Exception as err:  # noqa: BLE001 - the trainer's save must not fail because a check did
+                failed = check_failed(check, "checkpoint", self._last_step,
+                                      f"state_dict() raised {describe_error(err)}",
+                                      "its state is left out of this checkpoint (it starts fresh on resume)")
+                if failed not in self._findings:
+                    self._findings.append(failed)
+        state = {"findings": [f.to_dict() for f in self._findings], "checks": checks}
         recorded = self.facts.expected_ties if self.facts is not None else self._restored_ties
         state["expected_ties"] = [[list(t.names), t.source] for t in recorded if t.source == "recorded"]
         return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore :meth:`state_dict` (on resume)."""
+        """Restore :meth:`state_dict` (on resume). Malformed state is a ``CHECK_FAILED``; training goes on."""
+        try:
+            self._load_state_dict(state)
+        except Exception as err:  # noqa: BLE001 - a resume must not fail because the saved monitor state is bad
+            self._findings.append(Finding.make(
+                "CHECK_FAILED", event="load", step=self._last_step, check="engine",
+                message=f"the saved monitor state could not be restored: {describe_error(err)}",
+                hint="the checks start fresh from this resume; if the checkpoint was edited or written by another "
+                     "version, that explains it",
+                traceback=traceback.format_exc(limit=5)))
+
+    def _load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if not isinstance(state, Mapping):
+            raise TypeError(f"expected a mapping, got {type(state).__name__}")
         restored = [Finding.from_dict(d) for d in state.get("findings", [])]
         # trainers may restore callback state after running load checks (Lightning does): keep both
         self._findings = restored + [f for f in self._findings if f not in restored]
@@ -278,4 +346,9 @@ class Monitor:
                                          and all(n in self.facts.names for n in t.names)]
         for check in self.checks:
             if check.name in state.get("checks", {}):
-                check.load_state_dict(state["checks"][check.name])
+                try:
+                    check.load_state_dict(state["checks"][check.name])
+                except Exception as err:  # noqa: BLE001 - this check starts fresh; the others are restored
+                    self._findings.append(check_failed(
+                        check, "load", self._last_step, f"load_state_dict() raised {describe_error(err)}",
+                        "this check starts fresh from this resume"))
