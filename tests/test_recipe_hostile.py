@@ -139,3 +139,21 @@ def test_cli_run_exits_2_when_the_output_folder_cannot_be_written(tmp_path, caps
     assert main(["run", str(path)]) == 2
     err = capsys.readouterr().err
     assert str(path) in err and "trainer.output_dir" in err, err
+
+
+def test_a_typo_in_model_args_names_the_closest_arguments(tmp_path, capsys):
+    from callbacks.runner.cli import main
+
+    path = _quickstart_with(tmp_path, model__config="GPT2Config", model__args={"n_layers": 2, "n_embd": 32})
+    assert main(["run", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert str(path) in err and "model.args" in err and "'n_layers'" in err and "'n_layer'" in err, err
+
+
+def test_model_args_by_alias_are_accepted():
+    from transformers import GPT2Config
+
+    from callbacks.runner.job import config_arguments
+
+    known = config_arguments(GPT2Config)
+    assert {"n_layer", "n_embd", "hidden_size", "num_hidden_layers", "tie_word_embeddings", "vocab_size"} <= known

@@ -17,6 +17,7 @@ format); errors name the file, the key path and what is allowed.
 
 from __future__ import annotations
 
+import difflib
 import fnmatch
 import importlib
 import inspect
@@ -160,14 +161,6 @@ class TrainerSpec(_Strict):
     resume_from: str | None = None
     args: dict[str, Any] = Field(default_factory=dict)
 
-    @field_validator("resume_from")
-    @classmethod
-    def _resume_from_exists(cls, value: str | None) -> str | None:
-        if value is not None and not os.path.exists(value):
-            raise ValueError(f"no checkpoint at {value!r} (relative paths are read from the working directory, "
-                             f"{os.getcwd()})")
-        return value
-
 
 class AccelerateArgs(_Strict):
     """``trainer.args`` of an ``accelerate`` job (the loop is :func:`_run_accelerate`)."""
@@ -294,6 +287,21 @@ def build_model(spec: ModelSpec, source: str) -> torch.nn.Module:
     return model
 
 
+def config_arguments(config_cls: type) -> set[str]:
+    """The arguments a transformers config class knows: its constructor's, its attributes' (``to_dict`` of a
+    default instance, the class's own attributes and properties) and their aliases (``attribute_map``, e.g.
+    ``hidden_size`` for GPT-2's ``n_embd``)."""
+    names = {n for n, p in inspect.signature(config_cls.__init__).parameters.items()
+             if p.kind not in (inspect.Parameter.VAR_KEYWORD, inspect.Parameter.VAR_POSITIONAL)} - {"self"}
+    try:
+        names |= set(config_cls().to_dict())
+    except Exception:  # noqa: BLE001 - a config without defaults: its signature is what is known
+        pass
+    # attributes and properties the base config reads from keyword arguments (num_labels, attn_implementation...)
+    names |= {n.lstrip("_") for n in dir(config_cls) if not n.startswith("__")}
+    return names | set(getattr(config_cls, "attribute_map", {}) or {})
+
+
 def _model_from_config(spec: ModelSpec, auto: Any, source: str) -> torch.nn.Module:
     import transformers
 
@@ -301,6 +309,13 @@ def _model_from_config(spec: ModelSpec, auto: Any, source: str) -> torch.nn.Modu
     if not (isinstance(config_cls, type) and issubclass(config_cls, transformers.PretrainedConfig)):
         raise RecipeError(source, "model.config", f"{spec.config!r} is not a transformers config class "
                                                   "(e.g. GPT2Config, LlamaConfig, Gemma2Config, BertConfig)")
+    unknown = sorted(set(spec.args) - config_arguments(config_cls))
+    if unknown:
+        # transformers configs keep unknown keyword arguments as attributes: a typo would pass silently
+        known = sorted(config_arguments(config_cls))
+        hints = [f"{name!r} (did you mean {', '.join(repr(c) for c in close)}?)" if close else repr(name)
+                 for name in unknown for close in [difflib.get_close_matches(name, known, n=3)]]
+        raise RecipeError(source, "model.args", f"{spec.config} has no argument {', '.join(hints)}")
     try:
         return auto.from_config(config_cls(**spec.args))
     except (TypeError, ValueError) as err:
@@ -524,6 +539,10 @@ def run_job(path: str) -> JobResult:
                           f"cannot write the output folder {job.trainer.output_dir!r}: {err}") from None
     for fault in faults:
         fault.setup(model, job.trainer.output_dir)
+    resume = job.trainer.resume_from
+    if resume is not None and not os.path.exists(resume):  # checked after the faults, which may write it
+        raise RecipeError(path, "trainer.resume_from", f"no checkpoint at {resume!r} (relative paths are read from "
+                                                       f"the working directory, {os.getcwd()})")
     dataset = build_dataset(job, model, path)
     monitor = FaultInjectingMonitor(faults, config=integrity)
     monitor.summary_at_end = not merges_after_training(job)  # one table per job
