@@ -330,8 +330,9 @@ def _opcode_plan() -> dict[str, tuple[int, int, int, int]]:
     plan = {}
     for op in pickletools.opcodes:
         name, before = op.name, op.stack_before
-        kind = (0 if name in ("PUT", "BINPUT", "LONG_BINPUT", "MEMOIZE") else 1 if name in ("GET", "BINGET", "LONG_BINGET")
-                else 2 if name == "MARK" else 3 if name == "POP" else 4 if name in _IN_PLACE_OPS
+        kind = (0 if name in ("PUT", "BINPUT", "LONG_BINPUT", "MEMOIZE")
+                else 1 if name in ("GET", "BINGET", "LONG_BINGET") else 2 if name == "MARK" else 3 if name == "POP"
+                else 4 if name in _IN_PLACE_OPS
                 else 5 if name in ("DUP", "READONLY_BUFFER", "READWRITE_BUFFER") else 7 if name in _FRESH_OPS
                 else 6 if not before and len(op.stack_after) == 1 else 8)
         mark = before.index(pickletools.markobject) if pickletools.markobject in before else -1
@@ -637,7 +638,8 @@ def read_data_pkl(path: str, root: str | None = None) -> bytes:
         if not pickles:
             raise CheckpointReadError(path, "unreadable torch file (a zip without data.pkl)")
         if len(pickles) > 1:  # torch.load picks one by the zip's record prefix: the one checked must be it
-            raise CheckpointReadError(path, f"unreadable torch file ({len(pickles)} data.pkl members; torch writes one)")
+            raise CheckpointReadError(
+                path, f"unreadable torch file ({len(pickles)} data.pkl members; torch writes one)")
         if pickles[0].file_size > MAX_PICKLE_BYTES:
             raise CheckpointReadError(
                 path, f"unreadable torch file (data.pkl of {pickles[0].file_size} bytes exceeds the "
