@@ -67,6 +67,11 @@ MAX_ENTRIES = 2_000_000
 #: nested containers walked when flattening a pickle's object (shared references count once per visit)
 MAX_NESTING = 64
 MAX_VISITS = 1_000_000
+#: a pickle's objects counted with shared references expanded, and their nesting, checked on the opcodes before
+#: unpickling: a 500-byte pickle of tuples sharing tuples describes 2**60 objects, and hashing one (a dict key)
+#: never ends; a real 10k-tensor state dict expands to about 10**5
+MAX_PICKLE_OBJECTS = 20_000_000
+MAX_PICKLE_DEPTH = 200
 
 #: safetensors dtype tag -> (torch dtype name, bytes per element; 0 for sub-byte types checked loosely)
 SAFETENSORS_DTYPES: dict[str, tuple[str, float]] = {
@@ -298,7 +303,7 @@ def torch_load_mmap(path: str, root: str | None = None) -> Any:
 
     The zip is checked first (:func:`check_torch_zip`): a regular file inside ``root``, stored uncompressed.
     """
-    check_torch_zip(path, root)
+    read_data_pkl(path, root)  # bounded before torch's own unpickler builds (and hashes) anything
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as err:  # noqa: BLE001 - any unpickling failure is a bad file, reported as such
@@ -306,6 +311,111 @@ def torch_load_mmap(path: str, root: str | None = None) -> Any:
         if "Weights only load failed" in str(err):
             reason = "holds objects that weights_only=True refuses: " + " ".join(str(err).split())[:300]
         raise CheckpointReadError(path, f"unreadable torch file ({type(err).__name__}: {reason})") from None
+
+
+#: opcodes that change the object below their arguments in place (the first of ``stack_before``)
+_IN_PLACE_OPS = frozenset({"APPEND", "APPENDS", "SETITEM", "SETITEMS", "ADDITEMS", "BUILD"})
+#: zero-argument opcodes whose object later opcodes fill in place: each gets its own cell
+_FRESH_OPS = frozenset({"EMPTY_LIST", "EMPTY_DICT", "EMPTY_SET"})
+_LEAF = (1, 0)
+
+
+def _opcode_plan() -> dict[str, tuple[int, int, int, int]]:
+    """Per opcode name: (kind, items below the mark or -1 without one, items popped, items pushed).
+
+    kind: 0 memo store, 1 memo read, 2 mark, 3 pop, 4 in place, 5 same object, 6 leaf, 7 fresh leaf, 8 new object.
+    """
+    import pickletools
+
+    plan = {}
+    for op in pickletools.opcodes:
+        name, before = op.name, op.stack_before
+        kind = (0 if name in ("PUT", "BINPUT", "LONG_BINPUT", "MEMOIZE")
+                else 1 if name in ("GET", "BINGET", "LONG_BINGET") else 2 if name == "MARK" else 3 if name == "POP"
+                else 4 if name in _IN_PLACE_OPS
+                else 5 if name in ("DUP", "READONLY_BUFFER", "READWRITE_BUFFER") else 7 if name in _FRESH_OPS
+                else 6 if not before and len(op.stack_after) == 1 else 8)
+        mark = before.index(pickletools.markobject) if pickletools.markobject in before else -1
+        plan[name] = (kind, mark, len(before), len(op.stack_after))
+    return plan
+
+
+_OPCODE_PLAN = _opcode_plan()
+
+
+def check_pickle_bounds(raw: bytes, path: str, what: str) -> None:
+    """Refuse a pickle whose objects, shared references expanded, exceed :data:`MAX_PICKLE_OBJECTS`, or nest
+    deeper than :data:`MAX_PICKLE_DEPTH`, before anything is unpickled.
+
+    Runs the opcodes on a stack of (size, depth) cells instead of objects (``pickletools`` gives each opcode's
+    stack effect), in time linear in the pickle: no object is built, so nothing can hash, compare or recurse.
+    """
+    import pickletools
+
+    stack: list[Any] = []
+    marks: list[int] = []
+    memo: dict[Any, Any] = {}
+    plan = _OPCODE_PLAN
+
+    def refuse(reason: str) -> CheckpointReadError:
+        return CheckpointReadError(path, f"{what}: {reason}")
+
+    try:
+        for op, arg, _ in pickletools.genops(raw):
+            kind, mark, popped, pushed = plan[op.name]
+            if kind == 6:
+                stack.append(_LEAF)
+                continue
+            if kind == 0:
+                if not stack:
+                    raise refuse("malformed pickle (memo store on an empty stack)")
+                memo[len(memo) if op.name == "MEMOIZE" else arg] = stack[-1]
+                continue
+            if kind == 1:
+                if arg not in memo:
+                    raise refuse(f"malformed pickle (memo key {_short(arg)} read before it is written)")
+                stack.append(memo[arg])
+                continue
+            if kind == 2:
+                marks.append(len(stack))
+                continue
+            if kind == 7:
+                stack.append([1, 0])
+                continue
+            if kind == 3 and marks and marks[-1] == len(stack):
+                marks.pop()
+                continue
+            if mark >= 0:
+                if not marks:
+                    raise refuse(f"malformed pickle ({op.name} without a mark)")
+                base = marks.pop() - mark
+            else:
+                base = len(stack) - popped
+            if base < (marks[-1] if marks else 0):
+                raise refuse(f"malformed pickle ({op.name} on a stack too short)")
+            args = stack[base:]
+            del stack[base:]
+            if kind == 4:
+                cell, rest = args[0], args[1:]
+                if type(cell) is not list:  # an in-place change of a leaf (BUILD on a global): its own cell now
+                    cell = list(cell)
+                cell[0] += sum(c[0] for c in rest)
+                cell[1] = max(cell[1], 1 + max((c[1] for c in rest), default=0))
+            elif kind == 5:
+                cell = args[0]
+            else:
+                cell = [1 + sum(c[0] for c in args), 1 + max((c[1] for c in args), default=-1)]
+            if cell[0] > MAX_PICKLE_OBJECTS:
+                raise refuse(f"its pickle describes more than {MAX_PICKLE_OBJECTS} nested entries once shared "
+                             "references are expanded (a reference bomb)")
+            if cell[1] > MAX_PICKLE_DEPTH:
+                raise refuse(f"its pickle has objects nested deeper than {MAX_PICKLE_DEPTH} levels")
+            for _ in range(pushed):
+                stack.append(cell)
+    except CheckpointReadError:
+        raise
+    except Exception as err:  # noqa: BLE001 - pickletools' ValueError for a truncated or unknown opcode, etc.
+        raise refuse(f"malformed pickle ({type(err).__name__}: {_short(str(err))})") from None
 
 
 class _TooLarge(Exception):
@@ -519,19 +629,17 @@ def check_torch_zip(path: str, root: str | None = None) -> Any:
     return archive
 
 
-def read_torch_metadata(path: str, root: str | None = None, foreign: list[str] | None = None) -> Any:
-    """The object a torch zip pickle holds, with every tensor as a :class:`TensorMeta` (dtype, shape).
-
-    Reads the zip directory and ``data.pkl`` only; no storage is read and no code from the file runs, so
-    checkpoints whose extra entries (hyper-parameters, configs) ``weights_only=True`` would refuse still list.
-    Globals the pickle names beyond ``weights_only``'s allow-list are appended to ``foreign``.
-    """
+def read_data_pkl(path: str, root: str | None = None) -> bytes:
+    """The ``data.pkl`` of a torch zip (:func:`check_torch_zip`), checked by :func:`check_pickle_bounds`."""
     import zipfile
 
     with check_torch_zip(path, root) as archive:
         pickles = [i for i in archive.infolist() if i.filename == "data.pkl" or i.filename.endswith("/data.pkl")]
         if not pickles:
             raise CheckpointReadError(path, "unreadable torch file (a zip without data.pkl)")
+        if len(pickles) > 1:  # torch.load picks one by the zip's record prefix: the one checked must be it
+            raise CheckpointReadError(
+                path, f"unreadable torch file ({len(pickles)} data.pkl members; torch writes one)")
         if pickles[0].file_size > MAX_PICKLE_BYTES:
             raise CheckpointReadError(
                 path, f"unreadable torch file (data.pkl of {pickles[0].file_size} bytes exceeds the "
@@ -541,6 +649,18 @@ def read_torch_metadata(path: str, root: str | None = None, foreign: list[str] |
                 data = fh.read(MAX_PICKLE_BYTES + 1)
         except (zipfile.BadZipFile, OSError, ValueError, EOFError) as err:
             raise CheckpointReadError(path, f"unreadable torch file (data.pkl: {_short(str(err))})") from None
+    check_pickle_bounds(data, path, "unreadable torch file (data.pkl)")
+    return data
+
+
+def read_torch_metadata(path: str, root: str | None = None, foreign: list[str] | None = None) -> Any:
+    """The object a torch zip pickle holds, with every tensor as a :class:`TensorMeta` (dtype, shape).
+
+    Reads the zip directory and ``data.pkl`` only; no storage is read and no code from the file runs, so
+    checkpoints whose extra entries (hyper-parameters, configs) ``weights_only=True`` would refuse still list.
+    Globals the pickle names beyond ``weights_only``'s allow-list are appended to ``foreign``.
+    """
+    data = read_data_pkl(path, root)
     unpickler = _TorchMetadataUnpickler(io.BytesIO(data))
     try:
         obj = unpickler.load()
@@ -619,6 +739,7 @@ def list_dcp(folder: str, root: str | None = None) -> dict[str, SavedTensor]:
     """Tensor entries of a ``torch.distributed.checkpoint`` folder, from its ``.metadata`` file only."""
     path = os.path.join(folder, DCP_METADATA)
     raw = read_bounded(path, MAX_PICKLE_BYTES, root or folder, "DCP metadata")
+    check_pickle_bounds(raw, path, "unreadable DCP metadata")
     try:
         metadata = _DCPMetadataUnpickler(io.BytesIO(raw)).load()
     except Exception as err:  # noqa: BLE001 - any unpickling failure is a bad file

@@ -96,8 +96,9 @@ def build_audit_model(folder: str, recipe: str | None) -> tuple[torch.nn.Module,
 
     job, integrity = load_job(recipe) if recipe else (None, None)
     adapter_config = os.path.join(folder, ADAPTER_CONFIG)
-    if not os.path.isfile(adapter_config):
-        if os.path.isfile(os.path.join(folder, MODEL_CONFIG)):
+    # lexists, not isfile: a FIFO or device named like a config is read (and refused by name), never skipped
+    if not os.path.lexists(adapter_config):
+        if os.path.lexists(os.path.join(folder, MODEL_CONFIG)):
             model = _model_from_folder(folder)
         elif job is not None:
             model = build_model(job.model, recipe)

@@ -95,6 +95,10 @@ def _cmd_audit(args: argparse.Namespace) -> int:
 
         write_html(monitor.report, html, title=f"integrity audit: {args.checkpoint}")
         print(f"integrity: HTML report {os.path.abspath(html)}")
+    for finding in monitor.report.errors:  # the table counts codes; an unreadable file is named with its reason
+        if finding.code == "CHECKPOINT_UNREADABLE":
+            print(f"integrity audit: cannot read {finding.details.get('file', '?')}: "
+                  f"{finding.details.get('reason', finding.message)}")
     errors = len(monitor.report.errors)
     print(f"integrity audit: {errors} error finding(s); exit {EXIT_FINDINGS if errors else EXIT_CLEAN}")
     return EXIT_FINDINGS if errors else EXIT_CLEAN
