@@ -157,3 +157,18 @@ def test_model_args_by_alias_are_accepted():
 
     known = config_arguments(GPT2Config)
     assert {"n_layer", "n_embd", "hidden_size", "num_hidden_layers", "tie_word_embeddings", "vocab_size"} <= known
+
+
+@pytest.mark.parametrize("where", ["folder", "under_a_file"])
+def test_cli_run_exits_2_when_the_report_path_cannot_be_written(tmp_path, capsys, where):
+    from callbacks.runner.cli import main
+
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    report = tmp_path if where == "folder" else blocker / "integrity.json"
+    path = _quickstart_with(tmp_path, integrity__report=str(report), trainer__output_dir=str(tmp_path / "out"))
+    start = time.monotonic()
+    assert main(["run", str(path)]) == 2
+    assert time.monotonic() - start < 10  # refused before any training
+    err = capsys.readouterr().err
+    assert str(path) in err and "integrity.report" in err, err

@@ -524,19 +524,31 @@ class JobResult(NamedTuple):
     monitor: Monitor
 
 
+def writable_folder(source: str, key: str, folder: str) -> None:
+    """Create ``folder`` if needed; a :class:`RecipeError` at ``key`` when it cannot be created or written."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise PermissionError("not writable")
+    except OSError as err:
+        raise RecipeError(source, key, f"cannot write the folder {folder!r}: {err}") from None
+
+
 def run_job(path: str) -> JobResult:
     """Run the recipe's job with the checks. Returns (exit code, monitor): 0 clean, 1 error findings."""
     job, integrity = load_job(path)
     torch.manual_seed(job.seed)
     model = apply_adapter(build_model(job.model, path), job.adapter, path)
     faults = [spec.build() for spec in job.faults]
-    try:
-        os.makedirs(job.trainer.output_dir, exist_ok=True)
-        if not os.access(job.trainer.output_dir, os.W_OK | os.X_OK):
-            raise PermissionError("not writable")
-    except OSError as err:
-        raise RecipeError(path, "trainer.output_dir",
-                          f"cannot write the output folder {job.trainer.output_dir!r}: {err}") from None
+    writable_folder(path, "trainer.output_dir", job.trainer.output_dir)
+    if integrity.report:
+        report = os.path.abspath(integrity.report)
+        if os.path.isdir(report):
+            raise RecipeError(path, "integrity.report", f"{integrity.report!r} is a folder; give a file path such "
+                                                        "as out/run/integrity.json")
+        writable_folder(path, "integrity.report", os.path.dirname(report))
+        if os.path.exists(report) and not os.access(report, os.W_OK):
+            raise RecipeError(path, "integrity.report", f"cannot write the report file {integrity.report!r}")
     for fault in faults:
         fault.setup(model, job.trainer.output_dir)
     resume = job.trainer.resume_from
