@@ -131,3 +131,19 @@ def test_raise_with_an_unwritable_report_path_still_raises(tmp_path, caplog):
     with pytest.raises(IntegrityError):
         monitor.dispatch("init", model, step=0)
     assert "could not write the JSON report" in caplog.text
+
+
+def test_resume_from_a_checkpoint_with_malformed_monitor_state_goes_on(tmp_path):
+    """The saved monitor state edited into nonsense in trainer_state.json: the resumed run trains to the end with
+    one CHECK_FAILED from the engine, and no other alarm."""
+    train(tmp_path, Healthy())
+    state_file = tmp_path / "checkpoint-2" / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    entry = state["stateful_callbacks"]["IntegrityCallback"]
+    (entry[0] if isinstance(entry, list) else entry)["monitor_state"] = {"findings": [{"code": 7}], "checks": "x"}
+    state_file.write_text(json.dumps(state))
+    resumed, trainer = train(tmp_path, Healthy(), steps=3, resume=str(tmp_path / "checkpoint-2"))
+    assert trainer.state.global_step == 3
+    failed = [f for f in resumed.findings if f.code == "CHECK_FAILED"]
+    assert [f.check for f in failed] == ["engine"] and "could not be restored" in failed[0].message
+    assert [f for f in resumed.findings if f.severity == "error"] == []
