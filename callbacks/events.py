@@ -50,6 +50,8 @@ class EventContext:
             the class name of a ``BaseFinetuning`` callback such as ``BackboneFinetuning``).
         state_dict: ``checkpoint``: the dict about to be saved; ``load``: the dict about to be / just loaded.
         checkpoint_dir: ``checkpoint``/``load``: a folder or file written / read by the trainer.
+        checkpoint_writer: ``checkpoint``: whether this process writes ``checkpoint_dir`` (HF: ``args.should_save``).
+            A process that does not write must not judge the folder: the writer may still be writing it.
         trainer: which integration dispatched (``hf``, ``lightning``, ``accelerate``, ``custom``).
         state_dict_revised: ``checkpoint``: ``state_dict`` is the same checkpoint's dict as edited after the
             first ``checkpoint`` event of this step (Lightning calls the LightningModule's own
@@ -77,6 +79,7 @@ class EventContext:
     trainable_schedule: str | None = None
     state_dict: Mapping[str, Any] | None = None
     checkpoint_dir: str | None = None
+    checkpoint_writer: bool = True
     trainer: str = "custom"
     state_dict_revised: bool = False
     probe_batch: Mapping[str, Any] | None = None

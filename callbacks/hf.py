@@ -79,7 +79,8 @@ class IntegrityCallback(MonitorOwner, TrainerCallback, ExportableState):
         checkpoint_dir = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
         try:
             self.monitor.dispatch("checkpoint", model, step=state.global_step, checkpoint_dir=checkpoint_dir,
-                                  optimizer=optimizer, trainer="hf")
+                                  checkpoint_writer=bool(getattr(args, "should_save", True)), optimizer=optimizer,
+                                  trainer="hf")
         finally:  # also when the policy raises: the checkpoint on disk then holds what stopped the run
             self._store_checkpoint_state(args, state, checkpoint_dir)
 

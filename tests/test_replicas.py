@@ -63,6 +63,8 @@ def test_hf_trainer_under_torchrun(tmp_path):
         healthy = load(tmp_path, "healthy", rank)
         assert problems(healthy) == []
         assert healthy["section"]["replicas"] == "compared across 2 ranks"
+        # a checkpoint every step: only the writer (rank 0) judges the folder, never rank 1 while it is written
+        assert problems(load(tmp_path, "saving", rank)) == []
         # one gradient nudged on rank 1 after the all-reduce: named with both ranks, and the update it feeds
         # makes that parameter differ after the same step (reported once although it stays different)
         assert problems(load(tmp_path, "grad", rank)) == [

@@ -349,8 +349,10 @@ class SavedStateCheck(Check):
 
     # -- logic ------------------------------------------------------------------------------------------------
     def _check_files(self, ctx: EventContext, path: str, framework: str) -> list[Finding]:
-        if not os.path.exists(path) and distributed_rank() != 0:
-            return []  # HF fires on_save on every rank but only the main process writes (local disks differ)
+        if not ctx.checkpoint_writer or (not os.path.exists(path) and distributed_rank() != 0):
+            # HF fires on_save on every rank but only the writer writes: another rank would read a folder that may
+            # be half-written (or absent on its own disk); the writer's verdict is the job's
+            return []
         listing = list_checkpoint(path)
         if listing.errors:
             return [self._unreadable(ctx, err, listing) for err in listing.errors]

@@ -60,10 +60,12 @@ def dump(job, findings, **extra):
 
 
 def run_trainer(job):
-    callbacks = [] if job == "healthy" else [PerturbOnRank1(job)]
+    callbacks = [] if job in ("healthy", "saving") else [PerturbOnRank1(job)]
     integrity = IntegrityCallback(policy="log", checks={"hashes": {"timeout_s": 30}})
-    args = TrainingArguments(output_dir=os.path.join(OUT, job), max_steps=3, per_device_train_batch_size=2,
-                             save_strategy="no", report_to=[], logging_steps=1000, use_cpu=True,
+    # "saving": a checkpoint at every step, which rank 0 writes while rank 1's on_save already runs
+    save = {"save_strategy": "steps", "save_steps": 1} if job == "saving" else {"save_strategy": "no"}
+    args = TrainingArguments(output_dir=os.path.join(OUT, job), max_steps=3, per_device_train_batch_size=2, **save,
+                             report_to=[], logging_steps=1000, use_cpu=True,
                              disable_tqdm=True, learning_rate=1e-2, seed=0)
     # the perturbing callback runs before the integrity callback at the same hook, as a user's callback would
     trainer = Trainer(model=tiny_gpt2(), args=args, train_dataset=TokenDataset(n=16),
@@ -130,7 +132,7 @@ def run_tied():
     dump("tied", mon.findings)
 
 
-for job in ("healthy", "grad", "param"):
+for job in ("healthy", "saving", "grad", "param"):
     run_trainer(job)
 run_tied()
 run_out_of_step()
