@@ -20,9 +20,13 @@ each becomes an event, nothing more::
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
+from callbacks.checks import Check
 from callbacks.integration import MonitorOwner
+from callbacks.monitor import Monitor
+from callbacks.recipe import ChecksConfig, IntegrityConfig, Policy
 
 
 class AcceleratorHooks(MonitorOwner):
@@ -31,11 +35,23 @@ class AcceleratorHooks(MonitorOwner):
     Args:
         accelerator: the ``accelerate.Accelerator`` (read for ``sync_gradients``: an optimizer step only
             happens when gradients are synchronised).
-        **kwargs: :class:`~callbacks.integration.MonitorOwner`'s arguments (``policy``, ``checks``, ...).
+        The other arguments are :class:`~callbacks.integration.MonitorOwner`'s (``policy``, ``checks``, ...).
     """
 
-    def __init__(self, accelerator: Any, **kwargs: Any):
-        super().__init__(**kwargs)
+    def __init__(
+        self,
+        accelerator: Any,
+        policy: Policy = "raise",
+        declare_ties: Sequence[Sequence[str]] | None = None,
+        checks: ChecksConfig = ChecksConfig(),  # type: ignore[valid-type]  # noqa: B008 - frozen, never mutated
+        report: str | None = None,
+        *,
+        extra_checks: Sequence[Check] = (),
+        config: IntegrityConfig | None = None,
+        monitor: Monitor | None = None,
+    ):
+        super().__init__(policy, declare_ties, checks, report, extra_checks=extra_checks, config=config,
+                         monitor=monitor)
         self.accelerator = accelerator
         self.step = 0
 

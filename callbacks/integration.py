@@ -8,22 +8,62 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Sequence
 from typing import Any
 
+from callbacks.checks import Check
+from callbacks.errors import ConfigError
 from callbacks.findings import Finding
 from callbacks.monitor import Monitor
-from callbacks.recipe import load_recipe
+from callbacks.recipe import ChecksConfig, IntegrityConfig, Policy, load_recipe
 from callbacks.report import Report
 
 
 class MonitorOwner:
-    """Builds and exposes a :class:`Monitor`; keyword arguments are :class:`Monitor`'s and mirror the recipe's
-    ``integrity:`` section (``policy``, ``declare_ties``, ``checks``, ``report``, ``extra_checks``, ``config``).
-    ``monitor=`` uses an existing :class:`Monitor` instead.
+    """Builds and exposes a :class:`Monitor`. The arguments mirror the recipe's ``integrity:`` section.
+
+    Args:
+        policy: ``raise`` (stop at the first event with error findings), ``warn`` or ``log``.
+        declare_ties: groups of parameter names that must share one tensor, e.g. ``[["emb.weight",
+            "head.weight"]]``.
+        checks: per-family options, e.g. ``{"hashes": {"every_n_steps": 1}}``: a :class:`~callbacks.recipe.
+            ChecksConfig` or the same as a plain mapping (validated the same way; an unknown key is an error that
+            names the allowed ones).
+        report: path of the JSON report written at the end (and when raising); the HTML report is written
+            beside it with ``.html``.
+        extra_checks: custom :class:`~callbacks.checks.base.Check` instances.
+        config: an already validated :class:`~callbacks.recipe.IntegrityConfig` (instead of ``policy``,
+            ``checks`` and ``report``), e.g. from :meth:`from_recipe`.
+        monitor: an existing :class:`Monitor` to use instead of building one (then no other argument is given).
     """
 
-    def __init__(self, *, monitor: Monitor | None = None, **monitor_kwargs: Any):
-        self.monitor = monitor if monitor is not None else Monitor(**monitor_kwargs)
+    def __init__(
+        self,
+        policy: Policy = "raise",
+        declare_ties: Sequence[Sequence[str]] | None = None,
+        checks: ChecksConfig = ChecksConfig(),  # type: ignore[valid-type]  # noqa: B008 - frozen, never mutated
+        report: str | None = None,
+        *,
+        extra_checks: Sequence[Check] = (),
+        config: IntegrityConfig | None = None,
+        monitor: Monitor | None = None,
+    ):
+        if monitor is not None:
+            given = [name for name, value in (("policy", policy != "raise"), ("declare_ties", declare_ties),
+                                              ("checks", checks != ChecksConfig()), ("report", report),
+                                              ("extra_checks", tuple(extra_checks)), ("config", config)) if value]
+            if given:
+                raise ConfigError(f"monitor= uses an existing Monitor, configured already; do not also pass "
+                                  f"{', '.join(given)} (configure the Monitor itself)")
+            self.monitor = monitor
+        else:
+            if config is not None and (policy != "raise" or checks != ChecksConfig() or report is not None):
+                raise ConfigError("config= is a whole integrity configuration; give policy, checks and report "
+                                  "in it, not beside it")
+            if isinstance(checks, ChecksConfig):
+                checks = checks.model_dump()
+            self.monitor = Monitor(policy=policy, declare_ties=declare_ties, checks=checks, report=report,
+                                   extra_checks=extra_checks, config=config)
 
     @classmethod
     def from_recipe(cls, path: str | os.PathLike[str], **kwargs: Any):

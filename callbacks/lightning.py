@@ -43,15 +43,13 @@ def _make_callback_class(bases: tuple[type, ...], finetuning: tuple[type, ...]) 
         """Runs the integrity checks inside a Lightning ``Trainer``: ``Trainer(callbacks=[IntegrityCallback()])``.
 
         Arguments are :class:`~callbacks.integration.MonitorOwner`'s (``policy``, ``declare_ties``,
-        ``checks``, ``report``).
+        ``checks``, ``report``, ...), spelled out in its signature so ``LightningCLI`` validates each of them.
         """
 
-        def __init__(self, **kwargs: Any):
-            MonitorOwner.__init__(self, **kwargs)
-            for base in bases:
-                base.__init__(self)
-            self._last_stepped = None
-            self._saved: _SavedCheckpoint | None = None
+        #: ``global_step`` at the last ``after_optimizer`` event (accumulation batches do not advance it)
+        _last_stepped: int | None = None
+        #: the checkpoint dict handed to ``on_save_checkpoint``, looked at again at the next hook
+        _saved: _SavedCheckpoint | None = None
 
         @property
         def state_key(self) -> str:

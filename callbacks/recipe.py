@@ -18,6 +18,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 from callbacks.checks import REGISTRY
 from callbacks.errors import RecipeError
 
+#: what happens at an error finding: raise ``IntegrityError``, issue a warning, or only log it
+Policy = Literal["raise", "warn", "log"]
+
 #: the top-level section of a recipe this package reads; other top-level keys belong to the training job
 SECTION = "integrity"
 
@@ -34,7 +37,7 @@ class IntegrityConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    policy: Literal["raise", "warn", "log"] = "raise"
+    policy: Policy = "raise"
     report: str | None = None
     checks: ChecksConfig = Field(default_factory=ChecksConfig)  # type: ignore[valid-type]
 

@@ -88,3 +88,35 @@ def test_print_config_round_trips_the_callback(tmp_path, package):
     again.write_text(printed.getvalue())
     cli = run_cli(package, ["fit", "--config", str(again)])
     assert cli.trainer.global_step == 3
+
+
+@pytest.mark.parametrize("package", PACKAGES)
+@pytest.mark.parametrize(("checks", "named"), [
+    ({"hashez": {"every_n_steps": 1}}, "hashez"),
+    ({"hashes": {"every_n_stepz": 1}}, "every_n_stepz"),
+    ({"hashes": {"every_n_steps": 0}}, "hashes.every_n_steps"),
+])
+def test_a_typo_in_checks_is_a_short_cli_error_naming_the_key(tmp_path, package, checks, named):
+    pytest.importorskip(package)
+    config = write_config(tmp_path / "config.yaml", tmp_path, checks=checks)
+    errors = io.StringIO()
+    with contextlib.redirect_stderr(errors), pytest.raises(SystemExit) as exit_info:
+        run_cli(package, ["fit", "--config", str(config)])
+    assert exit_info.value.code == 2  # a usage error before anything is built, not a traceback from __init__
+    text = errors.getvalue()
+    assert "Traceback" not in text
+    error = text[text.index("error:"):]
+    assert named in error and "IntegrityCallback" in error
+    assert len(error.splitlines()) <= 25
+
+
+@pytest.mark.parametrize("package", PACKAGES)
+def test_cli_help_documents_each_check_option(tmp_path, package):
+    pytest.importorskip(package)
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed), pytest.raises(SystemExit):
+        run_cli(package, ["fit", "--trainer.callbacks.help", "callbacks.lightning.IntegrityCallback"])
+    text = " ".join(printed.getvalue().split())
+    assert "--trainer.callbacks.checks.hashes.every_n_steps" in text
+    assert "steps between gradient/parameter hashes" in text  # the option's description, not only its type
+    assert "--trainer.callbacks.policy {raise,warn,log}" in text

@@ -65,11 +65,15 @@ class AdapterInitConfig(CheckConfig):
     and dead adapters checked.
     """
 
-    probe: bool = True
-    fresh: bool | None = None
-    tolerance: float = Field(1.0e-6, ge=0)
-    dead_after_steps: int = Field(3, ge=1)
-    modules: dict[str, str] = Field(default_factory=dict)
+    probe: bool = Field(True, description="run the identity probe at init (fresh adapters leave the output as is)")
+    fresh: bool | None = Field(None, description="whether adapters are freshly initialised (their values must "
+                               "match the init contract); null: fresh unless a resume or trained values say not")
+    tolerance: float = Field(1.0e-6, ge=0, description="the probe's allowed output change, relative to the "
+                             "output's own scale")
+    dead_after_steps: int = Field(3, ge=1, description="steps within which every trainable adapter parameter "
+                                  "must get a non-zero gradient")
+    modules: dict[str, str] = Field(default_factory=dict, description="hand-written adapters: {module name "
+                                    "pattern: role}, roles zero, random, norm, ones, any")
 
     @field_validator("modules")
     @classmethod

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from callbacks.events import EventContext
 from callbacks.facts import DeclaredNames, ModelFacts, establish_facts
@@ -22,7 +22,7 @@ class CheckConfig(BaseModel):
     """Options common to every check: ``enabled``. Unknown keys are errors."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
-    enabled: bool = True
+    enabled: bool = Field(True, description="run this family of checks")
 
 
 class ReportedOnce:

@@ -63,15 +63,19 @@ class HashConfig(CheckConfig):
     hash backend. ``timeout_s``: bound on every replica exchange.
     """
 
-    every_n_steps: int = Field(1, ge=1)
-    frozen_every_n_steps: int = Field(50, ge=1)
-    replicas: bool = True
-    frozen: bool = True
-    nonfinite: bool = True
-    tied_copies: list[list[str]] = Field(default_factory=list)
-    ledger: str | None = None
-    backend: Literal["auto", "torch", "triton"] = "auto"
-    timeout_s: float = Field(60.0, gt=0)
+    every_n_steps: int = Field(1, ge=1, description="steps between gradient/parameter hashes (replicas, ledger, "
+                               "tied copies)")
+    frozen_every_n_steps: int = Field(50, ge=1, description="steps between re-hashes of frozen weights (also "
+                                      "done at the end)")
+    replicas: bool = Field(True, description="compare hashes across data-parallel ranks (world size > 1)")
+    frozen: bool = Field(True, description="report frozen weights that changed (FROZEN_CHANGED)")
+    nonfinite: bool = Field(True, description="report NaN/Inf gradients every step (GRAD_NONFINITE)")
+    tied_copies: list[list[str]] = Field(default_factory=list, description="groups of names kept in separate "
+                                         "storage that must hold equal values (TIE_DIVERGED)")
+    ledger: str | None = Field(None, description="JSON-lines path of the hash ledger (compare runs with diff)")
+    backend: Literal["auto", "torch", "triton"] = Field("auto", description="hash backend: triton is the fused "
+                                                        "GPU kernel, auto picks it on CUDA")
+    timeout_s: float = Field(60.0, gt=0, description="bound in seconds on every replica exchange")
 
     @field_validator("tied_copies")
     @classmethod

@@ -50,12 +50,16 @@ class MergeConfig(CheckConfig):
     ``unmerge_sample``: elements per base weight kept (strided) to compare after an unmerge.
     """
 
-    tolerance: float | None = Field(None, ge=0)
-    weight_tolerance: float | None = Field(None, ge=0)
-    probe: bool = True
-    watch: bool = False
-    backend: Literal["auto", "torch", "triton"] = "auto"
-    unmerge_sample: int = Field(4096, ge=1)
+    tolerance: float | None = Field(None, ge=0, description="relative tolerance of the probe output comparison "
+                                    "(null: per dtype)")
+    weight_tolerance: float | None = Field(None, ge=0, description="relative tolerance of unmerged base weights "
+                                           "(null: per dtype)")
+    probe: bool = Field(True, description="compare the outputs of a synthetic probe batch before and after")
+    watch: bool = Field(False, description="check merges the model's own merge methods do (merge_and_unload, ...)")
+    backend: Literal["auto", "torch", "triton"] = Field("auto", description="where snapshots may use the fused "
+                                                        "kernel")
+    unmerge_sample: int = Field(4096, ge=1, description="elements per base weight kept to compare after an "
+                                "unmerge")
 
 
 def output_tolerance(config: MergeConfig, dtype: torch.dtype | None) -> float:

@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
+from pydantic import Field
 from torch import nn
 
 from callbacks.checks.base import Check, CheckConfig
@@ -49,7 +50,7 @@ from callbacks.primitives.values import bitwise_equal
 class SavedStateConfig(CheckConfig):
     """Recipe section ``checks.saved_state``: ``verify_values`` (hash each saved tensor against the live one)."""
 
-    verify_values: bool = False
+    verify_values: bool = Field(False, description="also hash each saved tensor against the live one")
 
 
 # -- live parameters ------------------------------------------------------------------------------------------

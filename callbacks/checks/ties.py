@@ -26,8 +26,9 @@ from callbacks.primitives.values import bitwise_equal
 class TiesConfig(CheckConfig):
     """Recipe section ``checks.ties``: ``declare`` (groups of names that must share one tensor), ``every_n_steps``."""
 
-    declare: list[list[str]] = Field(default_factory=list)
-    every_n_steps: int = Field(1, ge=1)
+    declare: list[list[str]] = Field(default_factory=list,
+                                     description="groups of parameter names that must share one tensor")
+    every_n_steps: int = Field(1, ge=1, description="steps between two looks at the ties during training")
 
     @field_validator("declare")
     @classmethod

@@ -52,10 +52,14 @@ class TrainableConfig(CheckConfig):
         ignore: fnmatch patterns of trainable parameters left out of the optimizer (or never stepped) on purpose.
     """
 
-    not_updated_after_steps: int = Field(3, ge=1, le=10_000)
-    skipped_steps_tolerated: int = Field(24, ge=0, le=100_000)
-    expect_changes: list[str] = Field(default_factory=list)
-    ignore: list[str] = Field(default_factory=list)
+    not_updated_after_steps: int = Field(3, ge=1, le=10_000, description="optimizer steps with a gradient after "
+                                         "which a parameter that never changed is PARAM_NOT_UPDATED")
+    skipped_steps_tolerated: int = Field(24, ge=0, le=100_000, description="steps where nothing moved (a "
+                                         "GradScaler skipping) tolerated before PARAM_NOT_UPDATED")
+    expect_changes: list[str] = Field(default_factory=list, description="fnmatch patterns of names whose "
+                                      "requires_grad your schedule changes on purpose (reported as info)")
+    ignore: list[str] = Field(default_factory=list, description="fnmatch patterns of trainable parameters left "
+                              "out of the optimizer on purpose")
 
 
 def _unique_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
