@@ -64,7 +64,8 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(1)
-    recipes = sorted(glob.glob(os.path.join(ROOT, "recipes", "**", "*.yaml"), recursive=True))
+    folder_of_recipes = os.path.join(ROOT, "callbacks", "recipes")
+    recipes = sorted(glob.glob(os.path.join(folder_of_recipes, "**", "*.yaml"), recursive=True))
     print(f"{'recipe':44s} {'checks on s':>11s} {'off s':>8s} {'ratio':>6s}")
     with tempfile.TemporaryDirectory() as folder:
         for path in recipes:
@@ -79,7 +80,7 @@ def main() -> None:
                 times_on.append(_timed_run(on))
                 times_off.append(_timed_run(off))
             t_on, t_off = statistics.median(times_on), statistics.median(times_off)
-            print(f"{os.path.relpath(path, os.path.join(ROOT, 'recipes')):44s} {t_on:11.2f} {t_off:8.2f} "
+            print(f"{os.path.relpath(path, folder_of_recipes):44s} {t_on:11.2f} {t_off:8.2f} "
                   f"{t_on / t_off:6.2f}", flush=True)
     sys.stdout.flush()
 

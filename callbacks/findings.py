@@ -84,6 +84,10 @@ CODES: dict[str, CodeInfo] = {
 }
 
 
+#: the length a log line of a finding is kept within (the names may make it longer)
+LOG_LINE_WIDTH = 200
+
+
 @dataclasses.dataclass(frozen=True)
 class Finding:
     """One problem (or fact) a check found.
@@ -155,9 +159,29 @@ class Finding:
         """Inverse of :meth:`to_dict`."""
         return cls(**{**data, "params": tuple(data.get("params", ()))})
 
+    @property
+    def where(self) -> str:
+        """``event@step`` (``event`` alone when the step is unknown)."""
+        return self.event if self.step is None else f"{self.event}@{self.step}"
+
+    def _names(self, limit: int) -> str:
+        extra = len(self.params) - limit
+        return ", ".join(self.params[:limit]) + (f" (+{extra})" if extra > 0 else "")
+
+    def log_line(self, width: int = LOG_LINE_WIDTH) -> str:
+        """One short line for logs and warnings: severity, code, ``event@step``, the first names, the start of the
+        message, and where the fix is (the report's table and JSON carry the whole message and fix)."""
+        head = f"[{self.severity}] {self.code} at {self.where}"
+        names = self._names(3)
+        if names:
+            head += f" [{names}]"
+        tail = f" (fix: {self.code} in the integrity report)"
+        room = width - len(head) - len(tail) - 2
+        message = self.message if len(self.message) <= room else self.message[: max(room - 3, 0)].rstrip() + "..."
+        return f"{head}: {message}{tail}" if room > 10 else head + tail
+
     def __str__(self) -> str:
-        where = self.event if self.step is None else f"{self.event}@{self.step}"
-        names = ", ".join(self.params[:4]) + (f" (+{len(self.params) - 4})" if len(self.params) > 4 else "")
-        return f"[{self.severity}] {self.code} at {where}: {self.message}" + (
+        names = self._names(4)
+        return f"[{self.severity}] {self.code} at {self.where}: {self.message}" + (
             f" [{names}]" if names else ""
         ) + f" -> fix: {self.hint}"

@@ -232,9 +232,9 @@ class Monitor:
             if self.rank != 0:
                 level = logging.DEBUG  # every rank checks; rank 0 speaks for the job (raise still raises)
             elif self.policy == "warn" and finding.severity != "info":
-                warnings.warn(str(finding), IntegrityWarning, stacklevel=3)
+                warnings.warn(finding.log_line(), IntegrityWarning, stacklevel=3)
                 continue
-            logger.log(level, "%s", finding)
+            logger.log(level, "%s", finding.log_line())
         errors = [f for f in new if f.severity == "error"]
         if errors and self.policy == "raise" and not self._summary_printed:
             self._summary_printed = True  # training stops here: the table now, once
@@ -252,23 +252,36 @@ class Monitor:
             return
         print(str(self.report), file=sys.stdout, flush=True)
         if final:
-            path = self._write_report()
-            if path:
-                print(f"integrity: JSON report {path}", file=sys.stdout, flush=True)
+            for kind, path in self._write_report():
+                print(f"integrity: {kind} report {path}", file=sys.stdout, flush=True)
 
-    def _write_report(self) -> str | None:
-        """Write the JSON report (rank 0, when a path is configured); its absolute path."""
+    @property
+    def html_report_path(self) -> str | None:
+        """Where the HTML report goes: beside the JSON report, with ``.html`` (``None`` without a report path)."""
+        if not self.config.report:
+            return None
+        return os.path.splitext(os.path.abspath(self.config.report))[0] + ".html"
+
+    def _write_report(self) -> list[tuple[str, str]]:
+        """Write the JSON report and the HTML one beside it (rank 0, when a path is configured); (kind, absolute
+        path) of each file written."""
         if self.rank != 0 or not self.config.report:
-            return None
-        path = os.path.abspath(self.config.report)
-        try:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            with open(path, "w", encoding="utf-8") as fh:
-                fh.write(self.report.to_json())
-        except OSError as err:  # the findings still stand (and a raise still raises): say where it failed
-            logger.error("integrity: could not write the JSON report %s: %s", path, describe_error(err))
-            return None
-        return path
+            return []
+        from callbacks.report_html import render_html
+
+        report = self.report
+        written = []
+        for kind, path, render in (("JSON", os.path.abspath(self.config.report), report.to_json),
+                                   ("HTML", self.html_report_path, lambda: render_html(report))):
+            try:
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                with open(path, "w", encoding="utf-8") as fh:
+                    fh.write(render())
+            except OSError as err:  # the findings still stand (and a raise still raises): say where it failed
+                logger.error("integrity: could not write the %s report %s: %s", kind, path, describe_error(err))
+                continue
+            written.append((kind, path))
+        return written
 
     # -- merge ------------------------------------------------------------------------------------------------
     def _watch_merges(self, model: Any) -> None:

@@ -84,6 +84,9 @@ def format_table(rows: Sequence[dict[str, Any]], tie_map: dict[str, Any] | None 
     for cells in table:
         lines.append("  " + "  ".join(_cell(c, w).ljust(w) for c, w in zip(cells, widths, strict=True)).rstrip())
     lines.append("  fixes:")
-    for r in rows:
-        lines.append(f"    {r['code']}: {r['fix']}")
+    codes_by_fix: dict[str, list[str]] = {}
+    for r in rows:  # codes that share a fix (one cause seen by several checks) say it once
+        codes_by_fix.setdefault(r["fix"], []).append(r["code"])
+    for fix, codes in codes_by_fix.items():
+        lines.append(f"    {', '.join(codes)}: {fix}")
     return "\n".join(lines)

@@ -19,8 +19,8 @@ def run_cli(*args, cwd):
 
 
 @pytest.mark.slow  # a fresh interpreter imports torch and transformers
-def test_quickstart_recipe_runs_clean(tmp_path):
-    result = run_cli("run", os.path.join(ROOT, "recipes", "quickstart.yaml"), cwd=tmp_path)
+def test_quickstart_recipe_runs_clean_by_name_from_an_empty_folder(tmp_path):
+    result = run_cli("run", "quickstart", cwd=tmp_path)  # the README Quickstart: a shipped recipe by name
     assert result.returncode == 0, result.stdout + result.stderr
     assert "no findings" in result.stdout
     assert (tmp_path / "out" / "quickstart" / "integrity.json").exists()

@@ -157,3 +157,15 @@ def test_hand_written_lingua_model_in_hf_trainer(tmp_path, meta_init):
     broken = [(f.code, f.event, f.step, f.params) for f in problems(callback.findings)]
     expected = [("TIE_BROKEN", "init", 0, ("lm.output.weight", "lm.tok_embeddings.weight"))] if meta_init else []
     assert broken == expected
+
+
+def test_the_callback_writes_the_html_report_beside_the_json_and_prints_the_table_once(tmp_path, capsys):
+    report = tmp_path / "reports" / "integrity.json"
+    callback = IntegrityCallback(policy="log", checks=ONLY_TIES, report=str(report))
+    train(tiny_gpt2(), tmp_path, [callback, UntieAt(1)])
+    out = capsys.readouterr().out
+    assert out.count("integrity report") == 1
+    assert out.strip().splitlines()[-2:] == [f"integrity: JSON report {report}",
+                                             f"integrity: HTML report {report.with_suffix('.html')}"]
+    assert "TIE_BROKEN" in report.with_suffix(".html").read_text()
+    assert json.loads(report.read_text())["counts"] == {"TIE_BROKEN": 1}

@@ -93,7 +93,8 @@ def test_cli_run_exits_2_naming_the_file(tmp_path, capsys, text):
     assert str(path) in capsys.readouterr().err
 
 
-QUICKSTART = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "recipes", "quickstart.yaml")
+QUICKSTART = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "callbacks", "recipes",
+                          "quickstart.yaml")
 
 
 def _quickstart_with(tmp_path, **changes):

@@ -18,7 +18,7 @@ from callbacks.findings import Finding
 from callbacks.runner.cli import main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RECIPES = os.path.join(ROOT, "recipes")
+RECIPES = os.path.join(ROOT, "callbacks", "recipes")
 
 #: recipe (relative to recipes/) -> (exit code, [(code, event, step, params)] that must be among the findings).
 #: A finding matches when code, event and step are equal and each expected parameter name is the end of one of

@@ -23,7 +23,7 @@ from callbacks.runner.cli import main
 from callbacks.runner.gallery import Fault
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RECIPES = os.path.join(ROOT, "recipes")
+RECIPES = os.path.join(ROOT, "callbacks", "recipes")
 
 
 def write(tmp_path, text, name="recipe.yaml"):
@@ -372,7 +372,7 @@ def test_fault_hooks_run_at_the_same_moments_under_every_trainer(tmp_path, monke
 
 
 # -- help and schema are plain text --------------------------------------------------------------------------------
-@pytest.mark.parametrize("command", [[], ["run"], ["audit"], ["schema"], ["diff"]])
+@pytest.mark.parametrize("command", [[], ["run"], ["audit"], ["recipes"], ["schema"], ["diff"]])
 def test_help_is_plain_text_with_examples(command, capsys):
     assert main([*command, "--help"]) == 0
     out = capsys.readouterr().out
@@ -390,16 +390,25 @@ def test_schema_descriptions_are_plain_text(capsys):
 
 
 # -- a terminal that says it once ----------------------------------------------------------------------------------
-def test_merge_gallery_recipe_prints_one_table_and_ends_with_the_report_paths(tmp_path, monkeypatch, capsys):
+def test_merge_gallery_recipe_prints_one_table_and_ends_with_the_report_paths(tmp_path, monkeypatch, capsys,
+                                                                              caplog):
     monkeypatch.chdir(tmp_path)
     assert main(["run", os.path.join(RECIPES, "failures", "tied_lm_head_merge.yaml")]) == 1
     out = capsys.readouterr().out
     assert out.count("integrity report") == 1  # not after training, after the merge and at the end
     folder = tmp_path / "out" / "failures" / "tied_lm_head_merge"
-    tail = out.strip().splitlines()[-3:]
+    tail = out.strip().splitlines()[-4:]
     assert tail == [f"integrity: JSON report {folder / 'integrity.json'}",
-                    f"integrity: HTML report {folder / 'integrity.html'}", "integrity: 3 error finding(s); exit 1"]
-    assert "MERGE_SIDE_EFFECT" in out
+                    f"integrity: HTML report {folder / 'integrity.html'}",
+                    f"integrity: training outputs in {folder}", "integrity: 3 error finding(s); exit 1"]
+    # three codes, one cause: the fix is said once, after the codes that share it
+    assert out.count("untie before adding the adapter") == 1
+    assert "MERGE_MISMATCH, MERGE_SIDE_EFFECT, TIE_BROKEN: untie before adding the adapter" in out
+    logged = [r.getMessage() for r in caplog.records if r.name == "callbacks"]
+    assert len(logged) == 3 and all(len(line) <= 240 for line in logged)
+    assert all("untie before" not in line and "in the integrity report" in line for line in logged)
+    assert any(line.startswith("[error] TIE_BROKEN at merge@2 [lm_head.weight, model.embed_tokens.weight]")
+               for line in logged)
 
 
 def test_audit_prints_one_table(resumed_run, tmp_path, capsys):
