@@ -18,7 +18,8 @@ hook                              event
                                   ``on_save_checkpoint`` (which Lightning calls after the callbacks') changed
                                   which tensors the dict holds
 ``on_fit_end``                    ``end``
-(after each step)                 the finding counts per code go to the trainer's loggers (``pl_module.log``)
+(after each step)                 the finding counts per code go to the trainer's loggers at
+                                  ``global_step`` (the step the report names)
 ================================  =====================================================================
 
 The monitor's state is saved in the checkpoint under a per-instance ``state_key`` and restored on resume.
@@ -88,7 +89,11 @@ def _make_callback_class(bases: tuple[type, ...], finetuning: tuple[type, ...]) 
             self.monitor.dispatch("step", pl_module, step=trainer.global_step, phase="after_optimizer",
                                   optimizer=_first_optimizer(trainer), optimizers=_optimizers(trainer),
                                   trainer="lightning")
-            pl_module.log_dict(finding_metrics(self.monitor.findings), on_step=True, on_epoch=False)
+            # straight to the loggers at global_step, the step the report names: pl_module.log would file them
+            # under Lightning's batch counter, one lower here (after the step, before the counter advances)
+            metrics = finding_metrics(self.monitor.findings)
+            for logger in trainer.loggers:
+                logger.log_metrics(metrics, step=trainer.global_step)
 
         def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
             """The checkpoint dict is built; its ``state_dict`` is what will be written."""

@@ -91,3 +91,53 @@ def test_trl_sft_trainer_with_lora_plots_the_counts(tmp_path):
     trainer.train()
     assert [f for f in callback.findings if f.severity != "info"] == []
     assert scalars(tmp_path / "out")["train/integrity/errors"] == [(1, 0.0), (2, 0.0), (3, 0.0)]
+
+
+@pytest.mark.parametrize("package", ["pytorch_lightning", "lightning.pytorch"])
+def test_lightning_plots_a_finding_at_the_step_the_report_names(tmp_path, package):
+    """One step convention: a tie broken after step 2 is ``TIE_BROKEN step@3`` in the report, and the
+    TensorBoard curve of the count jumps at step 3 (the user's loss stays at Lightning's own steps)."""
+    pl = pytest.importorskip(package)
+    import torch
+
+    from callbacks.lightning import IntegrityCallback as LightningCallback
+
+    class TiedModule(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.emb = torch.nn.Embedding(16, 8)
+            self.head = torch.nn.Linear(8, 16, bias=False)
+            self.head.weight = self.emb.weight
+
+        def training_step(self, batch, batch_idx):
+            (x,) = batch
+            loss = torch.nn.functional.cross_entropy(self.head(self.emb(x)), x)
+            self.log("loss", loss)
+            return loss
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+        def train_dataloader(self):
+            tokens = torch.randint(0, 16, (64,), generator=torch.Generator().manual_seed(0))
+            data = torch.utils.data.TensorDataset(tokens)
+            return torch.utils.data.DataLoader(data, batch_size=8)
+
+    class UntieAfterStep2(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.global_step == 2 and pl_module.head.weight is pl_module.emb.weight:
+                pl_module.head.weight = torch.nn.Parameter(pl_module.emb.weight.detach().clone())
+
+    callback = LightningCallback(policy="log", declare_ties=[("emb.weight", "head.weight")])
+    logger = pl.loggers.TensorBoardLogger(str(tmp_path), name="tb")
+    trainer = pl.Trainer(max_steps=5, accelerator="cpu", logger=logger, log_every_n_steps=1,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         callbacks=[callback, UntieAfterStep2()])
+    trainer.fit(TiedModule())
+    (broken,) = [f for f in callback.findings if f.code == "TIE_BROKEN"]
+    assert (broken.event, broken.step) == ("step", 3)
+    plotted = scalars(tmp_path / "tb")
+    assert plotted["integrity/TIE_BROKEN"][0] == (3, 1.0)
+    assert plotted["integrity/errors"] == [(1, 0.0), (2, 0.0), (3, 1.0), (4, 1.0), (5, 1.0)]
+    assert [step for step, _ in plotted["loss"]] == [0, 1, 2, 3, 4]  # Lightning's own convention, untouched

@@ -169,3 +169,23 @@ def test_the_callback_writes_the_html_report_beside_the_json_and_prints_the_tabl
                                              f"integrity: HTML report {report.with_suffix('.html')}"]
     assert "TIE_BROKEN" in report.with_suffix(".html").read_text()
     assert json.loads(report.read_text())["counts"] == {"TIE_BROKEN": 1}
+
+
+def test_checked_merge_after_training_as_the_readme_shows_reports_the_last_step(tmp_path):
+    """``cb.monitor.checked_merge(model)`` with no step: the merge's findings are ``merge@<last step>``, the
+    convention of every other event (not ``merge@None``)."""
+    import warnings
+
+    from peft import LoraConfig, get_peft_model
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = get_peft_model(tiny_gemma2(tie=True), LoraConfig(r=4, target_modules=["lm_head"]))
+    callback = IntegrityCallback(policy="log")
+    train(model, tmp_path, [callback], max_steps=3, save_steps=10)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        callback.monitor.checked_merge(model)
+    merged = [f for f in callback.findings if f.event == "merge"]
+    assert {f.code for f in merged} >= {"MERGE_SIDE_EFFECT", "TIE_BROKEN"}
+    assert {f.where for f in merged} == {"merge@3"}
