@@ -14,8 +14,16 @@ class IntegrityError(RuntimeError):
 
     def __init__(self, findings: Sequence[Finding]):
         self.findings = list(findings)
-        lines = "\n".join(f"  {f}" for f in self.findings)
-        super().__init__(f"{len(self.findings)} integrity error(s):\n{lines}")
+        lines = [f"{len(self.findings)} integrity error(s):"]
+        lines += [f"  {f.log_line(fix_at='below')}" for f in self.findings]
+        codes_by_fix: dict[str, list[str]] = {}
+        for finding in self.findings:  # one cause seen by several checks: its fix once
+            codes = codes_by_fix.setdefault(finding.hint, [])
+            if finding.code not in codes:
+                codes.append(finding.code)
+        lines.append("fixes:")
+        lines += [f"  {', '.join(codes)}: {fix}" for fix, codes in codes_by_fix.items()]
+        super().__init__("\n".join(lines))
 
 
 class ConfigError(ValueError):

@@ -168,14 +168,14 @@ class Finding:
         extra = len(self.params) - limit
         return ", ".join(self.params[:limit]) + (f" (+{extra})" if extra > 0 else "")
 
-    def log_line(self, width: int = LOG_LINE_WIDTH) -> str:
+    def log_line(self, width: int = LOG_LINE_WIDTH, fix_at: str = "in the integrity report") -> str:
         """One short line for logs and warnings: severity, code, ``event@step``, the first names, the start of the
-        message, and where the fix is (the report's table and JSON carry the whole message and fix)."""
+        message, and where the fix is (``fix_at``; the report's table and JSON carry the whole message and fix)."""
         head = f"[{self.severity}] {self.code} at {self.where}"
         names = self._names(3)
         if names:
             head += f" [{names}]"
-        tail = f" (fix: {self.code} in the integrity report)"
+        tail = f" (fix: {self.code} {fix_at})"
         room = width - len(head) - len(tail) - 2
         message = self.message if len(self.message) <= room else self.message[: max(room - 3, 0)].rstrip() + "..."
         return f"{head}: {message}{tail}" if room > 10 else head + tail

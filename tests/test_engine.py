@@ -38,7 +38,13 @@ def test_policy_raise_raises_integrity_error_with_findings_and_writes_report(tmp
     data = json.loads(report.read_text())
     assert data["counts"] == {"TIE_BROKEN": 1}
     assert data["findings"][0]["params"] == ["output.weight", "tok_embeddings.weight"]
-    assert "TIE_BROKEN" in capsys.readouterr().out  # the table is printed at the first error
+    out = capsys.readouterr().out
+    assert out.count("integrity report") == 1 and "TIE_BROKEN" in out  # the table, once, at the first error
+    message = str(info.value).splitlines()
+    assert message[0] == "1 integrity error(s):"
+    assert message[1].startswith("  [error] TIE_BROKEN at init@0 [output.weight, tok_embeddings.weight]: ")
+    assert message[1].endswith("(fix: TIE_BROKEN below)") and len(message[1]) <= 240
+    assert message[2:] == ["fixes:", f"  TIE_BROKEN: {info.value.findings[0].hint}"]
 
 
 def test_policy_warn_warns_and_goes_on():
