@@ -22,19 +22,19 @@ from callbacks.report import Report
 class MonitorOwner:
     """Builds and exposes a :class:`Monitor`. The arguments mirror the recipe's ``integrity:`` section.
 
+    (The Args below are plain text: jsonargparse prints them in LightningCLI's help.)
+
     Args:
-        policy: ``raise`` (stop at the first event with error findings), ``warn`` or ``log``.
-        declare_ties: groups of parameter names that must share one tensor, e.g. ``[["emb.weight",
-            "head.weight"]]``.
-        checks: per-family options, e.g. ``{"hashes": {"every_n_steps": 1}}``: a :class:`~callbacks.recipe.
-            ChecksConfig` or the same as a plain mapping (validated the same way; an unknown key is an error that
-            names the allowed ones).
-        report: path of the JSON report written at the end (and when raising); the HTML report is written
-            beside it with ``.html``.
-        extra_checks: custom :class:`~callbacks.checks.base.Check` instances.
-        config: an already validated :class:`~callbacks.recipe.IntegrityConfig` (instead of ``policy``,
-            ``checks`` and ``report``), e.g. from :meth:`from_recipe`.
-        monitor: an existing :class:`Monitor` to use instead of building one (then no other argument is given).
+        policy: raise (stop at the first event with error findings), warn or log.
+        declare_ties: groups of parameter names that must share one tensor, e.g. [["emb.weight", "head.weight"]].
+        checks: per-family options, e.g. {"hashes": {"every_n_steps": 1}}: a ChecksConfig or the same as a plain
+            mapping (validated the same way; an unknown key is an error that names the allowed ones).
+        report: path of the JSON report written at the end (and when raising); the HTML report is written beside
+            it with .html.
+        extra_checks: custom Check instances (callbacks.checks.Check subclasses).
+        config: an already validated IntegrityConfig (instead of policy, checks and report), e.g. from
+            from_recipe().
+        monitor: an existing Monitor to use instead of building one (then no other argument is given).
     """
 
     def __init__(

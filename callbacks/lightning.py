@@ -41,7 +41,7 @@ def _make_callback_class(bases: tuple[type, ...], finetuning: tuple[type, ...]) 
     their ``BaseFinetuning`` classes, whose callbacks change the trainable set on purpose)."""
 
     class IntegrityCallback(MonitorOwner, *bases):
-        """Runs the integrity checks inside a Lightning ``Trainer``: ``Trainer(callbacks=[IntegrityCallback()])``.
+        """Runs the integrity checks inside a Lightning Trainer: Trainer(callbacks=[IntegrityCallback()]).
 
         Arguments are :class:`~callbacks.integration.MonitorOwner`'s (``policy``, ``declare_ties``,
         ``checks``, ``report``, ...), spelled out in its signature so ``LightningCLI`` validates each of them.

@@ -120,3 +120,13 @@ def test_cli_help_documents_each_check_option(tmp_path, package):
     assert "--trainer.callbacks.checks.hashes.every_n_steps" in text
     assert "steps between gradient/parameter hashes" in text  # the option's description, not only its type
     assert "--trainer.callbacks.policy {raise,warn,log}" in text
+
+
+@pytest.mark.parametrize("package", PACKAGES)
+def test_cli_help_of_the_callback_is_plain_text(package):
+    pytest.importorskip(package)
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed), pytest.raises(SystemExit):
+        run_cli(package, ["fit", "--trainer.callbacks.help", "callbacks.lightning.IntegrityCallback"])
+    text = printed.getvalue()
+    assert "``" not in text and ":class:" not in text and ":meth:" not in text

@@ -49,7 +49,7 @@ from callbacks.primitives.probe import ProbeUnavailable, build_probe_batch, outp
 
 
 class AdapterInitConfig(CheckConfig):
-    """Recipe section ``checks.adapter_init``.
+    """Recipe section checks.adapter_init: the adapter initialisation audit.
 
     ``probe``: run the identity probe at init. ``tolerance``: the probe's allowed output change, relative to
     the output's own scale (``max |output|`` with adapters disabled: a fresh LeViT's logits are ~1e-9).

@@ -53,7 +53,7 @@ from callbacks.primitives.optimizers import held_parameters
 
 
 class HashConfig(CheckConfig):
-    """Recipe section ``checks.hashes``.
+    """Recipe section checks.hashes: gradient and weight hashes (replicas, frozen weights, ledger).
 
     ``every_n_steps``: cadence of gradient/parameter hashing for replicas, the ledger and tied copies.
     ``frozen_every_n_steps``: cadence of the frozen re-hash (also done at ``end``). ``replicas``: compare hashes

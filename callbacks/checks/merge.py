@@ -41,7 +41,7 @@ WEIGHT_TOLERANCE: dict[torch.dtype, float] = {
 
 
 class MergeConfig(CheckConfig):
-    """Recipe section ``checks.merge``.
+    """Recipe section checks.merge: the checked merge.
 
     ``tolerance``: relative tolerance of the probe output comparison (None: per dtype, :data:`OUTPUT_TOLERANCE`);
     ``weight_tolerance``: relative tolerance of unmerged base weights (None: :data:`WEIGHT_TOLERANCE`);

@@ -48,7 +48,7 @@ from callbacks.primitives.values import bitwise_equal
 
 
 class SavedStateConfig(CheckConfig):
-    """Recipe section ``checks.saved_state``: ``verify_values`` (hash each saved tensor against the live one)."""
+    """Recipe section checks.saved_state: what the saved checkpoint must hold."""
 
     verify_values: bool = Field(False, description="also hash each saved tensor against the live one")
 

@@ -24,7 +24,7 @@ from callbacks.primitives.values import bitwise_equal
 
 
 class TiesConfig(CheckConfig):
-    """Recipe section ``checks.ties``: ``declare`` (groups of names that must share one tensor), ``every_n_steps``."""
+    """Recipe section checks.ties: declared ties and how often the ties are looked at."""
 
     declare: list[list[str]] = Field(default_factory=list,
                                      description="groups of parameter names that must share one tensor")

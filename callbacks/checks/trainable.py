@@ -40,7 +40,7 @@ from callbacks.primitives.optimizers import held_parameters
 
 
 class TrainableConfig(CheckConfig):
-    """Options of the trainable-set family (recipe: ``checks.trainable``).
+    """Recipe section checks.trainable: everything that should train does train.
 
     Attributes:
         not_updated_after_steps: optimizer steps with a non-zero finite gradient (while other parameters move)
