@@ -86,6 +86,87 @@ def accepted_finding(found: Any) -> Finding:
     return found
 
 
+class RankFindings:
+    """Brings the findings of every rank to rank 0 at ``end``, so the report and the exit code are the job's.
+
+    Each rank checks what it sees; a finding seen only on rank k (a rank-local fault, a tie broken on one replica)
+    would otherwise stay in rank k's log at debug level. The exchange goes through a bounded gloo group of all
+    ranks created at ``init`` (a collective every rank reaches); each rank sends at most
+    :attr:`MAX_FINDINGS` findings in at most :attr:`MAX_BYTES` of JSON (never pickled objects), errors first.
+    """
+
+    MAX_FINDINGS = 200
+    MAX_BYTES = 1 << 20
+    TIMEOUT_S = 60.0
+
+    def __init__(self, group: Any = None, failure: str | None = None):
+        self.group = group
+        self.failure = failure
+
+    @classmethod
+    def connect(cls) -> RankFindings | None:
+        """The gatherer of an initialised multi-process job (a collective: every rank calls it at ``init``);
+        ``None`` in a single process."""
+        from callbacks.primitives.collectives import ReplicaGroup, distributed_world
+
+        if distributed_world()[1] <= 1:
+            return None
+        try:
+            return cls(ReplicaGroup(cls.TIMEOUT_S))
+        except Exception as err:  # noqa: BLE001 - reported at end, where the findings would have been gathered
+            return cls(failure=describe_error(err))
+
+    def _payload(self, findings: Sequence[Finding]) -> str:
+        order = sorted(findings, key=lambda f: {"error": 0, "warning": 1}.get(f.severity, 2))
+        chosen = [f.to_dict() for f in order[: self.MAX_FINDINGS]]
+        text = json.dumps(chosen, default=str)
+        while len(text) > self.MAX_BYTES and chosen:
+            chosen = chosen[: len(chosen) // 2]
+            text = json.dumps(chosen, default=str)
+        return text
+
+    def gather(self, findings: Sequence[Finding], step: int | None) -> list[Finding]:
+        """On rank 0: the other ranks' findings that rank 0 lacks (details ``seen_on_ranks``; the message says
+        which rank), or a ``CHECK_FAILED`` if the exchange could not be made. Elsewhere: nothing. A collective."""
+        hint = ("the report holds rank 0's findings only; look at every rank's log (the other ranks log their "
+                 "findings at debug level)")
+        if self.failure is not None:
+            failure, self.failure, self.group = self.failure, None, None
+            return [Finding.make("CHECK_FAILED", event="end", step=step, check="engine", hint=hint,
+                                 message=f"the findings of the other ranks could not be gathered: {failure}")]
+        if self.group is None:
+            return []
+        try:
+            gathered = self.group.all_gather_object(self._payload(findings))
+        except Exception as err:  # noqa: BLE001 - a lost peer must not kill the end of training
+            self.group = None
+            return [Finding.make("CHECK_FAILED", event="end", step=step, check="engine", hint=hint,
+                                 message=f"the findings of the other ranks could not be gathered: "
+                                         f"{describe_error(err)}")]
+        if self.group.global_rank != 0:
+            return []
+        seen: dict[Finding, list[int]] = {}
+        for position, text in enumerate(gathered):
+            rank = self.group.ranks[position]
+            if rank == 0 or not isinstance(text, str):
+                continue
+            try:
+                theirs = [Finding.from_dict(d) for d in json.loads(text)]
+            except Exception:  # noqa: BLE001, S112 - a peer of this job; a malformed entry is dropped
+                continue
+            for finding in theirs:
+                if finding not in findings:
+                    seen.setdefault(finding, []).append(rank)
+        out = []
+        for finding, ranks in seen.items():
+            fields = {f: getattr(finding, f) for f in finding.__dataclass_fields__}
+            where = f"rank {ranks[0]}" if len(ranks) == 1 else f"ranks {ranks}"
+            fields.update(message=f"{finding.message} (seen on {where})",
+                          details={**finding.details, "seen_on_ranks": ranks})
+            out.append(Finding(**fields))
+        return out
+
+
 class Monitor:
     """Dispatches events to checks and keeps their findings.
 
@@ -137,6 +218,8 @@ class Monitor:
         #: what the engine established about the model at its first event (see :mod:`callbacks.facts`)
         self.facts: ModelFacts | None = None
         self._restored_ties: list[Any] = []
+        #: the bounded group over every rank that gathers the ranks' findings to rank 0 at ``end``
+        self._ranks: RankFindings | None = None
 
     @classmethod
     def from_recipe(cls, path: str | os.PathLike[str], **kwargs: Any) -> Monitor:
@@ -192,6 +275,8 @@ class Monitor:
             self._last_step = ctx.step
         if event == "init":
             self._watch_merges(model)
+            if self._ranks is None:
+                self._ranks = RankFindings.connect()
         for check in self.checks:
             try:
                 new.extend(accepted_finding(f) for f in check.run(ctx))
@@ -200,6 +285,8 @@ class Monitor:
                                         "training goes on without this check at this event; if the message names "
                                         "a configuration problem fix it, otherwise report it with the traceback in "
                                         "details"))
+        if event == "end" and self._ranks is not None:
+            new.extend(self._ranks.gather(self._findings + new, step=ctx.step))
         self._findings.extend(new)
         self._apply_policy(new)
         if event == "end":

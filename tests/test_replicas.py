@@ -73,6 +73,14 @@ def test_hf_trainer_under_torchrun(tmp_path):
         ]
         # a parameter nudged on rank 1 after the step: DDP keeps averaging gradients, so gradients still agree
         assert problems(load(tmp_path, "param", rank)) == [("PARAM_REPLICA_MISMATCH", "step", 2, (TARGET,), (0, 1))]
+        untie = load(tmp_path, "untie", rank)["findings"]
+        assert "CHECK_FAILED" not in [f["code"] for f in untie]
+        (broken,) = [f for f in untie if f["code"] == "TIE_BROKEN"]
+        assert (broken["step"], broken["params"]) == (2, ["lm_head.weight", "transformer.wte.weight"])
+        if rank == 0:  # seen by rank 1 alone, gathered into rank 0's report (the job's report and exit code)
+            assert broken["details"]["seen_on_ranks"] == [1] and broken["message"].endswith("(seen on rank 1)")
+        else:
+            assert "seen_on_ranks" not in broken["details"]
         tied = [(f["code"], f["event"], f["step"], tuple(f["params"]))
                 for f in load(tmp_path, "tied", rank)["findings"]]
         assert tied == [("CHECK_NOT_APPLICABLE", "init", 0, ()),

@@ -71,10 +71,13 @@ def test_hsdp_2x2_compares_only_within_replicate_subgroups(tmp_path):
         assert healthy["section"]["replicas"] == f"compared within replicate groups {group} (local shards)"
         assert healthy["local_shapes"][TARGET] == [16, 32]
         # rank 3 nudged its gradient shard: only its replicate peer (rank 1) sees it; ranks 0 and 2 hold the other
-        # shard and are never compared with ranks 1 and 3
+        # shard and are never compared with ranks 1 and 3, but rank 0 speaks for the job: at the end it holds what
+        # ranks 1 and 3 found (marked as seen there)
         expected = [("GRAD_REPLICA_MISMATCH", "step", 2, (TARGET,), (1, 3)),
-                    ("PARAM_REPLICA_MISMATCH", "step", 2, (TARGET,), (1, 3))] if rank in (1, 3) else []
-        assert problems(load(tmp_path, "hsdp4_grad", rank)) == expected
+                    ("PARAM_REPLICA_MISMATCH", "step", 2, (TARGET,), (1, 3))] if rank in (0, 1, 3) else []
+        grad = load(tmp_path, "hsdp4_grad", rank)
+        assert problems(grad) == expected
+        assert all(f["details"].get("seen_on_ranks") == ([1, 3] if rank == 0 else None) for f in grad["findings"])
     # bounded wait inside a subgroup: rank 3 skipped the exchange; rank 1 gets CHECK_FAILED after timeout_s=3,
     # ranks 0 and 2 (the other group) finish at once without a finding
     timeout = load(tmp_path, "hsdp4_timeout", 1)

@@ -208,7 +208,7 @@ class ReplicaGroup:
         return Exchange("ok", [[to_unsigned(v) for v in t.tolist()] for t in gathered], [], counts)
 
     def all_gather_object(self, obj: Any) -> list[Any]:
-        """Every rank's small picklable ``obj`` (used for tied copies held on different ranks)."""
+        """Every rank's small picklable ``obj`` (tied copies held on different ranks, the ranks' findings)."""
         import torch.distributed as dist
 
         self._guard()
@@ -218,7 +218,7 @@ class ReplicaGroup:
         except Exception as err:
             self.broken = f"{type(err).__name__}: {err}"
             raise ReplicaExchangeError(
-                f"all-gather of tied-copy hashes failed on rank {self.global_rank}: {err}") from err
+                f"all-gather of small objects failed on rank {self.global_rank}: {err}") from err
         return out
 
 

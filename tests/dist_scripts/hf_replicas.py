@@ -1,12 +1,14 @@
 """Launched by tests/test_replicas.py as users launch HF Trainer jobs:
 ``python -m torch.distributed.run --nproc_per_node 2 hf_replicas.py OUT_DIR`` (gloo, CPU).
 
-Runs, in one launch, three short Trainer jobs with the IntegrityCallback (policy log, defaults otherwise):
-``healthy``; ``grad`` (rank 1 adds 1e-3 to one gradient after the all-reduce, before the optimizer step 2);
-``param`` (rank 1 adds 1e-3 to one parameter after optimizer step 2). Then ``timeout``: rank 1 skips one
-exchange of a plain Monitor and rank 0 must get CHECK_FAILED within the bounded wait instead of hanging;
-before it, ``tied``: a tie kept by copying across two ranks (pipeline-like), diverged on rank 1 at step 2, and
-``out_of_step``: rank 1 misses one exchange of a plain Monitor (tagged exchanges: CHECK_FAILED, no mismatch).
+Runs, in one launch, short Trainer jobs with the IntegrityCallback (policy log, defaults otherwise):
+``healthy``; ``saving`` (a checkpoint every step); ``grad`` (rank 1 adds 1e-3 to one gradient after the
+all-reduce, before the optimizer step 2); ``param`` (rank 1 adds 1e-3 to one parameter after optimizer step 2);
+``untie`` (rank 1 alone replaces the tied head's Parameter at step 2: a finding only rank 1 sees, which must
+reach rank 0's report). Then plain Monitors: ``tied``, a tie kept by copying across two ranks (pipeline-like),
+diverged on rank 1 at step 2; ``out_of_step``, rank 1 misses one exchange (tagged exchanges: CHECK_FAILED, no
+mismatch); ``timeout``, rank 1 skips one exchange and rank 0 must get CHECK_FAILED within the bounded wait
+instead of hanging.
 Each rank writes ``OUT_DIR/<job>.rank<r>.json`` with its findings.
 """
 
@@ -51,6 +53,8 @@ class PerturbOnRank1(TrainerCallback):
         if self.what == "param" and state.global_step + 1 == 2 and dist.get_rank() == 1:
             with torch.no_grad():
                 self._target(model).add_(1e-3)
+        if self.what == "untie" and state.global_step + 1 == 2 and dist.get_rank() == 1:
+            model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())
 
 
 def dump(job, findings, **extra):
@@ -132,7 +136,7 @@ def run_tied():
     dump("tied", mon.findings)
 
 
-for job in ("healthy", "saving", "grad", "param"):
+for job in ("healthy", "saving", "grad", "param", "untie"):
     run_trainer(job)
 run_tied()
 run_out_of_step()
