@@ -27,11 +27,11 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def launch(args: list[str], out_dir, timeout: int = 120) -> str:
-    """Run a launcher in its own session; on timeout kill the whole group (workers included), never leave
-    orphaned ranks behind. Returns what every rank printed (stdout)."""
+def launch(args: list[str], out_dir, timeout: int = 120, env: dict[str, str] | None = None) -> str:
+    """Run a launcher in its own session (``env``: more environment variables); on timeout kill the whole group
+    (workers included), never leave orphaned ranks behind. Returns what every rank printed (stdout)."""
     env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
-           "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+           "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **(env or {})}
     for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
     proc = subprocess.Popen([sys.executable, *args, str(out_dir)], cwd=REPO, env=env, stdout=subprocess.PIPE,

@@ -361,9 +361,10 @@ class SavedStateCheck(Check):
             return [self.finding(
                 "CHECKPOINT_UNREADABLE", ctx, severity="warning",
                 message=f"{path} holds no weight files this check can read (model[.safetensors|-*.safetensors + "
-                        "index], pytorch_model.bin, adapter_model.*, accelerate model_i.*, DCP .metadata, .ckpt)",
+                        "index], pytorch_model.bin, adapter_model.*, accelerate model_i.*, DCP .metadata, .ckpt, "
+                        "DeepSpeed 'latest' + <tag>/*model_states.pt)",
                 hint="point checkpoint_dir at the folder or file the trainer wrote; formats this check does not "
-                     "read (DeepSpeed zero shards, GGUF) cannot be proven complete",
+                     "read (GGUF, ...) cannot be proven complete",
                 file=path, reason="no weight files")]
         groups = {group: list(entries) for group, entries in listing.groups.items()}
         findings = self._coverage(ctx, groups, source=path, files=listing.files, framework=framework,
@@ -382,8 +383,9 @@ class SavedStateCheck(Check):
             "CHECKPOINT_UNREADABLE", ctx,
             message=f"cannot read checkpoint file {err.path}: {err.reason}; whether every trainable parameter "
                     "was saved cannot be proven",
-            hint="the file is truncated or corrupt (a disk filled up, a copy or upload was cut, two writers "
-                 "raced): write the checkpoint again and check free disk space before relying on it",
+            hint=err.hint or ("the file is truncated or corrupt (a disk filled up, a copy or upload was cut, two "
+                              "writers raced): write the checkpoint again and check free disk space before "
+                              "relying on it"),
             file=err.path, reason=err.reason, files=listing.files, checkpoint=listing.path)
 
     def _coverage(self, ctx: EventContext, groups: Mapping[str, Sequence[str]], *, source: str, files: list[str],

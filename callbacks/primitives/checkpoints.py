@@ -56,6 +56,17 @@ ACCELERATE_FSDP_FOLDER = re.compile(r"^pytorch_model_fsdp_\d+$")
 DCP_METADATA = ".metadata"
 #: Lightning ``ModelCheckpoint`` files (``last.ckpt``, ``epoch=0-step=3.ckpt``)
 LIGHTNING_SUFFIX = ".ckpt"
+#: DeepSpeed ``save_checkpoint`` (HF Trainer, accelerate, Lightning's DeepSpeed strategy): a ``latest`` file
+#: naming the tag folder (HF: ``global_step<N>``, Lightning: ``checkpoint``) that holds per-rank
+#: ``*model_states.pt`` (parameter names and full shapes; under ZeRO-3 the module's tensors are empty
+#: placeholders) and ``*optim_states.pt`` (each data-parallel rank's partition of the values)
+DEEPSPEED_LATEST = "latest"
+ZERO_MODEL_STATES = re.compile(r"^(?:zero_pp_rank_(\d+)_)?mp_rank_(\d+)_model_states\.pt$")
+ZERO_OPTIM_STATES = re.compile(r"^(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt$")
+#: what a DeepSpeed user can set so a checkpoint folder also holds the consolidated weights
+ZERO_WEIGHTS_HINT = ("DeepSpeed ZeRO-3 writes partitioned shards only: set zero_optimization."
+                     "stage3_gather_16bit_weights_on_model_save: true to also write model.safetensors, or rebuild "
+                     "the weights with the zero_to_fp32.py script DeepSpeed puts in the folder")
 #: safetensors refuses headers above 100 MB; so do we (a larger length is a corrupt length field)
 SAFETENSORS_MAX_HEADER = 100_000_000
 #: index JSON files (``*.index.json``): real ones are a few hundred kB even for 1000-shard models
@@ -85,10 +96,11 @@ SAFETENSORS_DTYPES: dict[str, tuple[str, float]] = {
 
 
 class CheckpointReadError(Exception):
-    """A checkpoint file that cannot be read; ``path`` and ``reason`` say which and why."""
+    """A checkpoint file that cannot be read; ``path`` and ``reason`` say which and why, ``hint`` (when the
+    reader knows the format's own remedy) what to do."""
 
-    def __init__(self, path: str, reason: str):
-        self.path, self.reason = path, reason
+    def __init__(self, path: str, reason: str, hint: str | None = None):
+        self.path, self.reason, self.hint = path, reason, hint
         super().__init__(f"{path}: {reason}")
 
 
@@ -178,7 +190,8 @@ class CheckpointListing:
             PEFT adapter sub-folders and accelerate's extra models), each key -> :class:`SavedTensor`; keys of
             different groups may repeat (every PEFT adapter saves ``...lora_A.weight``).
         errors: one :class:`CheckpointReadError` per unreadable file; keys of such files are missing.
-        formats: the formats met (``safetensors``, ``safetensors-index``, ``torch``, ``lightning``, ``dcp``).
+        formats: the formats met (``safetensors``, ``safetensors-index``, ``torch``, ``lightning``, ``dcp``,
+            ``deepspeed``).
     """
 
     path: str
@@ -554,6 +567,13 @@ def _rebuild_parameter_meta(data: Any, *args: Any, **kwargs: Any) -> Any:
     return data
 
 
+def _size_meta(dims: Any = ()) -> Any:
+    """``torch.Size`` as a tuple of ints (DeepSpeed records parameter shapes as ``torch.Size``)."""
+    if isinstance(dims, (tuple, list)) and all(type(d) is int and d >= 0 for d in dims):
+        return tuple(dims)
+    return _Opaque()
+
+
 class _TorchMetadataUnpickler(pickle.Unpickler):
     """Unpickles a torch zip's ``data.pkl`` into :class:`TensorMeta` and containers: storages are never loaded
     and no global is imported except the safe containers below (everything else becomes :class:`_Opaque`).
@@ -577,6 +597,8 @@ class _TorchMetadataUnpickler(pickle.Unpickler):
             return collections.OrderedDict
         if module == "torch" and name in _STORAGE_DTYPES:
             return _STORAGE_DTYPES[name]
+        if module == "torch" and name == "Size":
+            return _size_meta
         if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
             return str(getattr(torch, name)).removeprefix("torch.")
         if f"{module}.{name}" not in _WEIGHTS_ONLY_GLOBALS and len(self.foreign) < 20:
@@ -761,6 +783,103 @@ def list_dcp(folder: str, root: str | None = None) -> dict[str, SavedTensor]:
     return entries
 
 
+# -- DeepSpeed ------------------------------------------------------------------------------------------------
+def deepspeed_tag_folder(folder: str) -> str | None:
+    """The tag folder named by a DeepSpeed checkpoint's ``latest`` file, or ``None`` when ``folder`` has none."""
+    latest = os.path.join(folder, DEEPSPEED_LATEST)
+    if not os.path.lexists(latest):
+        return None
+    tag = read_bounded(latest, 4096, folder, "DeepSpeed 'latest' file").decode("utf-8", "replace").strip()
+    if not tag or "/" in tag or "\\" in tag or tag in (".", ".."):
+        raise CheckpointReadError(latest, f"the DeepSpeed 'latest' file names no tag folder (it holds {_short(tag)})")
+    tag_folder = os.path.join(folder, tag)
+    if not os.path.isdir(tag_folder) or not _inside(tag_folder, folder):
+        raise CheckpointReadError(latest, f"names the tag {_short(tag)}, which is not a folder of this checkpoint")
+    return tag_folder
+
+
+def _zero_shapes(value: Any, path: str, what: str) -> dict[str, tuple[int, ...]]:
+    if value is None:
+        return {}
+    groups = value if isinstance(value, list) else [value]
+    out: dict[str, tuple[int, ...]] = {}
+    for group in groups:
+        if not isinstance(group, Mapping):
+            raise CheckpointReadError(path, f"DeepSpeed {what} is malformed ({type(group).__name__})")
+        for name, shape in group.items():
+            if not (isinstance(name, str) and isinstance(shape, tuple)):
+                raise CheckpointReadError(path, f"DeepSpeed {what} entry {_short(name)} is malformed")
+            out[name] = shape
+    return out
+
+
+def list_zero(folder: str, root: str | None = None) -> tuple[dict[str, SavedTensor], str]:
+    """Tensor entries of a DeepSpeed checkpoint folder (the one holding ``latest``) and the model-states file
+    they came from: names and full shapes from rank 0's ``*model_states.pt`` (``param_shapes``,
+    ``frozen_param_shapes``, buffers, and ``shared_params`` aliases such as a tied ``lm_head.weight``), read by
+    the metadata unpickler; values are not read.
+
+    A checkpoint missing the partition of a data-parallel rank (``dp_world_size`` in the model states) cannot be
+    rebuilt: a :class:`CheckpointReadError` naming the ranks."""
+    root = root or folder
+    tag_folder = deepspeed_tag_folder(folder)
+    if tag_folder is None:
+        raise CheckpointReadError(folder, "not a DeepSpeed checkpoint (no 'latest' file)")
+    names = os.listdir(tag_folder)
+    if len(names) > MAX_ENTRIES:
+        raise CheckpointReadError(tag_folder, f"{len(names)} files, beyond the bound of {MAX_ENTRIES}")
+    models = {n: ZERO_MODEL_STATES.match(n) for n in names}
+    models = {n: m for n, m in models.items() if m}
+    if not models:
+        raise CheckpointReadError(tag_folder, "a DeepSpeed tag folder without *_model_states.pt files")
+    first = min(models, key=lambda n: (int(models[n].group(1) or 0), int(models[n].group(2))))
+    path = os.path.join(tag_folder, first)
+    obj = read_torch_metadata(path, root)
+    if not isinstance(obj, Mapping):
+        raise CheckpointReadError(path, f"expected DeepSpeed model states (a dict), found {type(obj).__name__}")
+    dp = obj.get("dp_world_size", 1)
+    if type(dp) is not int or not 1 <= dp <= MAX_ENTRIES:
+        raise CheckpointReadError(path, f"DeepSpeed model states with a malformed dp_world_size ({_short(dp)})")
+    optim_ranks = {int(m.group(1)) for n in names if (m := ZERO_OPTIM_STATES.match(n))}
+    missing = [r for r in range(dp) if r not in optim_ranks]
+    if any(m.group(1) is not None for m in models.values()):  # ZeRO-3: each rank's model states too
+        model_ranks = {int(m.group(1)) for m in models.values() if m.group(1) is not None}
+        missing = sorted(set(missing) | {r for r in range(dp) if r not in model_ranks})
+    if missing:
+        raise CheckpointReadError(
+            tag_folder, f"incomplete DeepSpeed checkpoint: no partition of data-parallel rank(s) {missing[:8]} "
+                        f"(of {dp}); the saved values cannot be rebuilt",
+            hint="every rank writes its own partition: a rank that crashed or ran out of disk during the save, or "
+                 "ranks on different machines writing to local disks, leave it incomplete; save to storage every "
+                 "node shares (or copy each node's tag folder together) and check the save finished on all ranks")
+    for name in names:  # every partition file must be a regular file inside the checkpoint
+        if ZERO_OPTIM_STATES.match(name) or name in models:
+            regular_file_size(os.path.join(tag_folder, name), root)
+    module = obj.get("module")
+    module = module if isinstance(module, Mapping) else {}
+    shapes = _zero_shapes(obj.get("param_shapes"), path, "param_shapes")
+    shapes.update(_zero_shapes(obj.get("frozen_param_shapes"), path, "frozen_param_shapes"))
+    buffers = obj.get("buffer_names") or []
+    if not isinstance(buffers, (list, tuple)):
+        raise CheckpointReadError(path, "DeepSpeed buffer_names is malformed")
+    for name in buffers:
+        meta = module.get(name)
+        if isinstance(name, str) and isinstance(meta, TensorMeta):
+            shapes.setdefault(name, meta.shape)
+    entries: dict[str, SavedTensor] = {}
+    for name, shape in shapes.items():
+        meta = module.get(name)
+        dtype = meta.dtype if isinstance(meta, TensorMeta) else "unknown"
+        entries[name] = SavedTensor(key=name, dtype=dtype, shape=shape, file=path)
+    shared = obj.get("shared_params") or {}
+    if not isinstance(shared, Mapping):
+        raise CheckpointReadError(path, "DeepSpeed shared_params is malformed")
+    for alias, source in shared.items():  # tied names: zero_to_fp32 writes the alias with the source's values
+        if isinstance(alias, str) and source in entries:
+            entries[alias] = dataclasses.replace(entries[source], key=alias)
+    return entries, path
+
+
 # -- discovery ------------------------------------------------------------------------------------------------
 def _file_kind(path: str) -> str:
     if path.endswith(SAFETENSORS_INDEX_SUFFIX):
@@ -775,7 +894,8 @@ def _file_kind(path: str) -> str:
 def checkpoint_parts(path: str) -> list[tuple[str, str, str]]:
     """``(group, kind, path)`` of every weight source of a checkpoint file or folder.
 
-    ``kind`` is ``safetensors``, ``safetensors-index``, ``torch``, ``torch-index`` or ``dcp``; ``group`` is
+    ``kind`` is ``safetensors``, ``safetensors-index``, ``torch``, ``torch-index``, ``dcp`` or ``deepspeed``
+    (a folder holding only DeepSpeed's partitioned shards); ``group`` is
     ``""`` for the checkpoint itself and the sub-folder name for PEFT adapter sub-folders and accelerate
     FSDP folders. An index wins over the single file it replaces, as in transformers; safetensors wins over
     ``.bin`` for adapters, as in PEFT.
@@ -800,6 +920,8 @@ def checkpoint_parts(path: str) -> list[tuple[str, str, str]]:
         if adapter in names:
             parts.append(("", _file_kind(adapter), os.path.join(path, adapter)))
             break
+    if not parts and DEEPSPEED_LATEST in names:  # only DeepSpeed's partitioned shards (ZeRO-3 without gathering)
+        parts.append(("", "deepspeed", path))
     if not parts:  # a Lightning checkpoint folder: every .ckpt in it (one: the folder's own keys)
         ckpts = sorted(n for n in names if n.endswith(LIGHTNING_SUFFIX) and not n.startswith("."))
         for name in ckpts:
@@ -849,6 +971,10 @@ def _list_part(listing: CheckpointListing, group: str, kind: str, path: str, roo
         entries = list_dcp(path, root or path)
         listing.files.append(os.path.join(path, DCP_METADATA))
         listing.add(group, entries.values())
+    elif kind == "deepspeed":
+        entries, states = list_zero(path, root or path)
+        listing.files.append(states)
+        listing.add(group, entries.values())
     else:
         entries, fmt = list_torch_file(path, root)
         listing.files.append(path)
@@ -887,8 +1013,9 @@ def read_tensors(path: str, keys: Iterable[str] | None = None, *, root: str | No
 
     safetensors files are validated from their header before any tensor is read; torch files are checked
     (:func:`check_torch_zip`) and loaded with ``weights_only=True, mmap=True`` so only the wanted tensors' pages
-    are touched. DCP folders are not read (listing only). Files must lie inside ``root`` (the folder when
-    ``path`` is one). Raises :class:`CheckpointReadError` for the first unreadable file.
+    are touched. DCP and DeepSpeed folders are not read (listing only: their values are partitioned). Files
+    must lie inside ``root`` (the folder when ``path`` is one). Raises :class:`CheckpointReadError` for the first
+    unreadable file.
     """
     wanted = None if keys is None else set(keys)
     if root is None and os.path.isdir(path):

@@ -1,0 +1,44 @@
+"""Launched by tests/test_deepspeed_checkpoints.py:
+``DS_ACCELERATOR=cpu python -m torch.distributed.run --nproc_per_node 2 ds_checkpoints.py OUT_DIR`` (gloo, CPU).
+
+Full fine-tunes of a tiny tied GPT-2 through the HF Trainer with a DeepSpeed config dict, saving a checkpoint at
+step 2, under ``zero3`` (only DeepSpeed's partitioned shards are written), ``zero3_gathered``
+(``stage3_gather_16bit_weights_on_model_save``: a consolidated ``model.safetensors`` too) and ``zero2``
+(``model.safetensors`` beside the shards). Each rank writes ``OUT_DIR/<job>.rank<r>.json`` with its findings.
+"""
+
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # tests/ (models)
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))  # the repo
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+from models import TokenDataset, tiny_gpt2  # noqa: E402
+from transformers import Trainer, TrainingArguments  # noqa: E402
+
+from callbacks.hf import IntegrityCallback  # noqa: E402
+
+torch.set_num_threads(1)
+OUT = sys.argv[1]
+JOBS = {"zero3": {"stage": 3}, "zero3_gathered": {"stage": 3, "stage3_gather_16bit_weights_on_model_save": True},
+        "zero2": {"stage": 2}}
+
+for job, zero in JOBS.items():
+    deepspeed = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1, "zero_optimization": zero,
+                 "optimizer": {"type": "AdamW", "params": {"lr": 1e-2}}}
+    integrity = IntegrityCallback(policy="log")
+    args = TrainingArguments(output_dir=os.path.join(OUT, job), max_steps=2, per_device_train_batch_size=2,
+                             save_strategy="steps", save_steps=2, report_to=[], logging_steps=1000,
+                             disable_tqdm=True, learning_rate=1e-2, seed=0, deepspeed=deepspeed)
+    trainer = Trainer(model=tiny_gpt2(), args=args, train_dataset=TokenDataset(n=16), callbacks=[integrity])
+    trainer.train()
+    names = sorted(n for n, _ in trainer.model.named_parameters(remove_duplicate=False))
+    with open(os.path.join(OUT, f"{job}.rank{dist.get_rank()}.json"), "w") as fh:
+        json.dump({"findings": [f.to_dict() for f in integrity.findings], "names": names}, fh, default=str)
+    dist.barrier()

@@ -1,0 +1,80 @@
+"""The saved-state check reads DeepSpeed checkpoint folders (``latest`` + ``global_stepN/*model_states.pt``):
+names and full shapes through the restricted unpickler, no value read, no code run. Real ZeRO-2/ZeRO-3 saves
+through the HF Trainer under torchrun (2 CPU ranks, gloo) are clean at the ``checkpoint`` event and in ``audit``;
+an incomplete or hostile DeepSpeed folder is ``CHECKPOINT_UNREADABLE`` naming what is missing, never clean."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pytest
+from test_replicas import HERE, free_port, launch
+
+from callbacks.primitives.checkpoints import list_checkpoint
+from callbacks.runner.cli import main
+
+pytest.importorskip("deepspeed")
+pytestmark = pytest.mark.slow
+
+#: where DeepSpeed's JIT-built comm op is cached between runs (outside the repository)
+EXTENSIONS = os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.join(
+    os.path.expanduser("~"), ".cache", "integrity-callbacks", "torch_extensions")
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ds_checkpoints")
+    launch(["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+            "--master_port", str(free_port()), os.path.join(HERE, "dist_scripts", "ds_checkpoints.py")], out,
+           timeout=600, env={"DS_ACCELERATOR": "cpu", "TORCH_EXTENSIONS_DIR": EXTENSIONS})
+    return out
+
+
+def results(out, job, rank):
+    with open(out / f"{job}.rank{rank}.json") as fh:
+        return json.load(fh)
+
+
+@pytest.mark.parametrize("job", ["zero3", "zero3_gathered", "zero2"])
+def test_healthy_deepspeed_saves_are_clean_at_the_checkpoint_event(saved, job):
+    for rank in (0, 1):
+        found = [(f["code"], f["event"], f["message"]) for f in results(saved, job, rank)["findings"]
+                 if f["severity"] != "info" or f["check"] == "saved_state"]
+        assert found == [], found
+
+
+def test_a_zero3_folder_lists_every_parameter_with_its_full_shape(saved):
+    folder = saved / "zero3" / "checkpoint-2"
+    assert not (folder / "model.safetensors").exists()  # only DeepSpeed's shards were written
+    listing = list_checkpoint(str(folder))
+    assert listing.errors == [] and listing.formats == ["deepspeed"]
+    assert sorted(listing.keys) == results(saved, "zero3", 0)["names"]  # the tied lm_head alias included
+    assert listing.tensors["transformer.wte.weight"].shape == (64, 32)  # the full shape, not the placeholder's
+    assert listing.files == [str(folder / "global_step2" / "zero_pp_rank_0_mp_rank_00_model_states.pt")]
+
+
+@pytest.mark.parametrize("job", ["zero3", "zero3_gathered", "zero2"])
+def test_audit_of_a_healthy_deepspeed_folder_is_clean(saved, job, capsys):
+    assert main(["audit", str(saved / job / "checkpoint-2")]) == 0, capsys.readouterr().out
+
+
+def test_a_missing_rank_partition_is_unreadable_naming_the_rank(saved, tmp_path, capsys):
+    broken = tmp_path / "checkpoint-2"
+    shutil.copytree(saved / "zero3" / "checkpoint-2", broken)
+    os.remove(broken / "global_step2" / "zero_pp_rank_1_mp_rank_00_optim_states.pt")
+    assert main(["audit", str(broken)]) == 1
+    out = capsys.readouterr().out
+    assert "incomplete DeepSpeed checkpoint: no partition of data-parallel rank(s) [1] (of 2)" in out
+    assert "save to storage every node shares" in out
+
+
+@pytest.mark.parametrize("tag", ["../../..", "/etc", "no_such_tag", ""])
+def test_a_latest_file_naming_a_tag_outside_or_nowhere_is_unreadable(saved, tmp_path, tag):
+    broken = tmp_path / "checkpoint-2"
+    shutil.copytree(saved / "zero3" / "checkpoint-2", broken)
+    (broken / "latest").write_text(tag)
+    listing = list_checkpoint(str(broken))
+    assert listing.keys == [] and len(listing.errors) == 1
+    assert listing.errors[0].path == str(broken / "latest")
