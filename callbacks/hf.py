@@ -16,8 +16,10 @@ and the objects HF passes as keyword arguments (model, optimizer); they never re
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
+import logging
 import os
 import warnings
 from typing import Any
@@ -27,6 +29,8 @@ from transformers.trainer_callback import ExportableState
 
 from callbacks.integration import MonitorOwner
 from callbacks.metrics import finding_metrics
+
+logger = logging.getLogger("callbacks")
 
 PREFIX_CHECKPOINT_DIR = "checkpoint"
 TRAINER_STATE_NAME = "trainer_state.json"
@@ -177,10 +181,17 @@ class IntegrityCallback(MonitorOwner, TrainerCallback, ExportableState):
         if replaced is None:
             return
         data["stateful_callbacks"][name] = replaced
-        tmp = f"{path}.integrity-tmp"
-        with open(tmp, "w", encoding="utf-8") as fh:
-            fh.write(json.dumps(data, indent=2, sort_keys=True) + "\n")  # HF's own layout
-        os.replace(tmp, path)
+        # a name of this process's own: when two processes both save (DeepSpeed on CPU leaves HF believing every
+        # rank is the main one), neither renames the other's file away; the last replace wins, whole
+        tmp = f"{path}.integrity-{os.getpid()}.tmp"
+        try:
+            with open(tmp, "w", encoding="utf-8") as fh:
+                fh.write(json.dumps(data, indent=2, sort_keys=True) + "\n")  # HF's own layout
+            os.replace(tmp, path)
+        except OSError as err:  # the checkpoint keeps HF's own entry; training goes on
+            logger.warning("integrity: could not store this checkpoint's findings in %s: %s", path, err)
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
 
 
 def _calling_handler(callback: Any) -> Any:

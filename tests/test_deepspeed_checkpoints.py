@@ -1,4 +1,5 @@
-"""The saved-state check reads DeepSpeed checkpoint folders (``latest`` + ``global_stepN/*model_states.pt``):
+"""Under DeepSpeed the trainable check reads the optimizer's model-parameter groups through accelerate's wrapper,
+and the saved-state check reads DeepSpeed checkpoint folders (``latest`` + ``global_stepN/*model_states.pt``):
 names and full shapes through the restricted unpickler, no value read, no code run. Real ZeRO-2/ZeRO-3 saves
 through the HF Trainer under torchrun (2 CPU ranks, gloo) are clean at the ``checkpoint`` event and in ``audit``;
 an incomplete or hostile DeepSpeed folder is ``CHECKPOINT_UNREADABLE`` naming what is missing, never clean."""
@@ -78,3 +79,21 @@ def test_a_latest_file_naming_a_tag_outside_or_nowhere_is_unreadable(saved, tmp_
     listing = list_checkpoint(str(broken))
     assert listing.keys == [] and len(listing.errors) == 1
     assert listing.errors[0].path == str(broken / "latest")
+
+
+@pytest.mark.parametrize("job", ["zero3", "zero2"])
+def test_optimizer_coverage_is_judged_through_deepspeeds_groups(saved, job):
+    """The optimizer HF hands the callbacks is accelerate's wrapper over DeepSpeed's ZeRO optimizer, whose
+    param_groups are flat fp32 partitions: coverage is read from its model-parameter groups, not given up."""
+    messages = [f["message"] for f in results(saved, job, 0)["findings"]]
+    assert not any("optimizer coverage not checked" in m for m in messages), messages
+
+
+def test_unfreezing_after_deepspeed_built_its_groups_is_not_optimized(saved):
+    for rank in (0, 1):
+        found = [(f["code"], f["event"], f["step"], tuple(f["params"])) for f in
+                 results(saved, "zero2_unfreeze", rank)["findings"] if f["severity"] != "info"]
+        # and the adapter save leaves it out (PEFT saves adapters; the unfrozen embedding is in no module to save)
+        assert found == [("TRAINABLE_SET_CHANGED", "step", 2, ("transformer.wpe.weight",)),
+                         ("TRAINABLE_NOT_OPTIMIZED", "step", 2, ("transformer.wpe.weight",)),
+                         ("UNSAVED_TRAINABLE", "checkpoint", 2, ("transformer.wpe.weight",))], found

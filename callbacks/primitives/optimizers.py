@@ -49,7 +49,7 @@ def _read_groups(optimizer: Any) -> HeldParameters | None:
     deepspeed_groups = getattr(optimizer, "bit16_groups", None) or getattr(optimizer, "fp16_groups", None)
     held = HeldParameters([], {}, {})
     try:
-        if isinstance(deepspeed_groups, list) and deepspeed_groups:
+        if _deepspeed_groups(optimizer):
             rates = [group_learning_rate(g) for g in groups] if isinstance(groups, list) else []
             for index, group in enumerate(deepspeed_groups):
                 for p in group:
@@ -71,13 +71,23 @@ def _read_groups(optimizer: Any) -> HeldParameters | None:
     return held
 
 
+def _deepspeed_groups(optimizer: Any) -> bool:
+    groups = getattr(optimizer, "bit16_groups", None) or getattr(optimizer, "fp16_groups", None)
+    return isinstance(groups, list) and bool(groups)
+
+
 def held_parameters(optimizers: Sequence[Any]) -> HeldParameters | None:
-    """What the optimizers hold, each read at the outermost wrapper level that has readable groups; ``None``
-    when none has."""
+    """What the optimizers hold; ``None`` when none has readable groups. Each is read at the wrapper level
+    holding DeepSpeed's model-parameter groups when one does (accelerate's and Lightning's wrappers forward
+    ``param_groups``, which under ZeRO are flat fp32 partitions), else at the outermost level with readable
+    groups."""
     held = HeldParameters([], {}, {})
     readable = False
     for outer in optimizers:
-        one = next((h for h in map(_read_groups, inner_optimizers(outer)) if h is not None), None)
+        chain = list(inner_optimizers(outer))
+        deepspeed = next((o for o in chain if _deepspeed_groups(o)), None)
+        levels = [deepspeed] if deepspeed is not None else chain
+        one = next((h for h in map(_read_groups, levels) if h is not None), None)
         if one is None:
             continue
         readable = True

@@ -4,7 +4,10 @@
 Full fine-tunes of a tiny tied GPT-2 through the HF Trainer with a DeepSpeed config dict, saving a checkpoint at
 step 2, under ``zero3`` (only DeepSpeed's partitioned shards are written), ``zero3_gathered``
 (``stage3_gather_16bit_weights_on_model_save``: a consolidated ``model.safetensors`` too) and ``zero2``
-(``model.safetensors`` beside the shards). Each rank writes ``OUT_DIR/<job>.rank<r>.json`` with its findings.
+(``model.safetensors`` beside the shards). Then ``zero2_unfreeze``: LoRA, and the user's callback unfreezes the
+position embedding after step 1, when DeepSpeed's optimizer groups are already built (it gets gradients and
+never changes): TRAINABLE_SET_CHANGED and TRAINABLE_NOT_OPTIMIZED at step 2. Each rank writes
+``OUT_DIR/<job>.rank<r>.json`` with its findings.
 """
 
 import json
@@ -20,14 +23,31 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from models import TokenDataset, tiny_gpt2  # noqa: E402
-from transformers import Trainer, TrainingArguments  # noqa: E402
+from peft import LoraConfig, get_peft_model  # noqa: E402
+from transformers import Trainer, TrainerCallback, TrainingArguments  # noqa: E402
 
 from callbacks.hf import IntegrityCallback  # noqa: E402
 
 torch.set_num_threads(1)
 OUT = sys.argv[1]
 JOBS = {"zero3": {"stage": 3}, "zero3_gathered": {"stage": 3, "stage3_gather_16bit_weights_on_model_save": True},
-        "zero2": {"stage": 2}}
+        "zero2": {"stage": 2}, "zero2_unfreeze": {"stage": 2}}
+
+
+class UnfreezeAfterStep1(TrainerCallback):
+    """Gradual unfreezing done after the optimizer exists (DeepSpeed built its groups from the trainable set)."""
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step == 1:
+            model.base_model.model.transformer.wpe.weight.requires_grad_(True)
+
+
+def build(job):
+    model = tiny_gpt2()
+    if job == "zero2_unfreeze":
+        model = get_peft_model(model, LoraConfig(r=4, target_modules=["c_attn"], fan_in_fan_out=True))
+    return model
+
 
 for job, zero in JOBS.items():
     deepspeed = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1, "zero_optimization": zero,
@@ -36,7 +56,9 @@ for job, zero in JOBS.items():
     args = TrainingArguments(output_dir=os.path.join(OUT, job), max_steps=2, per_device_train_batch_size=2,
                              save_strategy="steps", save_steps=2, report_to=[], logging_steps=1000,
                              disable_tqdm=True, learning_rate=1e-2, seed=0, deepspeed=deepspeed)
-    trainer = Trainer(model=tiny_gpt2(), args=args, train_dataset=TokenDataset(n=16), callbacks=[integrity])
+    callbacks = [UnfreezeAfterStep1()] if job == "zero2_unfreeze" else []
+    trainer = Trainer(model=build(job), args=args, train_dataset=TokenDataset(n=16),
+                      callbacks=[*callbacks, integrity])
     trainer.train()
     names = sorted(n for n, _ in trainer.model.named_parameters(remove_duplicate=False))
     with open(os.path.join(OUT, f"{job}.rank{dist.get_rank()}.json"), "w") as fh:
