@@ -50,6 +50,15 @@ from callbacks.primitives.collectives import (
 )
 from callbacks.primitives.naming import local_tensor, named_parameters_all, unwrap_model, user_name
 from callbacks.primitives.optimizers import held_parameters
+from callbacks.primitives.zero import (
+    GRADIENTS_HIDDEN_WHY,
+    any_partitioned,
+    dynamic_loss_scale,
+    gradients_hidden,
+    local_values,
+    step_overflowed,
+    zero_optimizer,
+)
 
 
 class HashConfig(CheckConfig):
@@ -138,9 +147,14 @@ def is_partial(tensor: Any) -> bool:
 
 
 def hash_or_none(tensors: Sequence[torch.Tensor | None], backend: str) -> list[int | None]:
-    """Hashes of tensors, ``None`` for missing or meta ones; one backend call for all present ones."""
+    """Hashes of tensors, ``None`` for missing or meta ones; one backend call for all present ones.
+
+    A DeepSpeed ZeRO-3 parameter is hashed by this rank's shard (``ds_tensor``): its ``data`` is an empty
+    placeholder between forward passes and full while gathered, so only the shard is the same thing at every
+    event (enough for FROZEN_CHANGED and the ledger; shards are never compared across ranks)."""
     present = [i for i, t in enumerate(tensors) if hashable(t)]
-    values = hash_tensors([local_tensor(tensors[i]) for i in present], backend=backend) if present else []
+    values = hash_tensors([local_tensor(local_values(tensors[i])) for i in present],
+                          backend=backend) if present else []
     out: list[int | None] = [None] * len(tensors)
     for i, value in zip(present, values, strict=True):
         out[i] = value
@@ -172,7 +186,10 @@ def nonfinite_counts(grads: Sequence[torch.Tensor]) -> dict[int, int]:
 
 def optimizer_parameters(optimizer: Any) -> list[torch.Tensor] | None:
     """The parameters an optimizer updates (:func:`~callbacks.primitives.optimizers.held_parameters`), or None
-    when there is no optimizer to read."""
+    when there is no optimizer to read. A DeepSpeed optimizer holds flat fp32 partitions, not the model's
+    parameters: None then (the model's parameters are read instead)."""
+    if zero_optimizer(optimizer) is not None:
+        return None
     held = held_parameters([optimizer]) if optimizer is not None else None
     return held.params if held is not None and held.params else None
 
@@ -180,6 +197,8 @@ def optimizer_parameters(optimizer: Any) -> list[torch.Tensor] | None:
 def loss_scaled(ctx: EventContext) -> bool:
     """Whether a dynamic loss scaler (which skips steps with non-finite gradients) is in use."""
     if ctx.grad_scaler is not None:
+        return True
+    if dynamic_loss_scale(ctx.optimizer):
         return True
     scaler = getattr(ctx.optimizer, "scaler", None)
     return scaler is not None and bool(getattr(scaler, "is_enabled", lambda: True)())
@@ -206,6 +225,8 @@ class HashCheck(Check):
         self.resumed = False
         #: ids of the frozen parameters seen at the last step (new ones get a baseline)
         self._frozen_seen: set[int] = set()
+        #: why gradients cannot be read here (DeepSpeed holds and clears them), once seen; said once
+        self.gradients_unseen: str | None = None
 
     # -- helpers ----------------------------------------------------------------------------------------------
     def _hash_due(self, step: int | None) -> bool:
@@ -348,8 +369,20 @@ class HashCheck(Check):
         elif sharded and not any(is_dtensor(p) for _, p in params):
             comparator.disable("parameters are sharded as FSDP1 flat parameters: not compared (use FSDP2 "
                                "fully_shard, whose DTensor shards are compared within replicate groups)")
+        zero3 = comparator.note is None and any_partitioned(p for _, p in params)
+        if zero3:
+            comparator.disable("not compared: DeepSpeed ZeRO-3 partitions every parameter, each rank holds "
+                               "different shards by design")
         if comparator.note is None or self.config.tied_copies:
             comparator.connect()  # tied copies on other ranks are gathered through the group of all ranks
+        if zero3:
+            return [self.finding(
+                "CHECK_NOT_APPLICABLE", ctx, params=(),
+                message="replica hashes are not compared: DeepSpeed ZeRO-3 partitions every parameter (and its "
+                        "gradient), so no two ranks hold the same shard; comparing full tensors would mean "
+                        "gathering the whole model at every step",
+                hint="nothing to fix; frozen parameters are still verified on each rank's own shards, and "
+                     "ZeRO-1/2 (replicated parameters) are compared")]
         if comparator.note is not None:
             return []
         union = comparator.plan(comparator.partition(p) for _, p in params)
@@ -387,6 +420,9 @@ class HashCheck(Check):
         candidates = opt_params if opt_params is not None else [p for _, p in params]
         if self.config.frozen:
             self._baseline_newly_frozen(ctx, candidates)
+        if opt_params is None and gradients_hidden(p for p in candidates if p.requires_grad):
+            # every rank of a DeepSpeed job decides alike: none of them takes part in the gradient exchange
+            return findings + self._gradients_hidden(ctx)
         stats_nonfinite: dict[str, int] | None = None
         if hash_due:
             names = [n for n, _ in params]
@@ -429,6 +465,40 @@ class HashCheck(Check):
                     stats_nonfinite = {name_of.get(id(with_grad[i]), f"<unnamed #{i}>"): c
                                        for i, c in flagged.items()}
             findings += self._nonfinite_findings(ctx, stats_nonfinite)
+        return findings
+
+    def _gradients_hidden(self, ctx: EventContext) -> list[Finding]:
+        """Under DeepSpeed the gradients are gone by this event: GRAD_NONFINITE from DeepSpeed's own overflow
+        verdict on the step, and one CHECK_NOT_APPLICABLE naming what is not checked and why."""
+        findings: list[Finding] = []
+        if self.gradients_unseen is None:
+            self.gradients_unseen = GRADIENTS_HIDDEN_WHY
+            unseen = ["gradient hashes (replicas, ledger)"] + (["per-tensor NaN/Inf counts"]
+                                                                if self.config.nonfinite else [])
+            overflow = step_overflowed(ctx.optimizer)
+            findings.append(self.finding(
+                "CHECK_NOT_APPLICABLE", ctx, params=(),
+                message=f"{' and '.join(unseen)} not checked: {GRADIENTS_HIDDEN_WHY}"
+                        + ("; NaN/Inf gradients are still reported from DeepSpeed's overflow check of each step"
+                           if overflow is not None and self.config.nonfinite else ""),
+                hint="nothing to fix; parameters are still hashed after each step (replicas under ZeRO-1/2, "
+                     "frozen weights under every stage)", unseen=unseen))
+        if not self.config.nonfinite:
+            return findings
+        overflow = step_overflowed(ctx.optimizer)
+        key = "<gradients held by DeepSpeed>"
+        new = self.reported.new("GRAD_NONFINITE", [key] if overflow else [])
+        if not new:
+            return findings
+        scaled = loss_scaled(ctx)
+        message = (f"DeepSpeed found non-finite gradients (NaN/Inf, or a non-finite gradient norm) in step {ctx.step} "
+                   "and skipped the step: its overflow check, run in engine.step; which tensors is not visible here "
+                   "(the gradients were cleared with the step)")
+        if scaled:
+            message += "; a dynamic loss scale is in use and lowers the scale (repeated skips mean a real problem)"
+        findings.append(self.finding("GRAD_NONFINITE", ctx, params=(), message=message, hint=HINT_NONFINITE,
+                                     severity="warning" if scaled else None, source="deepspeed overflow",
+                                     grads_clipped=ctx.grads_clipped))
         return findings
 
     @staticmethod
@@ -603,8 +673,12 @@ class HashCheck(Check):
     # -- report and state -------------------------------------------------------------------------------------
     def report_section(self) -> dict[str, Any] | None:
         """Frozen parameters tracked, the last step they were verified at, the replica comparison, the ledger."""
+        replicas = self.comparator.describe()
+        if self.gradients_unseen is not None and self.comparator.active:
+            replicas = replicas.replace("compared", "parameters compared", 1) + (
+                "; gradients not compared: " + self.gradients_unseen)
         return {"frozen_tracked": len(self.frozen_baseline), "frozen_verified_step": self.frozen_verified_step,
-                "replicas": self.comparator.describe(),
+                "replicas": replicas,
                 "ledger": self.config.ledger}
 
     def state_dict(self) -> dict[str, Any]:
