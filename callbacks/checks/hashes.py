@@ -468,28 +468,36 @@ class HashCheck(Check):
         return findings
 
     def _gradients_hidden(self, ctx: EventContext) -> list[Finding]:
-        """Under DeepSpeed the gradients are gone by this event: GRAD_NONFINITE from DeepSpeed's own overflow
-        verdict on the step, and one CHECK_NOT_APPLICABLE naming what is not checked and why."""
-        findings: list[Finding] = []
-        if self.gradients_unseen is None:
-            self.gradients_unseen = GRADIENTS_HIDDEN_WHY
-            unseen = ["gradient hashes (replicas, ledger)"] + (["per-tensor NaN/Inf counts"]
-                                                                if self.config.nonfinite else [])
-            overflow = step_overflowed(ctx.optimizer)
-            findings.append(self.finding(
-                "CHECK_NOT_APPLICABLE", ctx, params=(),
-                message=f"{' and '.join(unseen)} not checked: {GRADIENTS_HIDDEN_WHY}"
-                        + ("; NaN/Inf gradients are still reported from DeepSpeed's overflow check of each step"
-                           if overflow is not None and self.config.nonfinite else ""),
-                hint="nothing to fix; parameters are still hashed after each step (replicas under ZeRO-1/2, "
-                     "frozen weights under every stage)", unseen=unseen))
-        if not self.config.nonfinite:
-            return findings
+        """Under DeepSpeed the gradients are not on ``.grad`` (and under HF / accelerate already consumed): one
+        CHECK_NOT_APPLICABLE naming what is not checked and why. NaN/Inf gradients are then judged after the
+        optimizer step, from DeepSpeed's own verdict (:meth:`_deepspeed_overflow`)."""
+        if self.gradients_unseen is not None:
+            return []
+        self.gradients_unseen = GRADIENTS_HIDDEN_WHY
+        unseen = ["gradient hashes (replicas, ledger)"] + (["per-tensor NaN/Inf counts"]
+                                                            if self.config.nonfinite else [])
+        overflow = step_overflowed(ctx.optimizer)
+        return [self.finding(
+            "CHECK_NOT_APPLICABLE", ctx, params=(),
+            message=f"{' and '.join(unseen)} not checked: {GRADIENTS_HIDDEN_WHY}"
+                    + ("; NaN/Inf gradients are still reported from DeepSpeed's overflow check of each step"
+                       if overflow is not None and self.config.nonfinite else ""),
+            hint="nothing to fix; parameters are still hashed after each step (replicas under ZeRO-1/2, "
+                 "frozen weights under every stage)", unseen=unseen)]
+
+    def _deepspeed_overflow(self, ctx: EventContext) -> list[Finding]:
+        """GRAD_NONFINITE from DeepSpeed's overflow flag, read after the optimizer step: DeepSpeed sets it in
+        ``engine.step`` for the step that just ran (under HF before on_pre_optimizer_step, under a loop that
+        steps the engine between the two phases in between), so after the step it always belongs to this step.
+        Reported again only after a step without overflow."""
+        if self.gradients_unseen is None or not self.config.nonfinite:
+            return []
         overflow = step_overflowed(ctx.optimizer)
         key = "<gradients held by DeepSpeed>"
-        new = self.reported.new("GRAD_NONFINITE", [key] if overflow else [])
+        new = self.reported.new("GRAD_NONFINITE/deepspeed", [key] if overflow else [])
         if not new:
-            return findings
+            return []
+        findings: list[Finding] = []
         scaled = loss_scaled(ctx)
         message = (f"DeepSpeed found non-finite gradients (NaN/Inf, or a non-finite gradient norm) in step {ctx.step} "
                    "and skipped the step: its overflow check, run in engine.step; which tensors is not visible here "
@@ -539,7 +547,7 @@ class HashCheck(Check):
                              grads_clipped=ctx.grads_clipped)]
 
     def _after_optimizer(self, ctx: EventContext) -> list[Finding]:
-        findings: list[Finding] = []
+        findings: list[Finding] = self._deepspeed_overflow(ctx)
         step = ctx.step
         frozen_due = self.config.frozen and step is not None and step % self.config.frozen_every_n_steps == 0
         hash_due = self._hash_due(step)
