@@ -62,6 +62,14 @@ def launch_stage(stage: int, out_dir, timeout: int = 600) -> None:
 
 
 @pytest.fixture(scope="module")
+def zero1(tmp_path_factory):
+    """Output folder of the ZeRO-1 launch (jobs lora, full)."""
+    out = tmp_path_factory.mktemp("zero1")
+    launch_stage(1, out)
+    return out
+
+
+@pytest.fixture(scope="module")
 def zero2(tmp_path_factory):
     """Output folder of the ZeRO-2 launch (jobs lora, full, full_nan, full_param)."""
     out = tmp_path_factory.mktemp("zero2")
@@ -137,6 +145,17 @@ def test_zero3_frozen_write_is_caught_from_shards(zero3):
     for rank in (0, 1):
         assert problems(load(zero3, "lora_frozen", rank)) == [
             ("FROZEN_CHANGED", "end", 3, ("transformer.wpe.weight",))]
+
+
+def test_zero1_healthy_runs_are_clean(zero1):
+    """ZeRO-1 (optimizer state partitioned, parameters and gradients whole until the step), LoRA and full
+    fine-tune: clean; parameters are compared across ranks, gradients (cleared with the step) say so once."""
+    for job, adapters in (("lora", True), ("full", False)):
+        for rank in (0, 1):
+            data = load(zero1, job, rank)
+            assert problems(data) == [], job
+            assert_gradients_said_unseen(data, adapters=adapters)
+            assert data["sections"]["hashes"]["replicas"].startswith("parameters compared across 2 ranks; ")
 
 
 def test_zero2_lora_healthy_is_clean(zero2):

@@ -55,6 +55,7 @@ from callbacks.primitives.zero import (
     any_partitioned,
     dynamic_loss_scale,
     gradients_hidden,
+    held_model_parameters,
     local_values,
     step_overflowed,
     zero_optimizer,
@@ -186,10 +187,10 @@ def nonfinite_counts(grads: Sequence[torch.Tensor]) -> dict[int, int]:
 
 def optimizer_parameters(optimizer: Any) -> list[torch.Tensor] | None:
     """The parameters an optimizer updates (:func:`~callbacks.primitives.optimizers.held_parameters`), or None
-    when there is no optimizer to read. A DeepSpeed optimizer holds flat fp32 partitions, not the model's
-    parameters: None then (the model's parameters are read instead)."""
+    when there is no optimizer to read. A DeepSpeed optimizer's ``param_groups`` hold flat fp32 partitions: the
+    model's parameters it updates are read from its own groups instead."""
     if zero_optimizer(optimizer) is not None:
-        return None
+        return held_model_parameters(optimizer) or None
     held = held_parameters([optimizer]) if optimizer is not None else None
     return held.params if held is not None and held.params else None
 
@@ -420,7 +421,7 @@ class HashCheck(Check):
         candidates = opt_params if opt_params is not None else [p for _, p in params]
         if self.config.frozen:
             self._baseline_newly_frozen(ctx, candidates)
-        if opt_params is None and gradients_hidden(p for p in candidates if p.requires_grad):
+        if gradients_hidden(p for p in candidates if p.requires_grad):
             # every rank of a DeepSpeed job decides alike: none of them takes part in the gradient exchange
             return findings + self._gradients_hidden(ctx)
         stats_nonfinite: dict[str, int] | None = None

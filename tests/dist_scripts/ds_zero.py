@@ -8,7 +8,7 @@ and the IntegrityCallback (policy log, defaults otherwise). A tiny GPT-2 built f
 * ``lora_bad_b``: LoRA whose first block's ``c_attn`` adapter was re-initialised (normal, std 0.02: a user's init
   loop over every ``nn.Linear``) before training, so its lora_B is not zero: ``ADAPTER_INIT_WRONG`` naming that
   lora_B (ZeRO-3: the values are partitioned when the check runs).
-* ``full``: full fine-tune, healthy (ZeRO-2).
+* ``full``: full fine-tune, healthy (ZeRO-1, ZeRO-2).
 * ``full_nan``: full fine-tune where a gradient hook of one parameter writes a NaN at step 2 on rank 1
   (fp32): DeepSpeed skips the step ("OVERFLOW!") and ``GRAD_NONFINITE`` must say so.
 * ``full_param``: full fine-tune where rank 1 nudges one parameter after optimizer step 2 (ZeRO-2: parameters
@@ -126,7 +126,8 @@ def run(job):
     dump(job, integrity, time.monotonic() - start, skipped_steps=trainer.model_wrapped.skipped_steps)
 
 
-default = {2: ["lora", "full", "full_nan", "full_param"], 3: ["lora", "lora_bad_b", "lora_frozen"]}[STAGE]
+default = {1: ["lora", "full"], 2: ["lora", "full", "full_nan", "full_param"],
+           3: ["lora", "lora_bad_b", "lora_frozen"]}[STAGE]
 for name in JOBS or default:
     run(name)
 dist.barrier()
