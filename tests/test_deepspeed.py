@@ -79,13 +79,14 @@ def zero2(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def zero3(tmp_path_factory):
-    """Output folder of the ZeRO-3 launch (jobs lora, lora_bad_b, lora_frozen)."""
+    """Output folder of the ZeRO-3 launch (jobs lora, lora_bad_b, lora_frozen, untied)."""
     out = tmp_path_factory.mktemp("zero3")
     launch_stage(3, out)
     return out
 
 
 def load(out_dir, job: str, rank: int) -> dict:
+    """What rank ``rank`` wrote for ``job``: its findings, the report's sections, DeepSpeed's skipped steps."""
     with open(os.path.join(out_dir, f"{job}.rank{rank}.json")) as fh:
         return json.load(fh)
 
@@ -156,6 +157,16 @@ def test_zero1_healthy_runs_are_clean(zero1):
             assert problems(data) == [], job
             assert_gradients_said_unseen(data, adapters=adapters)
             assert data["sections"]["hashes"]["replicas"].startswith("parameters compared across 2 ranks; ")
+
+
+def test_zero3_broken_tie_compares_gathered_values(zero3):
+    """ZeRO-3: a declared tie the model does not keep is TIE_BROKEN, and its two tensors are compared gathered
+    ("different values"), not as two empty placeholders (which read as "equal values")."""
+    for rank in (0, 1):
+        data = load(zero3, "untied", rank)
+        assert problems(data) == [("TIE_BROKEN", "init", 0, ("lm_head.weight", "transformer.wte.weight"))]
+        message = next(f["message"] for f in data["findings"] if f["code"] == "TIE_BROKEN")
+        assert message.endswith("2 separate tensors (different values)")
 
 
 def test_zero2_lora_healthy_is_clean(zero2):

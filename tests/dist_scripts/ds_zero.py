@@ -13,6 +13,8 @@ and the IntegrityCallback (policy log, defaults otherwise). A tiny GPT-2 built f
   (fp32): DeepSpeed skips the step ("OVERFLOW!") and ``GRAD_NONFINITE`` must say so.
 * ``full_param``: full fine-tune where rank 1 nudges one parameter after optimizer step 2 (ZeRO-2: parameters
   are replicated after the step): ``PARAM_REPLICA_MISMATCH``.
+* ``untied``: full fine-tune of a GPT-2 built untied while ``declare_ties`` says embedding and head are one
+  tensor (ZeRO-3): ``TIE_BROKEN``, its values compared gathered (different values), not as two empty placeholders.
 * ``lora_frozen``: LoRA where the user's code writes into the frozen embedding at step 2 through DeepSpeed's
   own API (``GatheredParameters(modifier_rank=0)``; ZeRO-3): ``FROZEN_CHANGED`` from the shards' hashes.
 
@@ -90,7 +92,7 @@ class WriteFrozen(TrainerCallback):
 
 
 def build(job):
-    model = tiny_gpt2()
+    model = tiny_gpt2(tie=job != "untied")
     if not job.startswith("lora"):
         return model
     model = get_peft_model(model, LoraConfig(r=4, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True))
@@ -113,7 +115,8 @@ def run(job):
     start = time.monotonic()
     deepspeed = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1,
                  "zero_optimization": {"stage": STAGE}, "optimizer": {"type": "AdamW", "params": {"lr": 1e-2}}}
-    integrity = IntegrityCallback(policy="log", checks={"hashes": {"timeout_s": 60}})
+    ties = [("transformer.wte.weight", "lm_head.weight")] if job == "untied" else []
+    integrity = IntegrityCallback(policy="log", declare_ties=ties, checks={"hashes": {"timeout_s": 60}})
     callbacks = {"full_nan": [NanGradOnRank1()], "full_param": [NudgeParamOnRank1()],
                  "lora_frozen": [WriteFrozen()]}.get(job, [])
     args = TrainingArguments(output_dir=os.path.join(OUT, job), max_steps=3, per_device_train_batch_size=2,
@@ -127,7 +130,7 @@ def run(job):
 
 
 default = {1: ["lora", "full"], 2: ["lora", "full", "full_nan", "full_param"],
-           3: ["lora", "lora_bad_b", "lora_frozen"]}[STAGE]
+           3: ["lora", "lora_bad_b", "lora_frozen", "untied"]}[STAGE]
 for name in JOBS or default:
     run(name)
 dist.barrier()
