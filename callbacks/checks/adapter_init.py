@@ -13,6 +13,11 @@ The contract of each unit is read from the adapter's own config (``LoraConfig.in
 ``IA3Config.init_ia3_weights``, ``BnConfig.init_weights``...), never guessed from the values. Functions hold the
 logic; :class:`AdapterInitCheck` is the thin stateful class the engine runs.
 
+Under DeepSpeed ZeRO-3 the adapter parameters are empty placeholders: each unit is gathered read-only on its own
+(:func:`audit_partitioned`, a collective every rank runs at ``init``) and judged whole; the probe's forward gathers
+through DeepSpeed's own hooks. DeepSpeed keeps gradients off ``param.grad`` (under HF / accelerate they are
+cleared before the pre-optimizer hook), so ``ADAPTER_DEAD`` / ``ADAPTER_UNUSED`` say ``CHECK_NOT_APPLICABLE`` once.
+
 Why one file of about 1,000 lines: this is one check family (one recipe key, one state), and its parts judge the
 same adapter units in sequence: the init contracts of every method (PEFT LoRA variants, DoRA, IA3, prompt
 learning, the adapters library's bottlenecks, hand-written adapters), the identity probe, and the gradient tests

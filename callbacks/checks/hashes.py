@@ -24,6 +24,13 @@ per group built at init. Pure FSDP shards differ by design and are never compare
 info at init says so). FSDP1 flat parameters are not compared. Which ranks are compared and the bounded
 exchange itself belong to :class:`~callbacks.primitives.collectives.ReplicaComparator`; this check decides when
 and what to hash and which findings to make.
+
+DeepSpeed ZeRO (see :mod:`callbacks.primitives.zero`): gradients never sit on ``param.grad`` and, under HF /
+accelerate, are consumed and cleared by ``engine.step()`` inside ``accelerator.backward``, before the
+``before_optimizer`` event. Gradient hashes then say ``CHECK_NOT_APPLICABLE`` once (the report says gradients were
+not compared), and ``GRAD_NONFINITE`` comes from DeepSpeed's own overflow verdict on the step, read after it.
+ZeRO-1/2 parameters are replicated after the step and compared; ZeRO-3 partitions every parameter, so replicas
+are not compared (``CHECK_NOT_APPLICABLE``) and frozen weights are hashed by each rank's own shard.
 """
 
 from __future__ import annotations
