@@ -490,8 +490,8 @@ class HashCheck(Check):
             message=f"{' and '.join(unseen)} not checked: {GRADIENTS_HIDDEN_WHY}"
                     + ("; NaN/Inf gradients are still reported from DeepSpeed's overflow check of each step"
                        if overflow is not None and self.config.nonfinite else ""),
-            hint="nothing to fix; parameters are still hashed after each step (replicas under ZeRO-1/2, "
-                 "frozen weights under every stage)", unseen=unseen)]
+            hint="nothing to fix; under ZeRO-1/2 parameters are still compared across ranks after the optimizer "
+                 "step, and frozen weights are verified under every stage", unseen=unseen)]
 
     def _deepspeed_overflow(self, ctx: EventContext) -> list[Finding]:
         """GRAD_NONFINITE from DeepSpeed's overflow flag, read after the optimizer step: DeepSpeed sets it in
