@@ -64,6 +64,7 @@ from callbacks.primitives.zero import (
     gradients_hidden,
     held_model_parameters,
     local_values,
+    overflow_checked,
     step_overflowed,
     zero_optimizer,
 )
@@ -482,14 +483,18 @@ class HashCheck(Check):
         if self.gradients_unseen is not None:
             return []
         self.gradients_unseen = GRADIENTS_HIDDEN_WHY
-        unseen = ["gradient hashes (replicas, ledger)"] + (["per-tensor NaN/Inf counts"]
-                                                            if self.config.nonfinite else [])
-        overflow = step_overflowed(ctx.optimizer)
+        checked = overflow_checked(ctx.optimizer)
+        unseen = ["gradient hashes (replicas, ledger)"]
+        if self.config.nonfinite:
+            unseen.append("per-tensor NaN/Inf counts" if checked else "NaN/Inf gradients (GRAD_NONFINITE)")
+        tail = ""
+        if self.config.nonfinite:
+            tail = ("; NaN/Inf gradients are still reported from DeepSpeed's overflow check of each step" if checked
+                    else "; DeepSpeed itself does not check this configuration's gradients for NaN/Inf (ZeRO-1/2 "
+                         "bf16 without bf16.check_grad_overflow, or an optimizer this check does not know)")
         return [self.finding(
             "CHECK_NOT_APPLICABLE", ctx, params=(),
-            message=f"{' and '.join(unseen)} not checked: {GRADIENTS_HIDDEN_WHY}"
-                    + ("; NaN/Inf gradients are still reported from DeepSpeed's overflow check of each step"
-                       if overflow is not None and self.config.nonfinite else ""),
+            message=f"{' and '.join(unseen)} not checked: {GRADIENTS_HIDDEN_WHY}{tail}",
             hint="nothing to fix; under ZeRO-1/2 parameters are still compared across ranks after the optimizer "
                  "step, and frozen weights are verified under every stage", unseen=unseen)]
 
@@ -498,7 +503,7 @@ class HashCheck(Check):
         ``engine.step`` for the step that just ran (under HF before on_pre_optimizer_step, under a loop that
         steps the engine between the two phases in between), so after the step it always belongs to this step.
         Reported again only after a step without overflow."""
-        if self.gradients_unseen is None or not self.config.nonfinite:
+        if self.gradients_unseen is None or not self.config.nonfinite or not overflow_checked(ctx.optimizer):
             return []
         overflow = step_overflowed(ctx.optimizer)
         key = "<gradients held by DeepSpeed>"

@@ -122,6 +122,23 @@ def step_overflowed(optimizer: Any) -> bool | None:
     return bool(value) if isinstance(value, (bool, int)) else None
 
 
+def overflow_checked(optimizer: Any) -> bool:
+    """Whether DeepSpeed's optimizer checks each step's gradients for NaN/Inf (so :func:`step_overflowed` means
+    something). ZeRO-3 always does (raw overflow under fp16, a non-finite gradient norm under every dtype);
+    ZeRO-1/2 when ``check_grad_overflow`` is on, or when it computes the gradient norm and the dtype is not
+    bf16 (bf16 without ``bf16.check_grad_overflow`` applies a NaN gradient silently). Any other optimizer: no
+    claim is made."""
+    zero = zero_optimizer(optimizer)
+    kind = type(zero).__name__ if zero is not None else ""
+    if kind == "DeepSpeedZeroOptimizer_Stage3":
+        return True
+    if kind == "DeepSpeedZeroOptimizer":
+        if getattr(zero, "check_grad_overflow", False):
+            return True
+        return bool(getattr(zero, "compute_grad_norm", False)) and getattr(zero, "dtype", None) is not torch.bfloat16
+    return False
+
+
 def dynamic_loss_scale(optimizer: Any) -> bool:
     """Whether DeepSpeed's optimizer uses a dynamic loss scale (fp16), under which skipping an overflowing step
     is by design."""
