@@ -13,6 +13,11 @@ The contract of each unit is read from the adapter's own config (``LoraConfig.in
 ``IA3Config.init_ia3_weights``, ``BnConfig.init_weights``...), never guessed from the values. Functions hold the
 logic; :class:`AdapterInitCheck` is the thin stateful class the engine runs.
 
+Under DeepSpeed ZeRO-3 the adapter parameters are empty placeholders: each unit is gathered read-only on its own
+(:func:`audit_partitioned`, a collective every rank runs at ``init``) and judged whole; the probe's forward gathers
+through DeepSpeed's own hooks. DeepSpeed keeps gradients off ``param.grad`` (under HF / accelerate they are
+cleared before the pre-optimizer hook), so ``ADAPTER_DEAD`` / ``ADAPTER_UNUSED`` say ``CHECK_NOT_APPLICABLE`` once.
+
 Why one file of about 1,000 lines: this is one check family (one recipe key, one state), and its parts judge the
 same adapter units in sequence: the init contracts of every method (PEFT LoRA variants, DoRA, IA3, prompt
 learning, the adapters library's bottlenecks, hand-written adapters), the identity probe, and the gradient tests
@@ -46,6 +51,7 @@ from callbacks.primitives.adapters import (
 )
 from callbacks.primitives.naming import buffer_key, unwrap_model
 from callbacks.primitives.probe import ProbeUnavailable, build_probe_batch, output_tensor, preserved_state
+from callbacks.primitives.zero import GRADIENTS_HIDDEN_WHY, any_partitioned, gathered, gradients_hidden
 
 
 class AdapterInitConfig(CheckConfig):
@@ -518,7 +524,49 @@ def trained_adapters(units: Sequence[AdapterUnit]) -> dict[str, tuple[int, int]]
         verdict = holds_trained_values(unit)
         if verdict is not None:
             seen.setdefault(unit.adapter, []).append(verdict)
+    return _mostly_trained(seen)
+
+
+def _mostly_trained(seen: Mapping[str, Sequence[bool]]) -> dict[str, tuple[int, int]]:
     return {a: (sum(v), len(v)) for a, v in seen.items() if 2 * sum(v) > len(v)}
+
+
+def _gather_list(unit: AdapterUnit) -> list[nn.Parameter]:
+    """What one unit's audit reads: its parts, and for DoRA the base layer's own parameters (the magnitude is
+    judged against the base weight's row norms)."""
+    params = [p.param for p in unit.parts]
+    if unit.dora and unit.base is not None:
+        own = {id(p) for p in params}
+        params += [p for p in unit.base.parameters(recurse=False) if id(p) not in own]
+    return params
+
+
+def audit_partitioned(units: Sequence[AdapterUnit], fresh: bool, judge_trained: bool
+                      ) -> tuple[dict[str, tuple[int, int]], list[Violation]]:
+    """:func:`trained_adapters` and :func:`audit_units` for units whose parameters are DeepSpeed ZeRO-3
+    partitioned (``param.data`` is an empty placeholder; the values are spread over the ranks' shards).
+
+    Each unit's parameters are gathered read-only, one unit at a time (the extra memory is one layer's adapter),
+    and judged while whole. A collective: every rank calls it at the same event with the same units (it runs
+    in ``init``, on every rank). ``fresh``: adapters are judged fresh unless they look trained (when
+    ``judge_trained``). Returns (trained adapters, violations).
+    """
+    seen: dict[str, list[bool]] = {}
+    as_fresh: list[list[Violation]] = []
+    as_loaded: list[list[Violation]] = []
+    for unit in units:
+        with gathered(_gather_list(unit)):
+            verdict = holds_trained_values(unit) if judge_trained else None
+            # both verdicts now: which applies is known only once every unit said whether it looks trained
+            as_fresh.append(audit_units([unit], fresh=True) if fresh else [])
+            as_loaded.append(audit_units([unit], fresh=False))
+        if verdict is not None:
+            seen.setdefault(unit.adapter, []).append(verdict)
+    trained = _mostly_trained(seen)
+    violations: list[Violation] = []
+    for unit, if_fresh, if_loaded in zip(units, as_fresh, as_loaded, strict=True):
+        violations += if_fresh if fresh and unit.adapter not in trained else if_loaded
+    return trained, violations
 
 
 REINITIALISED = ("something re-initialised the adapter after it was added: a model.post_init() / init_weights() / "
@@ -762,9 +810,15 @@ class AdapterInitCheck(Check):
         self.summary = {"units": len(units), "methods": sorted({f"{u.library}:{u.method}" for u in units})}
         if not units:
             return []
-        self.trained = trained_adapters(units) if self.config.fresh is None and self.fresh else {}
+        judge_trained = self.config.fresh is None and self.fresh
+        violations: list[Violation] | None = None
+        if any_partitioned(p.param for u in units for p in u.parts):
+            # ZeRO-3 placeholders hold no values: judge each unit gathered (the probe's forward gathers itself)
+            self.trained, violations = audit_partitioned(units, self.fresh, judge_trained)
+        else:
+            self.trained = trained_adapters(units) if judge_trained else {}
         findings = self._trained_findings(ctx)
-        findings += self._init_findings(ctx, units)
+        findings += self._init_findings(ctx, units, violations)
         findings += self._trainable_findings(ctx, units)
         findings += self._identity_findings(ctx, units)
         return findings
@@ -786,9 +840,12 @@ class AdapterInitCheck(Check):
                  "their zero side (set checks.adapter_init.fresh: true to judge them as fresh)",
             adapters=sorted(self.trained))]
 
-    def _init_findings(self, ctx: EventContext, units: Sequence[AdapterUnit]) -> list[Finding]:
+    def _init_findings(self, ctx: EventContext, units: Sequence[AdapterUnit],
+                       violations: Sequence[Violation] | None = None) -> list[Finding]:
         groups: dict[tuple[str, str, str], list[Violation]] = {}
-        for v in audit_units(units, fresh=self._fresh_units(units)):
+        if violations is None:
+            violations = audit_units(units, fresh=self._fresh_units(units))
+        for v in violations:
             groups.setdefault((v.unit.adapter, v.part.role, v.problem), []).append(v)
         findings = []
         for (adapter, role, problem), vs in groups.items():
@@ -891,6 +948,13 @@ class AdapterInitCheck(Check):
         step = ctx.step or 0
         findings: list[Finding] = []
         trainable = [p for u in units for p in u.parts if p.param.requires_grad]
+        if gradients_hidden(p.param for p in trainable):
+            self.done = True  # the same at every later step: said once
+            return [self.finding(
+                "CHECK_NOT_APPLICABLE", ctx, params=(),
+                message=f"dead adapters (ADAPTER_DEAD, ADAPTER_UNUSED) not checked: {GRADIENTS_HIDDEN_WHY}",
+                hint="nothing to fix; the init contracts (a LoRA with A and B both zero is ADAPTER_INIT_WRONG), "
+                     "the identity probe and trainability were checked at init")]
         states = shared_grad_state(trainable, grad_state(trainable))
         self.nonzero |= {n for n, s in states.items() if s == "nonzero"}
         if self.first_step is None:

@@ -24,6 +24,13 @@ per group built at init. Pure FSDP shards differ by design and are never compare
 info at init says so). FSDP1 flat parameters are not compared. Which ranks are compared and the bounded
 exchange itself belong to :class:`~callbacks.primitives.collectives.ReplicaComparator`; this check decides when
 and what to hash and which findings to make.
+
+DeepSpeed ZeRO (see :mod:`callbacks.primitives.zero`): gradients never sit on ``param.grad`` and, under HF /
+accelerate, are consumed and cleared by ``engine.step()`` inside ``accelerator.backward``, before the
+``before_optimizer`` event. Gradient hashes then say ``CHECK_NOT_APPLICABLE`` once (the report says gradients were
+not compared), and ``GRAD_NONFINITE`` comes from DeepSpeed's own overflow verdict on the step, read after it.
+ZeRO-1/2 parameters are replicated after the step and compared; ZeRO-3 partitions every parameter, so replicas
+are not compared (``CHECK_NOT_APPLICABLE``) and frozen weights are hashed by each rank's own shard.
 """
 
 from __future__ import annotations
@@ -50,6 +57,17 @@ from callbacks.primitives.collectives import (
 )
 from callbacks.primitives.naming import local_tensor, named_parameters_all, unwrap_model, user_name
 from callbacks.primitives.optimizers import held_parameters
+from callbacks.primitives.zero import (
+    GRADIENTS_HIDDEN_WHY,
+    any_partitioned,
+    dynamic_loss_scale,
+    gradients_hidden,
+    held_model_parameters,
+    local_values,
+    overflow_checked,
+    step_overflowed,
+    zero_optimizer,
+)
 
 
 class HashConfig(CheckConfig):
@@ -138,9 +156,14 @@ def is_partial(tensor: Any) -> bool:
 
 
 def hash_or_none(tensors: Sequence[torch.Tensor | None], backend: str) -> list[int | None]:
-    """Hashes of tensors, ``None`` for missing or meta ones; one backend call for all present ones."""
+    """Hashes of tensors, ``None`` for missing or meta ones; one backend call for all present ones.
+
+    A DeepSpeed ZeRO-3 parameter is hashed by this rank's shard (``ds_tensor``): its ``data`` is an empty
+    placeholder between forward passes and full while gathered, so only the shard is the same thing at every
+    event (enough for FROZEN_CHANGED and the ledger; shards are never compared across ranks)."""
     present = [i for i, t in enumerate(tensors) if hashable(t)]
-    values = hash_tensors([local_tensor(tensors[i]) for i in present], backend=backend) if present else []
+    values = hash_tensors([local_tensor(local_values(tensors[i])) for i in present],
+                          backend=backend) if present else []
     out: list[int | None] = [None] * len(tensors)
     for i, value in zip(present, values, strict=True):
         out[i] = value
@@ -172,7 +195,10 @@ def nonfinite_counts(grads: Sequence[torch.Tensor]) -> dict[int, int]:
 
 def optimizer_parameters(optimizer: Any) -> list[torch.Tensor] | None:
     """The parameters an optimizer updates (:func:`~callbacks.primitives.optimizers.held_parameters`), or None
-    when there is no optimizer to read."""
+    when there is no optimizer to read. A DeepSpeed optimizer's ``param_groups`` hold flat fp32 partitions: the
+    model's parameters it updates are read from its own groups instead."""
+    if zero_optimizer(optimizer) is not None:
+        return held_model_parameters(optimizer) or None
     held = held_parameters([optimizer]) if optimizer is not None else None
     return held.params if held is not None and held.params else None
 
@@ -180,6 +206,8 @@ def optimizer_parameters(optimizer: Any) -> list[torch.Tensor] | None:
 def loss_scaled(ctx: EventContext) -> bool:
     """Whether a dynamic loss scaler (which skips steps with non-finite gradients) is in use."""
     if ctx.grad_scaler is not None:
+        return True
+    if dynamic_loss_scale(ctx.optimizer):
         return True
     scaler = getattr(ctx.optimizer, "scaler", None)
     return scaler is not None and bool(getattr(scaler, "is_enabled", lambda: True)())
@@ -206,6 +234,8 @@ class HashCheck(Check):
         self.resumed = False
         #: ids of the frozen parameters seen at the last step (new ones get a baseline)
         self._frozen_seen: set[int] = set()
+        #: why gradients cannot be read here (DeepSpeed holds and clears them), once seen; said once
+        self.gradients_unseen: str | None = None
 
     # -- helpers ----------------------------------------------------------------------------------------------
     def _hash_due(self, step: int | None) -> bool:
@@ -348,8 +378,20 @@ class HashCheck(Check):
         elif sharded and not any(is_dtensor(p) for _, p in params):
             comparator.disable("parameters are sharded as FSDP1 flat parameters: not compared (use FSDP2 "
                                "fully_shard, whose DTensor shards are compared within replicate groups)")
+        zero3 = comparator.note is None and any_partitioned(p for _, p in params)
+        if zero3:
+            comparator.disable("not compared: DeepSpeed ZeRO-3 partitions every parameter, each rank holds "
+                               "different shards by design")
         if comparator.note is None or self.config.tied_copies:
             comparator.connect()  # tied copies on other ranks are gathered through the group of all ranks
+        if zero3:
+            return [self.finding(
+                "CHECK_NOT_APPLICABLE", ctx, params=(),
+                message="replica hashes are not compared: DeepSpeed ZeRO-3 partitions every parameter (and its "
+                        "gradient), so no two ranks hold the same shard; comparing full tensors would mean "
+                        "gathering the whole model at every step",
+                hint="nothing to fix; frozen parameters are still verified on each rank's own shards, and "
+                     "ZeRO-1/2 (replicated parameters) are compared")]
         if comparator.note is not None:
             return []
         union = comparator.plan(comparator.partition(p) for _, p in params)
@@ -387,6 +429,9 @@ class HashCheck(Check):
         candidates = opt_params if opt_params is not None else [p for _, p in params]
         if self.config.frozen:
             self._baseline_newly_frozen(ctx, candidates)
+        if gradients_hidden(p for p in candidates if p.requires_grad):
+            # every rank of a DeepSpeed job decides alike: none of them takes part in the gradient exchange
+            return findings + self._gradients_hidden(ctx)
         stats_nonfinite: dict[str, int] | None = None
         if hash_due:
             names = [n for n, _ in params]
@@ -431,6 +476,52 @@ class HashCheck(Check):
             findings += self._nonfinite_findings(ctx, stats_nonfinite)
         return findings
 
+    def _gradients_hidden(self, ctx: EventContext) -> list[Finding]:
+        """Under DeepSpeed the gradients are not on ``.grad`` (and under HF / accelerate already consumed): one
+        CHECK_NOT_APPLICABLE naming what is not checked and why. NaN/Inf gradients are then judged after the
+        optimizer step, from DeepSpeed's own verdict (:meth:`_deepspeed_overflow`)."""
+        if self.gradients_unseen is not None:
+            return []
+        self.gradients_unseen = GRADIENTS_HIDDEN_WHY
+        checked = overflow_checked(ctx.optimizer)
+        unseen = ["gradient hashes (replicas, ledger)"]
+        if self.config.nonfinite:
+            unseen.append("per-tensor NaN/Inf counts" if checked else "NaN/Inf gradients (GRAD_NONFINITE)")
+        tail = ""
+        if self.config.nonfinite:
+            tail = ("; NaN/Inf gradients are still reported from DeepSpeed's overflow check of each step" if checked
+                    else "; DeepSpeed itself does not check this configuration's gradients for NaN/Inf (ZeRO-1/2 "
+                         "bf16 without bf16.check_grad_overflow, or an optimizer this check does not know)")
+        return [self.finding(
+            "CHECK_NOT_APPLICABLE", ctx, params=(),
+            message=f"{' and '.join(unseen)} not checked: {GRADIENTS_HIDDEN_WHY}{tail}",
+            hint="nothing to fix; under ZeRO-1/2 parameters are still compared across ranks after the optimizer "
+                 "step, and frozen weights are verified under every stage", unseen=unseen)]
+
+    def _deepspeed_overflow(self, ctx: EventContext) -> list[Finding]:
+        """GRAD_NONFINITE from DeepSpeed's overflow flag, read after the optimizer step: DeepSpeed sets it in
+        ``engine.step`` for the step that just ran (under HF before on_pre_optimizer_step, under a loop that
+        steps the engine between the two phases in between), so after the step it always belongs to this step.
+        Reported again only after a step without overflow."""
+        if self.gradients_unseen is None or not self.config.nonfinite or not overflow_checked(ctx.optimizer):
+            return []
+        overflow = step_overflowed(ctx.optimizer)
+        key = "<gradients held by DeepSpeed>"
+        new = self.reported.new("GRAD_NONFINITE/deepspeed", [key] if overflow else [])
+        if not new:
+            return []
+        findings: list[Finding] = []
+        scaled = loss_scaled(ctx)
+        message = (f"DeepSpeed found non-finite gradients (NaN/Inf, or a non-finite gradient norm) in step {ctx.step} "
+                   "and skipped the step: its overflow check, run in engine.step; which tensors is not visible here "
+                   "(the gradients were cleared with the step)")
+        if scaled:
+            message += "; a dynamic loss scale is in use and lowers the scale (repeated skips mean a real problem)"
+        findings.append(self.finding("GRAD_NONFINITE", ctx, params=(), message=message, hint=HINT_NONFINITE,
+                                     severity="warning" if scaled else None, source="deepspeed overflow",
+                                     grads_clipped=ctx.grads_clipped))
+        return findings
+
     @staticmethod
     def _names_by_id(model: Any) -> dict[int, str]:
         return {id(p): n for n, p in named_unique_parameters(model)}
@@ -469,7 +560,7 @@ class HashCheck(Check):
                              grads_clipped=ctx.grads_clipped)]
 
     def _after_optimizer(self, ctx: EventContext) -> list[Finding]:
-        findings: list[Finding] = []
+        findings: list[Finding] = self._deepspeed_overflow(ctx)
         step = ctx.step
         frozen_due = self.config.frozen and step is not None and step % self.config.frozen_every_n_steps == 0
         hash_due = self._hash_due(step)
@@ -603,8 +694,12 @@ class HashCheck(Check):
     # -- report and state -------------------------------------------------------------------------------------
     def report_section(self) -> dict[str, Any] | None:
         """Frozen parameters tracked, the last step they were verified at, the replica comparison, the ledger."""
+        replicas = self.comparator.describe()
+        if self.gradients_unseen is not None and self.comparator.active:
+            replicas = replicas.replace("compared", "parameters compared", 1) + (
+                "; gradients not compared: " + self.gradients_unseen)
         return {"frozen_tracked": len(self.frozen_baseline), "frozen_verified_step": self.frozen_verified_step,
-                "replicas": self.comparator.describe(),
+                "replicas": replicas,
                 "ledger": self.config.ledger}
 
     def state_dict(self) -> dict[str, Any]:

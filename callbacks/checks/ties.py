@@ -21,6 +21,7 @@ from callbacks.primitives.checkpoints import list_checkpoint, read_tensors
 from callbacks.primitives.naming import named_parameters_all, storage_key, user_name
 from callbacks.primitives.tiemap import ExpectedTie, TieMap, build_tie_map
 from callbacks.primitives.values import bitwise_equal
+from callbacks.primitives.zero import any_partitioned, gathered
 
 
 class TiesConfig(CheckConfig):
@@ -52,7 +53,14 @@ HINTS = {
 
 
 def tie_values_equal(params: Sequence[torch.Tensor]) -> bool | None:
-    """Whether tensors hold equal values (None when they cannot be compared: meta, shape or dtype differ)."""
+    """Whether tensors hold equal values (None when they cannot be compared: meta, shape or dtype differ).
+
+    DeepSpeed ZeRO-3 placeholders are gathered (read-only, these tensors only) to be compared whole: a
+    collective, reached alike on every rank because which ties are broken is decided from parameter identities
+    that every rank's copy of the model shares."""
+    if any_partitioned(params):
+        with gathered(params):
+            return tie_values_equal([p.data for p in params])
     first = params[0]
     if any(p.device.type == "meta" for p in params):
         return None

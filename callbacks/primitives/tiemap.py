@@ -16,6 +16,7 @@ from typing import Any
 from torch import nn
 
 from callbacks.primitives.naming import named_parameters_all, storage_key, unwrap_model, user_name, user_namer
+from callbacks.primitives.zero import true_numel, true_shape
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,24 +78,26 @@ def build_tie_map(model: nn.Module, parameters: Iterable[tuple[str, str, Any]] |
     """Group ``model``'s parameters by the memory they alias. Reads identities and pointers only.
 
     ``parameters``: the (raw name, user name, parameter) triples of :func:`named_parameters_all`, when the
-    caller already walked the model (a walk of a large model costs more than the grouping).
+    caller already walked the model (a walk of a large model costs more than the grouping). Shapes and counts
+    are the full tensors' (a DeepSpeed ZeRO-3 placeholder counts its ``ds_numel``, not its empty ``data``); ties of
+    such placeholders are one ``Parameter`` object under several names, which is what DeepSpeed keeps tied.
     """
     by_key: dict[tuple[Any, ...], list[tuple[str, Any]]] = {}
     all_names: list[str] = []
     count_dup = 0
     for _raw, name, param in (named_parameters_all(model) if parameters is None else parameters):
         all_names.append(name)
-        count_dup += param.numel()
+        count_dup += true_numel(param)
         by_key.setdefault(storage_key(param), []).append((name, param))
     groups = []
     count_unique = 0
     for members in by_key.values():
-        count_unique += members[0][1].numel()
+        count_unique += true_numel(members[0][1])
         names = tuple(sorted({n for n, _ in members}))
         if len(names) < 2:
             continue
         first = members[0][1]
-        groups.append(TieGroup(names=names, shape=tuple(first.shape), numel=first.numel(),
+        groups.append(TieGroup(names=names, shape=true_shape(first), numel=true_numel(first),
                                same_object=all(p is first for _, p in members)))
     groups.sort(key=lambda g: g.names)
     return TieMap(groups=tuple(groups), names=tuple(all_names), tensors_with_duplicates=len(all_names),
