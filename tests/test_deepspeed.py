@@ -14,53 +14,30 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import socket
-import subprocess
-import sys
 
 import pytest
+from test_replicas import free_port, launch
 
 pytest.importorskip("deepspeed")
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(HERE)
 SCRIPT = os.path.join(HERE, "dist_scripts", "ds_zero.py")
 #: where DeepSpeed's JIT-built ops are cached between runs (outside the repository)
 EXTENSIONS = os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.join(
     os.path.expanduser("~"), ".cache", "integrity-callbacks", "torch_extensions")
+#: what a DeepSpeed launch on a CPU machine needs (DeepSpeed then uses gloo)
+DEEPSPEED_ENV = {"DS_ACCELERATOR": "cpu", "TORCH_EXTENSIONS_DIR": EXTENSIONS}
 BAD_LAYER = "transformer.h.0.attn.c_attn"
 TARGET = "transformer.h.1.mlp.c_fc.weight"
 
 pytestmark = pytest.mark.slow
 
 
-def free_port() -> int:
-    """A TCP port free now on localhost (for the rendezvous of one launch)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def launch_stage(stage: int, out_dir, timeout: int = 600) -> None:
-    """torchrun ``ds_zero.py STAGE OUT_DIR`` in its own session; on timeout kill the whole group (workers
-    included). The bound leaves room for the one-time JIT build of DeepSpeed's comm op."""
-    env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
-           "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu",
-           "TORCH_EXTENSIONS_DIR": EXTENSIONS}
-    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
-    args = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-            "--master_port", str(free_port()), SCRIPT, str(stage), str(out_dir)]
-    proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    try:
-        stdout, stderr = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        stdout, stderr = proc.communicate()
-        pytest.fail(f"launch timed out after {timeout}s:\n{stdout[-2000:]}\n{stderr[-4000:]}")
-    assert proc.returncode == 0, stdout[-3000:] + stderr[-6000:]
+    """torchrun ``ds_zero.py STAGE OUT_DIR`` (2 CPU ranks); the bound leaves room for the one-time JIT build of
+    DeepSpeed's comm op."""
+    launch(["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port",
+            str(free_port()), SCRIPT, str(stage)], out_dir, timeout=timeout, env=DEEPSPEED_ENV)
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,7 @@ import os
 import shutil
 
 import pytest
+from test_deepspeed import DEEPSPEED_ENV
 from test_replicas import HERE, free_port, launch
 
 from callbacks.primitives.checkpoints import list_checkpoint
@@ -19,17 +20,12 @@ from callbacks.runner.cli import main
 pytest.importorskip("deepspeed")
 pytestmark = pytest.mark.slow
 
-#: where DeepSpeed's JIT-built comm op is cached between runs (outside the repository)
-EXTENSIONS = os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.join(
-    os.path.expanduser("~"), ".cache", "integrity-callbacks", "torch_extensions")
-
-
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     out = tmp_path_factory.mktemp("ds_checkpoints")
     launch(["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
             "--master_port", str(free_port()), os.path.join(HERE, "dist_scripts", "ds_checkpoints.py")], out,
-           timeout=600, env={"DS_ACCELERATOR": "cpu", "TORCH_EXTENSIONS_DIR": EXTENSIONS})
+           timeout=600, env=DEEPSPEED_ENV)
     return out
 
 

@@ -62,11 +62,9 @@ from callbacks.primitives.zero import (
     any_partitioned,
     dynamic_loss_scale,
     gradients_hidden,
-    held_model_parameters,
     local_values,
     overflow_checked,
     step_overflowed,
-    zero_optimizer,
 )
 
 
@@ -194,11 +192,9 @@ def nonfinite_counts(grads: Sequence[torch.Tensor]) -> dict[int, int]:
 
 
 def optimizer_parameters(optimizer: Any) -> list[torch.Tensor] | None:
-    """The parameters an optimizer updates (:func:`~callbacks.primitives.optimizers.held_parameters`), or None
-    when there is no optimizer to read. A DeepSpeed optimizer's ``param_groups`` hold flat fp32 partitions: the
-    model's parameters it updates are read from its own groups instead."""
-    if zero_optimizer(optimizer) is not None:
-        return held_model_parameters(optimizer) or None
+    """The parameters an optimizer updates (:func:`~callbacks.primitives.optimizers.held_parameters`, which
+    reads a DeepSpeed optimizer's model-parameter groups, not its flat fp32 partitions), or None when there is no
+    optimizer to read."""
     held = held_parameters([optimizer]) if optimizer is not None else None
     return held.params if held is not None and held.params else None
 

@@ -99,20 +99,6 @@ def zero_optimizer(optimizer: Any) -> Any:
     return None
 
 
-def held_model_parameters(optimizer: Any) -> list[torch.nn.Parameter] | None:
-    """The model's parameters a DeepSpeed optimizer updates (ZeRO-1/2 ``bit16_groups``, ZeRO-3 ``fp16_groups``:
-    the model's own ``Parameter`` objects, where its ``param_groups`` hold flat fp32 partitions), or None when
-    ``optimizer`` is no DeepSpeed optimizer or keeps no such groups."""
-    zero = zero_optimizer(optimizer)
-    if zero is None:
-        return None
-    for attr in ("bit16_groups", "fp16_groups"):
-        groups = getattr(zero, attr, None)
-        if isinstance(groups, list) and groups:
-            return [p for group in groups for p in group]
-    return None
-
-
 def step_overflowed(optimizer: Any) -> bool | None:
     """DeepSpeed's verdict on the step that just ran: True when it found NaN/Inf gradients (or a non-finite
     gradient norm) and skipped the step, False when it stepped, None when ``optimizer`` is no DeepSpeed optimizer
