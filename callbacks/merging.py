@@ -51,6 +51,7 @@ from callbacks.primitives.snapshots import (
     snapshot_parameters,
     weight_samples,
 )
+from callbacks.primitives.zero import any_partitioned
 
 if TYPE_CHECKING:
     from callbacks.monitor import Monitor
@@ -245,6 +246,10 @@ def observe_before(library: str, model: Any, kind: str, method: str, call: Calla
         before.samples_merged = weight_samples(snapshot, sampled, config.unmerge_sample)
     if not config.probe:
         before.probe_skipped = "probe disabled (checks.merge.probe: false)"
+        return before
+    if isinstance(model, nn.Module) and any_partitioned(model.parameters()):
+        # a forward would gather every layer collectively: a merge done on one rank only would hang there
+        before.probe_skipped = "no probe: DeepSpeed ZeRO-3 placeholders (a forward gathers collectively)"
         return before
     try:
         # one sequence of 8 tokens: every merged layer is on its path, and the forward costs half of two sequences

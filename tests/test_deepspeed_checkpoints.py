@@ -93,3 +93,11 @@ def test_unfreezing_after_deepspeed_built_its_groups_is_not_optimized(saved):
         assert found == [("TRAINABLE_SET_CHANGED", "step", 2, ("transformer.wpe.weight",)),
                          ("TRAINABLE_NOT_OPTIMIZED", "step", 2, ("transformer.wpe.weight",)),
                          ("UNSAVED_TRAINABLE", "checkpoint", 2, ("transformer.wpe.weight",))], found
+
+
+def test_a_merge_of_zero3_placeholders_is_not_judged_and_says_so(saved):
+    """After a ZeRO-3 run the model holds empty placeholders: the checked merge says it cannot judge them (and
+    runs no probe, whose forward would gather collectively) instead of calling the merge clean."""
+    merge = [f for f in results(saved, "zero3_merge", 0)["findings"] if f["event"] == "merge"]
+    assert [(f["code"], f["severity"]) for f in merge] == [("CHECK_NOT_APPLICABLE", "info")], merge
+    assert "ZeRO-3" in merge[0]["message"] and "stage3_gather_16bit_weights_on_model_save" in merge[0]["hint"]

@@ -25,6 +25,7 @@ from callbacks.events import EventContext
 from callbacks.findings import Finding
 from callbacks.primitives.adapters import MergeTarget
 from callbacks.primitives.snapshots import ParamSnapshot, WeightSample
+from callbacks.primitives.zero import any_partitioned
 
 # -- configuration ------------------------------------------------------------------------------------------------
 
@@ -505,6 +506,13 @@ class MergeCheck(Check):
         obs = ctx.merge
         if not isinstance(obs, MergeObservation):
             return ()
+        if isinstance(ctx.model, torch.nn.Module) and any_partitioned(ctx.model.parameters()):
+            return [self.finding(
+                "CHECK_NOT_APPLICABLE", ctx, message=f"the {obs.method} was not judged: DeepSpeed ZeRO-3 "
+                "partitions the parameters, so this process holds empty placeholders and the merge ran on them",
+                hint="merge a model that holds whole weights: save with zero_optimization."
+                     "stage3_gather_16bit_weights_on_model_save: true (or rebuild them with zero_to_fp32.py), load "
+                     "that model in one process and call checked_merge on it")]
         problems = evaluate_merge(obs, self.config, self.record)
         if obs.kind == "merge" and obs.error is None and obs.method != "merge_and_unload":
             self.record.add(obs)

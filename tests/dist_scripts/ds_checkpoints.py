@@ -6,7 +6,8 @@ step 2, under ``zero3`` (only DeepSpeed's partitioned shards are written), ``zer
 (``stage3_gather_16bit_weights_on_model_save``: a consolidated ``model.safetensors`` too) and ``zero2``
 (``model.safetensors`` beside the shards). Then ``zero2_unfreeze``: LoRA, and the user's callback unfreezes the
 position embedding after step 1, when DeepSpeed's optimizer groups are already built (it gets gradients and
-never changes): TRAINABLE_SET_CHANGED and TRAINABLE_NOT_OPTIMIZED at step 2. Each rank writes
+never changes): TRAINABLE_SET_CHANGED and TRAINABLE_NOT_OPTIMIZED at step 2. Then ``zero3_merge``: LoRA under
+ZeRO-3 and ``checked_merge`` after training, on every rank (the parameters are placeholders). Each rank writes
 ``OUT_DIR/<job>.rank<r>.json`` with its findings.
 """
 
@@ -31,7 +32,7 @@ from callbacks.hf import IntegrityCallback  # noqa: E402
 torch.set_num_threads(1)
 OUT = sys.argv[1]
 JOBS = {"zero3": {"stage": 3}, "zero3_gathered": {"stage": 3, "stage3_gather_16bit_weights_on_model_save": True},
-        "zero2": {"stage": 2}, "zero2_unfreeze": {"stage": 2}}
+        "zero2": {"stage": 2}, "zero2_unfreeze": {"stage": 2}, "zero3_merge": {"stage": 3}}
 
 
 class UnfreezeAfterStep1(TrainerCallback):
@@ -44,7 +45,7 @@ class UnfreezeAfterStep1(TrainerCallback):
 
 def build(job):
     model = tiny_gpt2()
-    if job == "zero2_unfreeze":
+    if job in ("zero2_unfreeze", "zero3_merge"):
         model = get_peft_model(model, LoraConfig(r=4, target_modules=["c_attn"], fan_in_fan_out=True))
     return model
 
@@ -60,6 +61,8 @@ for job, zero in JOBS.items():
     trainer = Trainer(model=build(job), args=args, train_dataset=TokenDataset(n=16),
                       callbacks=[*callbacks, integrity])
     trainer.train()
+    if job == "zero3_merge":
+        integrity.monitor.checked_merge(trainer.model)
     names = sorted(n for n, _ in trainer.model.named_parameters(remove_duplicate=False))
     with open(os.path.join(OUT, f"{job}.rank{dist.get_rank()}.json"), "w") as fh:
         json.dump({"findings": [f.to_dict() for f in integrity.findings], "names": names}, fh, default=str)
