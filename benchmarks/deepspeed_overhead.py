@@ -3,7 +3,7 @@ their defaults: the same Trainer job with and without the IntegrityCallback, int
 
 Run it as it launches itself (torchrun, ``DS_ACCELERATOR=cpu``):
 
-    python benchmarks/deepspeed_overhead.py [--steps 30] [--repeats 2] [--layers 4] [--width 256]
+    python benchmarks/deepspeed_overhead.py [--steps 30] [--repeats 2] [--layers 4] [--width 256] [--seq 256]
 
 Step time is measured by a callback from ``on_step_begin`` to ``on_step_end`` (forward, backward, the DeepSpeed
 step and the checks' ``step`` events), steps after the first two, median over ranks and runs. The ``init``,
@@ -32,7 +32,9 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--width", type=int, default=256)
+    parser.add_argument("--seq", type=int, default=256, help="tokens per row (batch 4 rows per rank)")
     parser.add_argument("--stages", default="2,3")
+    parser.add_argument("--checks", default="{}", help="the callback's checks= as JSON (default: every default)")
     parser.add_argument("--out", help=argparse.SUPPRESS)
     return parser.parse_args()
 
@@ -51,7 +53,7 @@ def worker(args: argparse.Namespace) -> None:
 
     class Rows(torch.utils.data.Dataset):
         def __init__(self, n: int):
-            self.ids = torch.randint(0, 512, (n, 64), generator=torch.Generator().manual_seed(0))
+            self.ids = torch.randint(0, 512, (n, args.seq), generator=torch.Generator().manual_seed(0))
 
         def __len__(self) -> int:
             return len(self.ids)
@@ -74,13 +76,14 @@ def worker(args: argparse.Namespace) -> None:
     for stage in [int(s) for s in args.stages.split(",")]:
         for checked in [False, True, True, False] * args.repeats:
             torch.manual_seed(0)
-            model = GPT2LMHeadModel(GPT2Config(vocab_size=512, n_positions=64, n_embd=args.width,
+            model = GPT2LMHeadModel(GPT2Config(vocab_size=512, n_positions=args.seq, n_embd=args.width,
                                                n_layer=args.layers, n_head=4))
             deepspeed = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 1,
                          "zero_optimization": {"stage": stage},
                          "optimizer": {"type": "AdamW", "params": {"lr": 1e-4}}}
             timer = StepTimer()
-            callbacks = [timer] + ([IntegrityCallback(policy="log")] if checked else [])
+            checks = json.loads(args.checks)
+            callbacks = [timer] + ([IntegrityCallback(policy="log", checks=checks)] if checked else [])
             with tempfile.TemporaryDirectory() as out:
                 train_args = TrainingArguments(output_dir=out, max_steps=args.steps, per_device_train_batch_size=4,
                                                save_strategy="no", report_to=[], logging_steps=10**6,
@@ -117,12 +120,12 @@ def main() -> None:
         command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
                    "127.0.0.1", "--master_port", "29561", os.path.abspath(__file__), "--out", out,
                    "--steps", str(args.steps), "--repeats", str(args.repeats), "--layers", str(args.layers),
-                   "--width", str(args.width), "--stages", args.stages]
+                   "--width", str(args.width), "--seq", str(args.seq), "--stages", args.stages, "--checks", args.checks]
         quiet = subprocess.DEVNULL if not os.environ.get("VERBOSE") else None  # VERBOSE=1 shows the ranks' output
         subprocess.run(command, env=env, check=True, stdout=quiet)
         with open(out) as fh:
             times = json.load(fh)
-    print(f"GPT-2 {args.layers} layers x {args.width}, batch 4 x 64 per rank, 2 CPU ranks, {args.steps} steps, "
+    print(f"GPT-2 {args.layers} layers x {args.width}, batch 4 x {args.seq} per rank, 2 CPU ranks, {args.steps} steps, "
           f"{args.repeats * 2} runs per variant")
     print(f"{'ZeRO':>5s} {'step off ms':>12s} {'step on ms':>11s} {'ratio':>6s} {'run off s':>10s} {'run on s':>9s}")
     for stage in args.stages.split(","):
