@@ -101,3 +101,28 @@ def test_a_merge_of_zero3_placeholders_is_not_judged_and_says_so(saved):
     merge = [f for f in results(saved, "zero3_merge", 0)["findings"] if f["event"] == "merge"]
     assert [(f["code"], f["severity"]) for f in merge] == [("CHECK_NOT_APPLICABLE", "info")], merge
     assert "ZeRO-3" in merge[0]["message"] and "stage3_gather_16bit_weights_on_model_save" in merge[0]["hint"]
+
+
+@pytest.fixture(scope="module")
+def accelerate_runs(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ds_accelerate")
+    launch(["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+            "--master_port", str(free_port()), os.path.join(HERE, "dist_scripts", "ds_accelerate.py")], out,
+           timeout=600, env=DEEPSPEED_ENV)
+    return out
+
+
+@pytest.mark.parametrize("job", ["zero2_lora", "zero2_full", "zero3_lora", "zero3_full"])
+def test_an_accelerate_loop_under_deepspeed_is_clean(accelerate_runs, job):
+    for rank in (0, 1):
+        found = [(f["code"], f["event"], f["message"][:120]) for f in results(accelerate_runs, job, rank)["findings"]
+                 if f["severity"] != "info"]
+        assert found == [], found
+
+
+def test_an_accelerate_loop_under_zero3_catches_a_reinitialised_lora_b(accelerate_runs):
+    for rank in (0, 1):
+        wrong = [f for f in results(accelerate_runs, "zero3_lora_bad_b", rank)["findings"]
+                 if f["code"] == "ADAPTER_INIT_WRONG"]
+        assert [f["params"] for f in wrong] == [["transformer.h.0.attn.c_attn.lora_A.default.weight"],
+                                                ["transformer.h.0.attn.c_attn.lora_B.default.weight"]], wrong
