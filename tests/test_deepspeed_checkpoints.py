@@ -126,3 +126,23 @@ def test_an_accelerate_loop_under_zero3_catches_a_reinitialised_lora_b(accelerat
                  if f["code"] == "ADAPTER_INIT_WRONG"]
         assert [f["params"] for f in wrong] == [["transformer.h.0.attn.c_attn.lora_A.default.weight"],
                                                 ["transformer.h.0.attn.c_attn.lora_B.default.weight"]], wrong
+
+
+def test_verify_values_under_zero3_says_once_it_cannot_compare(saved):
+    """Live ZeRO-3 parameters are placeholders: verify_values says so once instead of comparing nothing and
+    reporting a clean verification."""
+    for rank in (0, 1):
+        found = [f for f in results(saved, "zero3_verify", rank)["findings"] if f["check"] == "saved_state"]
+        assert [(f["code"], f["severity"]) for f in found] == [("CHECK_NOT_APPLICABLE", "info")], found
+        assert "ZeRO-3 placeholders" in found[0]["message"]
+
+
+def test_a_shards_only_save_notes_the_setting_that_writes_whole_weights(saved):
+    def folder_looks(job):
+        return [e for e in results(saved, job, 0)["sections"]["saved_state"]["coverage"]
+                if e["source"].endswith("checkpoint-2")]
+
+    (entry,) = folder_looks("zero3")
+    assert entry["unsaved"] == [] and "stage3_gather_16bit_weights_on_model_save" in entry["note"]
+    (gathered,) = folder_looks("zero3_gathered")
+    assert gathered["unsaved"] == [] and "note" not in gathered

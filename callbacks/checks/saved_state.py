@@ -31,7 +31,13 @@ from callbacks.checks.base import Check, CheckConfig
 from callbacks.events import EventContext
 from callbacks.facts import DeclaredNames
 from callbacks.findings import Finding
-from callbacks.primitives.checkpoints import CheckpointListing, CheckpointReadError, list_checkpoint, read_tensors
+from callbacks.primitives.checkpoints import (
+    ZERO_WEIGHTS_HINT,
+    CheckpointListing,
+    CheckpointReadError,
+    list_checkpoint,
+    read_tensors,
+)
 from callbacks.primitives.collectives import distributed_rank
 from callbacks.primitives.naming import find_peft_model, named_parameters_all, storage_key
 from callbacks.primitives.saved_names import (
@@ -45,6 +51,7 @@ from callbacks.primitives.saved_names import (
 )
 from callbacks.primitives.tiemap import ExpectedTie
 from callbacks.primitives.values import bitwise_equal
+from callbacks.primitives.zero import any_partitioned, true_shape
 
 
 class SavedStateConfig(CheckConfig):
@@ -317,6 +324,8 @@ class SavedStateCheck(Check):
         self._reported_at_save: set[str] = set()
         #: per checkpoint: {"step", "source", "files", "trainable", "saved", "unsaved"} (for the report)
         self.history: list[dict[str, Any]] = []
+        #: whether the CHECK_NOT_APPLICABLE for values that cannot be verified (ZeRO-3) was given
+        self._values_unverifiable_said = False
 
     # -- events -----------------------------------------------------------------------------------------------
     def on_init(self, ctx: EventContext) -> Iterable[Finding]:
@@ -341,8 +350,9 @@ class SavedStateCheck(Check):
                                      when="is saved")
             findings.extend(unsaved)
             if self.config.verify_values:
-                findings.extend(self._verify(ctx, {"": keys}, lambda group, key: state.get(key), source=source,
-                                             files=[]))
+                unverifiable = self._values_unverifiable(ctx, [])
+                findings.extend(unverifiable if unverifiable is not None else self._verify(
+                    ctx, {"": keys}, lambda group, key: state.get(key), source=source, files=[]))
             self._reported_at_save = {n for f in unsaved for n in f.params}
         if ctx.checkpoint_dir:
             findings.extend(self._check_files(ctx, ctx.checkpoint_dir, framework))
@@ -369,7 +379,12 @@ class SavedStateCheck(Check):
         groups = {group: list(entries) for group, entries in listing.groups.items()}
         findings = self._coverage(ctx, groups, source=path, files=listing.files, framework=framework,
                                   when="was written")
+        if "deepspeed" in listing.formats:  # complete for DeepSpeed, but no consolidated weights to load
+            self.history[-1]["note"] = ZERO_WEIGHTS_HINT
         if self.config.verify_values:
+            unverifiable = self._values_unverifiable(ctx, listing.formats)
+            if unverifiable is not None:
+                return [*findings, *unverifiable]
             try:
                 values = _read_group_tensors(listing)
             except CheckpointReadError as err:
@@ -406,13 +421,30 @@ class SavedStateCheck(Check):
                    if item.tie_partner else "")
             findings.append(self.finding(
                 "UNSAVED_TRAINABLE", ctx, params=(t.name,),
-                message=f"{t.name} (shape {tuple(t.tensor.shape)}, requires_grad=True) is trained but not in what "
+                message=f"{t.name} (shape {true_shape(t.tensor)}, requires_grad=True) is trained but not in what "
                         f"{when}: {what}{why}; {len(trainables)} trainable tensors, {len(trainables) - len(unsaved)}"
                         " saved",
                 hint=fix_hint(model, item, framework),
                 files=list(files), source=source, aliases=list(t.names), tie_partner=item.tie_partner,
                 framework=framework))
         return findings
+
+    def _values_unverifiable(self, ctx: EventContext, formats: Sequence[str]) -> list[Finding] | None:
+        """``verify_values`` cannot compare anything when the live parameters are ZeRO-3 placeholders or the
+        values are in DeepSpeed's partitioned shards: one CHECK_NOT_APPLICABLE for the run (then ``[]``), or
+        None when values can be compared."""
+        if any_partitioned(ctx.model.parameters()):
+            why = "the live parameters are DeepSpeed ZeRO-3 placeholders (each rank holds a shard)"
+        elif "deepspeed" in formats:
+            why = "the saved values are in DeepSpeed's partitioned shards, which are listed, not read"
+        else:
+            return None
+        if self._values_unverifiable_said:
+            return []
+        self._values_unverifiable_said = True
+        return [self.finding(
+            "CHECK_NOT_APPLICABLE", ctx, message=f"saved values not verified (verify_values): {why}",
+            hint="nothing to fix; which tensors were saved is still checked. " + ZERO_WEIGHTS_HINT)]
 
     def _verify(self, ctx: EventContext, groups: Mapping[str, Sequence[str]],
                 value_of: Callable[[str, str], Any], *, source: str, files: Sequence[str]) -> list[Finding]:

@@ -7,7 +7,8 @@ step 2, under ``zero3`` (only DeepSpeed's partitioned shards are written), ``zer
 (``model.safetensors`` beside the shards). Then ``zero2_unfreeze``: LoRA, and the user's callback unfreezes the
 position embedding after step 1, when DeepSpeed's optimizer groups are already built (it gets gradients and
 never changes): TRAINABLE_SET_CHANGED and TRAINABLE_NOT_OPTIMIZED at step 2. Then ``zero3_merge``: LoRA under
-ZeRO-3 and ``checked_merge`` after training, on every rank (the parameters are placeholders). Each rank writes
+ZeRO-3 and ``checked_merge`` after training, on every rank (the parameters are placeholders); ``zero3_verify``:
+``saved_state.verify_values`` under ZeRO-3 (live placeholders: nothing to compare). Each rank writes
 ``OUT_DIR/<job>.rank<r>.json`` with its findings.
 """
 
@@ -32,7 +33,8 @@ from callbacks.hf import IntegrityCallback  # noqa: E402
 torch.set_num_threads(1)
 OUT = sys.argv[1]
 JOBS = {"zero3": {"stage": 3}, "zero3_gathered": {"stage": 3, "stage3_gather_16bit_weights_on_model_save": True},
-        "zero2": {"stage": 2}, "zero2_unfreeze": {"stage": 2}, "zero3_merge": {"stage": 3}}
+        "zero2": {"stage": 2}, "zero2_unfreeze": {"stage": 2}, "zero3_merge": {"stage": 3},
+        "zero3_verify": {"stage": 3}}
 
 
 class UnfreezeAfterStep1(TrainerCallback):
@@ -53,7 +55,8 @@ def build(job):
 for job, zero in JOBS.items():
     deepspeed = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1, "zero_optimization": zero,
                  "optimizer": {"type": "AdamW", "params": {"lr": 1e-2}}}
-    integrity = IntegrityCallback(policy="log")
+    checks = {"saved_state": {"verify_values": True}} if job == "zero3_verify" else {}
+    integrity = IntegrityCallback(policy="log", checks=checks)
     args = TrainingArguments(output_dir=os.path.join(OUT, job), max_steps=2, per_device_train_batch_size=2,
                              save_strategy="steps", save_steps=2, report_to=[], logging_steps=1000,
                              disable_tqdm=True, learning_rate=1e-2, seed=0, deepspeed=deepspeed)
@@ -65,5 +68,6 @@ for job, zero in JOBS.items():
         integrity.monitor.checked_merge(trainer.model)
     names = sorted(n for n, _ in trainer.model.named_parameters(remove_duplicate=False))
     with open(os.path.join(OUT, f"{job}.rank{dist.get_rank()}.json"), "w") as fh:
-        json.dump({"findings": [f.to_dict() for f in integrity.findings], "names": names}, fh, default=str)
+        json.dump({"findings": [f.to_dict() for f in integrity.findings], "names": names,
+                   "sections": integrity.report.sections}, fh, default=str)
     dist.barrier()
