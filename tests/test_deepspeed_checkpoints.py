@@ -20,13 +20,17 @@ from callbacks.runner.cli import main
 pytest.importorskip("deepspeed")
 pytestmark = pytest.mark.slow
 
-@pytest.fixture(scope="module")
-def saved(tmp_path_factory):
-    out = tmp_path_factory.mktemp("ds_checkpoints")
+def launch_script(name: str, out):
+    """torchrun ``tests/dist_scripts/<name>.py OUT`` on 2 CPU ranks under DeepSpeed's CPU settings."""
     launch(["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-            "--master_port", str(free_port()), os.path.join(HERE, "dist_scripts", "ds_checkpoints.py")], out,
+            "--master_port", str(free_port()), os.path.join(HERE, "dist_scripts", f"{name}.py")], out,
            timeout=600, env=DEEPSPEED_ENV)
     return out
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    return launch_script("ds_checkpoints", tmp_path_factory.mktemp("ds_checkpoints"))
 
 
 def results(out, job, rank):
@@ -105,11 +109,7 @@ def test_a_merge_of_zero3_placeholders_is_not_judged_and_says_so(saved):
 
 @pytest.fixture(scope="module")
 def accelerate_runs(tmp_path_factory):
-    out = tmp_path_factory.mktemp("ds_accelerate")
-    launch(["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-            "--master_port", str(free_port()), os.path.join(HERE, "dist_scripts", "ds_accelerate.py")], out,
-           timeout=600, env=DEEPSPEED_ENV)
-    return out
+    return launch_script("ds_accelerate", tmp_path_factory.mktemp("ds_accelerate"))
 
 
 @pytest.mark.parametrize("job", ["zero2_lora", "zero2_full", "zero3_lora", "zero3_full"])
