@@ -48,6 +48,8 @@ class MonitorOwner:
         config: IntegrityConfig | None = None,
         monitor: Monitor | None = None,
     ):
+        if checks is None:  # the same as not given (code written for the earlier `checks=None` default)
+            checks = ChecksConfig()
         if monitor is not None:
             given = [name for name, value in (("policy", policy != "raise"), ("declare_ties", declare_ties),
                                               ("checks", checks != ChecksConfig()), ("report", report),

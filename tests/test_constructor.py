@@ -48,3 +48,5 @@ def test_misuse_raises_with_the_fix(cls):
         cls(config=Monitor().config, report="x.json")
     existing = Monitor(policy="log")
     assert cls(monitor=existing).monitor is existing
+    assert cls(monitor=existing, checks=None).monitor is existing  # None is "not given", as it used to be
+    assert cls(config=existing.config, checks=None).monitor.config == existing.config
