@@ -146,3 +146,18 @@ def test_a_shards_only_save_notes_the_setting_that_writes_whole_weights(saved):
     assert entry["unsaved"] == [] and "stage3_gather_16bit_weights_on_model_save" in entry["note"]
     (gathered,) = folder_looks("zero3_gathered")
     assert gathered["unsaved"] == [] and "note" not in gathered
+
+
+def test_a_deepspeed_folder_named_like_a_lightning_checkpoint_is_read(saved, tmp_path):
+    """Lightning's DeepSpeed strategy writes ``epoch=E-step=S.ckpt`` as a DeepSpeed checkpoint folder (``latest``
+    and the tag folder inside): a folder of such checkpoints lists them, not "a .ckpt that is no regular file"."""
+    checkpoints = tmp_path / "checkpoints"
+    ckpt = checkpoints / "epoch=0-step=2.ckpt"
+    ckpt.mkdir(parents=True)
+    for name in ("latest", "global_step2"):
+        source = saved / "zero3" / "checkpoint-2" / name
+        (shutil.copytree if source.is_dir() else shutil.copyfile)(source, ckpt / name)
+    for path in (checkpoints, ckpt):
+        listing = list_checkpoint(str(path))
+        assert listing.errors == [] and listing.formats == ["deepspeed"]
+        assert listing.tensors["transformer.wte.weight"].shape == (64, 32)

@@ -925,7 +925,10 @@ def checkpoint_parts(path: str) -> list[tuple[str, str, str]]:
     if not parts:  # a Lightning checkpoint folder: every .ckpt in it (one: the folder's own keys)
         ckpts = sorted(n for n in names if n.endswith(LIGHTNING_SUFFIX) and not n.startswith("."))
         for name in ckpts:
-            parts.append(("" if len(ckpts) == 1 else name, "torch", os.path.join(path, name)))
+            full = os.path.join(path, name)
+            # Lightning's DeepSpeed strategy saves each .ckpt as a DeepSpeed checkpoint folder
+            kind = "deepspeed" if os.path.isdir(full) and DEEPSPEED_LATEST in os.listdir(full) else "torch"
+            parts.append(("" if len(ckpts) == 1 else name, kind, full))
     for name in sorted(names):
         full = os.path.join(path, name)
         if ACCELERATE_MODEL_FILE.match(name):
