@@ -38,8 +38,10 @@ def results(out, job, rank):
         return json.load(fh)
 
 
-@pytest.mark.parametrize("job", ["zero3", "zero3_gathered", "zero2", "zero3_merge", "zero3_verify"])
+@pytest.mark.parametrize("job", ["zero3", "zero3_gathered", "zero2", "zero3_merge", "zero3_verify", "zero3_resume"])
 def test_healthy_deepspeed_saves_are_clean_at_the_checkpoint_event(saved, job):
+    """zero3_resume: every rank restores rank 0's saved state; frozen baselines of rank 0's shards must not be
+    compared with rank 1's shards (a false FROZEN_CHANGED at the resume's init on rank 1)."""
     for rank in (0, 1):
         found = [(f["code"], f["event"], f["message"]) for f in results(saved, job, rank)["findings"]
                  if f["severity"] != "info"]

@@ -53,6 +53,7 @@ from callbacks.primitives.collectives import (
     ExchangeTag,
     ReplicaComparator,
     disagreeing_ranks,
+    distributed_rank,
     distributed_world,
 )
 from callbacks.primitives.naming import local_tensor, named_parameters_all, unwrap_model, user_name
@@ -62,6 +63,7 @@ from callbacks.primitives.zero import (
     any_partitioned,
     dynamic_loss_scale,
     gradients_hidden,
+    is_partitioned,
     local_values,
     overflow_checked,
     step_overflowed,
@@ -232,6 +234,8 @@ class HashCheck(Check):
         self._frozen_seen: set[int] = set()
         #: why gradients cannot be read here (DeepSpeed holds and clears them), once seen; said once
         self.gradients_unseen: str | None = None
+        #: whether frozen baselines hash this rank's own shards (ZeRO-3, FSDP), so only this rank can use them
+        self.frozen_local = False
 
     # -- helpers ----------------------------------------------------------------------------------------------
     def _hash_due(self, step: int | None) -> bool:
@@ -355,6 +359,8 @@ class HashCheck(Check):
         if self.ledger is not None:
             self.ledger.write(ctx.step or 0, "param", names, hashes)
         if self.config.frozen:
+            self.frozen_local = self.frozen_local or (distributed_world()[1] > 1 and any(
+                is_partitioned(tensors[i]) or is_dtensor(tensors[i]) for i in frozen_idx))
             findings += self._compare_frozen(ctx, {names[i]: hashes[i] for i in frozen_idx}, record_new=True)
         findings += self._tied_copies(ctx, params, validate=True)
         return findings
@@ -536,6 +542,8 @@ class HashCheck(Check):
         new = [(n, p) for n, p in named_unique_parameters(ctx.model)
                if id(p) in frozen_now and n not in self.frozen_baseline]
         if new:
+            self.frozen_local = self.frozen_local or (distributed_world()[1] > 1 and any(
+                is_partitioned(p) or is_dtensor(p) for _, p in new))
             values = hash_or_none([p for _, p in new], self.config.backend)
             for (n, _), value in zip(new, values, strict=True):
                 self.frozen_baseline[n] = [value, (ctx.step or 1) - 1]  # as of after the previous step
@@ -704,11 +712,16 @@ class HashCheck(Check):
         # Python's lose precision on integers beyond 2**53
         return {"frozen_baseline": {n: [hex64(h), s] for n, (h, s) in self.frozen_baseline.items()},
                 "frozen_verified_step": self.frozen_verified_step,
+                "frozen_local": self.frozen_local, "frozen_rank": distributed_rank(),
                 "reported": self.reported.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict`."""
-        self.frozen_baseline = {n: [None if h is None else int(h, 16), int(s)]
-                                for n, (h, s) in state.get("frozen_baseline", {}).items()}
+        """Restore :meth:`state_dict`. Baselines of another rank's own shards (trainers save rank 0's state and
+        every rank restores it) describe other bytes: they are dropped, and this rank records its own at the
+        next look (rank 0 keeps verifying across the resume)."""
+        self.frozen_local = bool(state.get("frozen_local", False))
+        foreign = self.frozen_local and int(state.get("frozen_rank", 0)) != distributed_rank()
+        self.frozen_baseline = {} if foreign else {n: [None if h is None else int(h, 16), int(s)]
+                                                   for n, (h, s) in state.get("frozen_baseline", {}).items()}
         self.frozen_verified_step = int(state.get("frozen_verified_step", 0))
         self.reported.load_state_dict(state.get("reported", {}))

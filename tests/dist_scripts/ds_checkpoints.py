@@ -8,7 +8,8 @@ step 2, under ``zero3`` (only DeepSpeed's partitioned shards are written), ``zer
 position embedding after step 1, when DeepSpeed's optimizer groups are already built (it gets gradients and
 never changes): TRAINABLE_SET_CHANGED and TRAINABLE_NOT_OPTIMIZED at step 2. Then ``zero3_merge``: LoRA under
 ZeRO-3 and ``checked_merge`` after training, on every rank (the parameters are placeholders); ``zero3_verify``:
-``saved_state.verify_values`` under ZeRO-3 (live placeholders: nothing to compare). Each rank writes
+``saved_state.verify_values`` under ZeRO-3 (live placeholders: nothing to compare); ``zero3_resume``: LoRA under
+ZeRO-3, then a second run resuming from checkpoint-2 (its findings are written). Each rank writes
 ``OUT_DIR/<job>.rank<r>.json`` with its findings.
 """
 
@@ -34,7 +35,7 @@ torch.set_num_threads(1)
 OUT = sys.argv[1]
 JOBS = {"zero3": {"stage": 3}, "zero3_gathered": {"stage": 3, "stage3_gather_16bit_weights_on_model_save": True},
         "zero2": {"stage": 2}, "zero2_unfreeze": {"stage": 2}, "zero3_merge": {"stage": 3},
-        "zero3_verify": {"stage": 3}}
+        "zero3_verify": {"stage": 3}, "zero3_resume": {"stage": 3}}
 
 
 class UnfreezeAfterStep1(TrainerCallback):
@@ -47,7 +48,7 @@ class UnfreezeAfterStep1(TrainerCallback):
 
 def build(job):
     model = tiny_gpt2()
-    if job in ("zero2_unfreeze", "zero3_merge"):
+    if job in ("zero2_unfreeze", "zero3_merge", "zero3_resume"):
         model = get_peft_model(model, LoraConfig(r=4, target_modules=["c_attn"], fan_in_fan_out=True))
     return model
 
@@ -64,6 +65,13 @@ for job, zero in JOBS.items():
     trainer = Trainer(model=build(job), args=args, train_dataset=TokenDataset(n=16),
                       callbacks=[*callbacks, integrity])
     trainer.train()
+    if job == "zero3_resume":  # a second run resumes from checkpoint-2: every rank restores rank 0's saved state
+        integrity = IntegrityCallback(policy="log", checks=checks)
+        args = TrainingArguments(output_dir=os.path.join(OUT, job), max_steps=4, per_device_train_batch_size=2,
+                                 save_strategy="steps", save_steps=2, report_to=[], logging_steps=1000,
+                                 disable_tqdm=True, learning_rate=1e-2, seed=0, deepspeed=deepspeed)
+        trainer = Trainer(model=build(job), args=args, train_dataset=TokenDataset(n=16), callbacks=[integrity])
+        trainer.train(resume_from_checkpoint=True)
     if job == "zero3_merge":
         integrity.monitor.checked_merge(trainer.model)
     names = sorted(n for n, _ in trainer.model.named_parameters(remove_duplicate=False))
