@@ -166,6 +166,20 @@ def test_zip_member_declaring_more_bytes_than_the_file(tmp_path):
     assert "declares" in err.reason or "unreadable torch file" in err.reason
 
 
+def test_zip_member_claiming_a_zip_version_zipfile_lacks(tmp_path):
+    """Found by the fuzzer: a central-directory entry needing zip version 6.4 makes zipfile raise
+    NotImplementedError when the member is opened; it is one CHECKPOINT_UNREADABLE, never a traceback."""
+    torch.save(state(), tmp_path / "pytorch_model.bin")
+    path = tmp_path / "pytorch_model.bin"
+    data = bytearray(path.read_bytes())
+    at = data.find(b"PK\x01\x02")
+    while at >= 0 and b"data.pkl" not in data[at + 46: at + 46 + 64]:
+        at = data.find(b"PK\x01\x02", at + 4)
+    data[at + 6: at + 8] = struct.pack("<H", 64)  # version needed to extract: 6.4
+    path.write_bytes(bytes(data))
+    refused(tmp_path, path, "zip file version 6.4")
+
+
 def test_shared_reference_pickle_bomb_is_bounded(tmp_path):
     node: dict = {"leaf": torch.zeros(1)}
     for _ in range(60):  # 2**60 paths through 61 dicts: a small pickle, an endless walk
