@@ -104,8 +104,8 @@ def test_lightning_ddp_strategy(tmp_path):
     on_before_optimizer_step (after DDP's all-reduce, before clipping) and after the optimizer stepped."""
     stdout = launch([os.path.join(HERE, "dist_scripts", "lightning_replicas.py")], tmp_path)
     # rank 1 is started by Lightning without RANK, after its callback was built: the rank is resolved when the
-    # job runs, so only rank 0 prints the report table, once per job (healthy, grad, param)
-    assert stdout.count("integrity report") == 3, stdout[-3000:]
+    # job runs, so only rank 0 prints the report table, once per job (healthy, grad, param, untie)
+    assert stdout.count("integrity report") == 4, stdout[-3000:]
     target = "model.layers.1.1.weight"
     for rank in (0, 1):
         healthy = load(tmp_path, "healthy", rank)
@@ -116,3 +116,9 @@ def test_lightning_ddp_strategy(tmp_path):
             ("PARAM_REPLICA_MISMATCH", "step", 2, (target,), (0, 1)),
         ]
         assert problems(load(tmp_path, "param", rank)) == [("PARAM_REPLICA_MISMATCH", "step", 2, (target,), (0, 1))]
+        untie = load(tmp_path, "untie", rank)["findings"]
+        assert "CHECK_FAILED" not in [f["code"] for f in untie]
+        (broken,) = [f for f in untie if f["code"] == "TIE_BROKEN"]
+        assert broken["params"] == ["model.output.weight", "model.tok_embeddings.weight"]
+        # seen by rank 1 alone (Lightning's launcher started it), gathered into rank 0's report at the end
+        assert broken["details"].get("seen_on_ranks") == ([1] if rank == 0 else None)

@@ -2,8 +2,10 @@
 with 2 CPU processes re-runs this script for rank 1 itself (gloo).
 
 Runs ``healthy``, ``grad`` (rank 1 adds 1e-3 to one gradient in on_before_optimizer_step of step 2, after
-DDP's all-reduce) and ``param`` (rank 1 adds 1e-3 to one parameter after optimizer step 2) in sequence, with
-the IntegrityCallback (policy log, defaults otherwise). Each rank writes ``OUT_DIR/<job>.rank<r>.json``.
+DDP's all-reduce), ``param`` (rank 1 adds 1e-3 to one parameter after optimizer step 2) and ``untie`` (rank 1
+alone replaces the hand-tied head's Parameter after step 2: a finding only rank 1 sees, which must reach rank 0's
+report) in sequence, with the IntegrityCallback (policy log, defaults otherwise). Each rank writes
+``OUT_DIR/<job>.rank<r>.json``.
 """
 
 import json
@@ -55,6 +57,8 @@ class PerturbOnRank1(pl.Callback):
         if self.what == "param" and trainer.global_step == 2 and trainer.global_rank == 1:
             with torch.no_grad():
                 pl_module.get_parameter(TARGET).add_(1e-3)
+        if self.what == "untie" and trainer.global_step == 2 and trainer.global_rank == 1:
+            pl_module.model.output.weight = nn.Parameter(pl_module.model.output.weight.detach().clone())
 
 
 def run(job):
@@ -70,5 +74,5 @@ def run(job):
                    "section": integrity.report.sections.get("hashes")}, fh, default=str)
 
 
-for job in ("healthy", "grad", "param"):
+for job in ("healthy", "grad", "param", "untie"):
     run(job)
