@@ -12,6 +12,8 @@ from typing import Any, Literal
 Severity = Literal["error", "warning", "info"]
 
 SEVERITIES: tuple[str, ...] = ("error", "warning", "info")
+#: the order findings are shown and kept in when bounded: errors first
+SEVERITY_RANK: dict[str, int] = {s: i for i, s in enumerate(SEVERITIES)}
 
 
 @dataclasses.dataclass(frozen=True)

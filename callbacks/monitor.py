@@ -6,6 +6,7 @@ hooks; custom loops call it directly.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -19,7 +20,7 @@ from callbacks.checks import REGISTRY, Check
 from callbacks.errors import ConfigError, IntegrityError
 from callbacks.events import EventContext
 from callbacks.facts import ModelFacts, declared_names, establish_facts, name_not_found
-from callbacks.findings import Finding
+from callbacks.findings import SEVERITY_RANK, Finding
 from callbacks.primitives.collectives import distributed_rank
 from callbacks.recipe import IntegrityConfig, load_recipe, parse_integrity_section
 from callbacks.report import Report
@@ -81,8 +82,7 @@ def accepted_finding(found: Any) -> Finding:
     try:
         json.dumps(found.details)
     except (TypeError, ValueError):
-        safe = json.loads(json.dumps(found.details, default=_plain))
-        found = Finding(**{**{f: getattr(found, f) for f in found.__dataclass_fields__}, "details": safe})
+        found = dataclasses.replace(found, details=json.loads(json.dumps(found.details, default=_plain)))
     return found
 
 
@@ -117,7 +117,7 @@ class RankFindings:
             return cls(failure=describe_error(err))
 
     def _payload(self, findings: Sequence[Finding]) -> str:
-        order = sorted(findings, key=lambda f: {"error": 0, "warning": 1}.get(f.severity, 2))
+        order = sorted(findings, key=lambda f: SEVERITY_RANK[f.severity])
         chosen = [f.to_dict() for f in order[: self.MAX_FINDINGS]]
         text = json.dumps(chosen, default=str)
         while len(text) > self.MAX_BYTES and chosen:
@@ -128,21 +128,22 @@ class RankFindings:
     def gather(self, findings: Sequence[Finding], step: int | None) -> list[Finding]:
         """On rank 0: the other ranks' findings that rank 0 lacks (details ``seen_on_ranks``; the message says
         which rank), or a ``CHECK_FAILED`` if the exchange could not be made. Elsewhere: nothing. A collective."""
-        hint = ("the report holds rank 0's findings only; look at every rank's log (the other ranks log their "
-                 "findings at debug level)")
+        def failed(why: str) -> list[Finding]:
+            self.failure, self.group = None, None  # said once; no later gather is tried
+            return [Finding.make(
+                "CHECK_FAILED", event="end", step=step, check="engine",
+                message=f"the findings of the other ranks could not be gathered: {why}",
+                hint="the report holds rank 0's findings only; look at every rank's log (the other ranks log "
+                     "their findings at debug level)")]
+
         if self.failure is not None:
-            failure, self.failure, self.group = self.failure, None, None
-            return [Finding.make("CHECK_FAILED", event="end", step=step, check="engine", hint=hint,
-                                 message=f"the findings of the other ranks could not be gathered: {failure}")]
+            return failed(self.failure)
         if self.group is None:
             return []
         try:
             gathered = self.group.all_gather_object(self._payload(findings))
         except Exception as err:  # noqa: BLE001 - a lost peer must not kill the end of training
-            self.group = None
-            return [Finding.make("CHECK_FAILED", event="end", step=step, check="engine", hint=hint,
-                                 message=f"the findings of the other ranks could not be gathered: "
-                                         f"{describe_error(err)}")]
+            return failed(describe_error(err))
         if self.group.global_rank != 0:
             return []
         seen: dict[Finding, list[int]] = {}
@@ -159,11 +160,9 @@ class RankFindings:
                     seen.setdefault(finding, []).append(rank)
         out = []
         for finding, ranks in seen.items():
-            fields = {f: getattr(finding, f) for f in finding.__dataclass_fields__}
             where = f"rank {ranks[0]}" if len(ranks) == 1 else f"ranks {ranks}"
-            fields.update(message=f"{finding.message} (seen on {where})",
-                          details={**finding.details, "seen_on_ranks": ranks})
-            out.append(Finding(**fields))
+            out.append(dataclasses.replace(finding, message=f"{finding.message} (seen on {where})",
+                                           details={**finding.details, "seen_on_ranks": ranks}))
         return out
 
 

@@ -7,9 +7,7 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
-from callbacks.findings import Finding
-
-_SEVERITY_ORDER = {"error": 0, "warning": 1, "info": 2}
+from callbacks.findings import SEVERITY_RANK, Finding
 
 
 @dataclasses.dataclass
@@ -51,7 +49,7 @@ class Report:
                                       "params": [], "fix": f.hint}
             row["count"] += 1
             row["params"].extend(p for p in f.params if p not in row["params"])
-        return sorted(rows.values(), key=lambda r: (_SEVERITY_ORDER[r["severity"]], r["code"]))
+        return sorted(rows.values(), key=lambda r: (SEVERITY_RANK[r["severity"]], r["code"]))
 
     def __str__(self) -> str:
         return format_table(self.summary_rows(), self.sections.get("ties", {}).get("tie_map"))
