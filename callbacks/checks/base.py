@@ -82,6 +82,7 @@ class Check:
         #: options the engine passes to every check (custom checks may read them)
         self.monitor_options = dict(monitor_options or {})
         self._own_facts: ModelFacts | None = None
+        self._not_applicable_said: set[str] = set()
 
     # -- dispatch ---------------------------------------------------------------------------------------------
     def run(self, ctx: EventContext) -> list[Finding]:
@@ -135,6 +136,14 @@ class Check:
         overrides the code's default (e.g. ``warning`` where the condition is expected under a loss scaler)."""
         return Finding.make(code, event=ctx.event, step=ctx.step, params=params, message=message, hint=hint,
                             severity=severity, check=self.name, **details)
+
+    def not_applicable_once(self, ctx: EventContext, what: str, message: str, hint: str) -> list[Finding]:
+        """One ``CHECK_NOT_APPLICABLE`` for ``what`` (a short key) the first time it is asked for, then none: what a
+        check cannot see stays unseen at every later event, and saying so again would only repeat it."""
+        if what in self._not_applicable_said:
+            return []
+        self._not_applicable_said.add(what)
+        return [self.finding("CHECK_NOT_APPLICABLE", ctx, message=message, hint=hint)]
 
     def report_section(self) -> dict[str, Any] | None:
         """Extra JSON-ready data this check adds to the report (e.g. the tie map); ``None`` for nothing."""

@@ -150,6 +150,12 @@ def is_sharded(model: Any, params: Sequence[tuple[str, nn.Parameter]]) -> bool:
     return any(type(m).__name__ == "FullyShardedDataParallel" for m in modules)
 
 
+def holds_rank_local_shards(tensors: Iterable[Any]) -> bool:
+    """Whether hashes of ``tensors`` describe this rank's own shards (ZeRO-3 partitions, DTensors) in a
+    multi-process job, so that no other rank's hashes of the same names are comparable with them."""
+    return distributed_world()[1] > 1 and any(is_partitioned(t) or is_dtensor(t) for t in tensors)
+
+
 def is_partial(tensor: Any) -> bool:
     """Whether a DTensor holds unreduced partial sums on some mesh dimension (never comparable across ranks)."""
     return any(p.is_partial() for p in getattr(tensor, "placements", ()) or ())
@@ -359,8 +365,7 @@ class HashCheck(Check):
         if self.ledger is not None:
             self.ledger.write(ctx.step or 0, "param", names, hashes)
         if self.config.frozen:
-            self.frozen_local = self.frozen_local or (distributed_world()[1] > 1 and any(
-                is_partitioned(tensors[i]) or is_dtensor(tensors[i]) for i in frozen_idx))
+            self.frozen_local = self.frozen_local or holds_rank_local_shards(tensors[i] for i in frozen_idx)
             findings += self._compare_frozen(ctx, {names[i]: hashes[i] for i in frozen_idx}, record_new=True)
         findings += self._tied_copies(ctx, params, validate=True)
         return findings
@@ -542,8 +547,7 @@ class HashCheck(Check):
         new = [(n, p) for n, p in named_unique_parameters(ctx.model)
                if id(p) in frozen_now and n not in self.frozen_baseline]
         if new:
-            self.frozen_local = self.frozen_local or (distributed_world()[1] > 1 and any(
-                is_partitioned(p) or is_dtensor(p) for _, p in new))
+            self.frozen_local = self.frozen_local or holds_rank_local_shards(p for _, p in new)
             values = hash_or_none([p for _, p in new], self.config.backend)
             for (n, _), value in zip(new, values, strict=True):
                 self.frozen_baseline[n] = [value, (ctx.step or 1) - 1]  # as of after the previous step

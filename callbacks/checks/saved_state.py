@@ -324,8 +324,6 @@ class SavedStateCheck(Check):
         self._reported_at_save: set[str] = set()
         #: per checkpoint: {"step", "source", "files", "trainable", "saved", "unsaved"} (for the report)
         self.history: list[dict[str, Any]] = []
-        #: whether the CHECK_NOT_APPLICABLE for values that cannot be verified (ZeRO-3) was given
-        self._values_unverifiable_said = False
 
     # -- events -----------------------------------------------------------------------------------------------
     def on_init(self, ctx: EventContext) -> Iterable[Finding]:
@@ -439,12 +437,9 @@ class SavedStateCheck(Check):
             why = "the saved values are in DeepSpeed's partitioned shards, which are listed, not read"
         else:
             return None
-        if self._values_unverifiable_said:
-            return []
-        self._values_unverifiable_said = True
-        return [self.finding(
-            "CHECK_NOT_APPLICABLE", ctx, message=f"saved values not verified (verify_values): {why}",
-            hint="nothing to fix; which tensors were saved is still checked. " + ZERO_WEIGHTS_HINT)]
+        return self.not_applicable_once(ctx, "values", f"saved values not verified (verify_values): {why}",
+                                        "nothing to fix; which tensors were saved is still checked. "
+                                        + ZERO_WEIGHTS_HINT)
 
     def _verify(self, ctx: EventContext, groups: Mapping[str, Sequence[str]],
                 value_of: Callable[[str, str], Any], *, source: str, files: Sequence[str]) -> list[Finding]:

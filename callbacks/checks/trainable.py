@@ -133,8 +133,6 @@ class TrainableCheck(Check):
         self.recorded: dict[str, bool] = {}
         self._flags: tuple[tuple[int, bool], ...] = ()
         self.coverage_checked = False
-        #: whether the CHECK_NOT_APPLICABLE for gradients DeepSpeed holds was given
-        self.gradients_hidden_said = False
         self.schedule: str | None = None
         #: watch of values across steps: user name -> steps with a gradient and no change
         self.still_steps: dict[str, int] = {}
@@ -169,15 +167,11 @@ class TrainableCheck(Check):
         if not isinstance(ctx.model, nn.Module):
             return []
         findings = list(self._coverage(ctx, None)) if not self.coverage_checked else []
-        if ctx.phase == "before_optimizer" and not self.gradients_hidden_said and ctx.all_optimizers:
-            trainable = [p for p in (self._params or ctx.model.parameters()) if p.requires_grad]
-            if trainable and gradients_hidden(trainable):
-                self.gradients_hidden_said = True  # the same at every later step: said once
-                findings.append(self.finding(
-                    "CHECK_NOT_APPLICABLE", ctx,
-                    message=f"parameters that never move (PARAM_NOT_UPDATED) not checked: {GRADIENTS_HIDDEN_WHY}",
-                    hint="nothing to fix; optimizer coverage (TRAINABLE_NOT_OPTIMIZED) and the trainable set are "
-                         "still checked"))
+        if ctx.phase == "before_optimizer" and ctx.all_optimizers and gradients_hidden(
+                p for p in (self._params or ctx.model.parameters()) if p.requires_grad):
+            findings += self.not_applicable_once(
+                ctx, "gradients", f"parameters that never move (PARAM_NOT_UPDATED) not checked: {GRADIENTS_HIDDEN_WHY}",
+                "nothing to fix; optimizer coverage (TRAINABLE_NOT_OPTIMIZED) and the trainable set are still checked")
         if ctx.phase == "before_optimizer":
             self._snapshot(ctx)
         else:
