@@ -52,6 +52,8 @@ class EventContext:
         checkpoint_dir: ``checkpoint``/``load``: a folder or file written / read by the trainer.
         checkpoint_writer: ``checkpoint``: whether this process writes ``checkpoint_dir`` (HF: ``args.should_save``).
             A process that does not write must not judge the folder: the writer may still be writing it.
+        trainer_world_size: how many processes the trainer believes it runs (HF: ``args.world_size``); None when
+            it does not say. DeepSpeed on CPU leaves HF believing 1 while torch.distributed runs several.
         trainer: which integration dispatched (``hf``, ``lightning``, ``accelerate``, ``custom``).
         state_dict_revised: ``checkpoint``: ``state_dict`` is the same checkpoint's dict as edited after the
             first ``checkpoint`` event of this step (Lightning calls the LightningModule's own
@@ -80,6 +82,7 @@ class EventContext:
     state_dict: Mapping[str, Any] | None = None
     checkpoint_dir: str | None = None
     checkpoint_writer: bool = True
+    trainer_world_size: int | None = None
     trainer: str = "custom"
     state_dict_revised: bool = False
     probe_batch: Mapping[str, Any] | None = None

@@ -29,7 +29,6 @@ from transformers.trainer_callback import ExportableState
 
 from callbacks.integration import MonitorOwner
 from callbacks.metrics import finding_metrics
-from callbacks.primitives.collectives import distributed_rank, distributed_world
 
 logger = logging.getLogger("callbacks")
 
@@ -84,7 +83,9 @@ class IntegrityCallback(MonitorOwner, TrainerCallback, ExportableState):
         checkpoint_dir = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
         try:
             self.monitor.dispatch("checkpoint", model, step=state.global_step, checkpoint_dir=checkpoint_dir,
-                                  checkpoint_writer=_writes_checkpoint(args), optimizer=optimizer, trainer="hf")
+                                  checkpoint_writer=bool(getattr(args, "should_save", True)),
+                                  trainer_world_size=getattr(args, "world_size", None), optimizer=optimizer,
+                                  trainer="hf")
         finally:  # also when the policy raises: the checkpoint on disk then holds what stopped the run
             self._store_checkpoint_state(args, state, checkpoint_dir)
 
@@ -192,19 +193,6 @@ class IntegrityCallback(MonitorOwner, TrainerCallback, ExportableState):
             logger.warning("integrity: could not store this checkpoint's findings in %s: %s", path, err)
             with contextlib.suppress(OSError):
                 os.remove(tmp)
-
-
-def _writes_checkpoint(args: Any) -> bool:
-    """Whether this process writes the checkpoint folder, so that its verdict on the folder is the job's.
-
-    HF's ``args.should_save``, except where HF believes it is alone while torch.distributed runs several ranks
-    (DeepSpeed on CPU: every rank then saves, into the same folder): there only rank 0 judges.
-    """
-    if not getattr(args, "should_save", True):
-        return False
-    if getattr(args, "world_size", 1) <= 1 and distributed_world()[1] > 1:
-        return distributed_rank() == 0
-    return True
 
 
 def _calling_handler(callback: Any) -> Any:

@@ -38,7 +38,7 @@ from callbacks.primitives.checkpoints import (
     list_checkpoint,
     read_tensors,
 )
-from callbacks.primitives.collectives import distributed_rank
+from callbacks.primitives.collectives import distributed_rank, distributed_world
 from callbacks.primitives.naming import find_peft_model, named_parameters_all, storage_key
 from callbacks.primitives.saved_names import (
     MODULES_TO_SAVE,
@@ -58,6 +58,22 @@ class SavedStateConfig(CheckConfig):
     """Recipe section checks.saved_state: what the saved checkpoint must hold."""
 
     verify_values: bool = Field(False, description="also hash each saved tensor against the live one")
+
+
+def judges_checkpoint_folder(ctx: EventContext, path: str) -> bool:
+    """Whether this process's verdict on the checkpoint folder is the job's: it writes the folder.
+
+    Trainers fire their save hook on every rank but only the writer writes: another rank would read a folder that
+    may be half-written (or absent from its own disk). Where the trainer believes it runs alone while
+    torch.distributed runs several ranks (DeepSpeed on CPU under HF: every rank then writes into the same folder),
+    rank facts come from torch.distributed and only rank 0 judges.
+    """
+    rank, world = distributed_rank(), distributed_world()[1]
+    if not ctx.checkpoint_writer:
+        return False
+    if ctx.trainer_world_size is not None and ctx.trainer_world_size <= 1 < world:
+        return rank == 0
+    return os.path.exists(path) or rank == 0
 
 
 # -- live parameters ------------------------------------------------------------------------------------------
@@ -358,9 +374,7 @@ class SavedStateCheck(Check):
 
     # -- logic ------------------------------------------------------------------------------------------------
     def _check_files(self, ctx: EventContext, path: str, framework: str) -> list[Finding]:
-        if not ctx.checkpoint_writer or (not os.path.exists(path) and distributed_rank() != 0):
-            # HF fires on_save on every rank but only the writer writes: another rank would read a folder that may
-            # be half-written (or absent on its own disk); the writer's verdict is the job's
+        if not judges_checkpoint_folder(ctx, path):
             return []
         listing = list_checkpoint(path)
         if listing.errors:
